@@ -1,0 +1,34 @@
+"""A private event loop on a daemon thread, so synchronous API calls can run async storage code."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _get_loop() -> asyncio.AbstractEventLoop:
+    global _loop
+    with _lock:
+        if _loop is None or _loop.is_closed():
+            loop = asyncio.new_event_loop()
+            t = threading.Thread(target=loop.run_forever, name="asyncckpt-loop", daemon=True)
+            t.start()
+            _loop = loop
+        return _loop
+
+
+def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    """Run ``coro`` on the private loop and return its result (safe to call from any thread)."""
+    fut = asyncio.run_coroutine_threadsafe(coro, _get_loop())
+    try:
+        return fut.result(timeout)
+    except BaseException:
+        fut.cancel()
+        raise

@@ -1,0 +1,233 @@
+"""Commit records, the ``latest`` pointer and listing: what makes a checkpoint complete.
+
+A checkpoint is complete exactly when its COMMIT record exists and is valid (invariant 2);
+COMMIT is written only after every rank's data and manifest are durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from .errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError, FormatError, IntegrityError
+from .format import (
+    CHECKSUM_ALGO,
+    COMMIT_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LATEST_FILE,
+    CommitRecord,
+    LatestRecord,
+    ManifestRef,
+    RankManifest,
+    checksum,
+    decode_commit,
+    decode_latest,
+    decode_manifest,
+    encode_commit,
+    encode_latest,
+    manifest_file,
+)
+from .storage import Storage, join_key
+
+__all__ = [
+    "CheckpointInfo",
+    "commit_checkpoint",
+    "delete_checkpoint",
+    "list_all",
+    "read_commit",
+    "read_latest",
+    "read_manifest",
+    "resolve_name",
+    "set_latest",
+]
+
+log = logging.getLogger("asyncckpt")
+
+
+@dataclass
+class CheckpointInfo:
+    """One checkpoint under a root, as listing sees it."""
+
+    name: str
+    path: str
+    step: int | None
+    created: float
+    nbytes: int
+    complete: bool
+    world_size: int = 0
+    kind: str = "asyncckpt"
+    is_latest: bool = False
+    tiers: list[str] = field(default_factory=list)
+    problem: str = ""
+
+
+async def read_manifest(storage: Storage, name: str, rank: int, ref: ManifestRef | None = None) -> RankManifest:
+    key = join_key(name, manifest_file(rank))
+    where = f"{storage.uri}/{key}"
+    try:
+        blob = await storage.read(key)
+    except CheckpointNotFoundError as exc:
+        raise IntegrityError(f"{where}: manifest of rank {rank} is missing") from exc
+    if ref is not None and (len(blob) != ref.nbytes or checksum(blob) != ref.checksum):
+        raise IntegrityError(
+            f"{where}: manifest of rank {rank} does not match its commit record "
+            f"({len(blob)} bytes, crc32c {checksum(blob):#010x}; expected {ref.nbytes}, {ref.checksum:#010x})"
+        )
+    m = decode_manifest(blob, where)
+    if m.rank != rank or m.name != name:
+        raise FormatError(f"{where}: manifest belongs to {m.name!r} rank {m.rank}, not {name!r} rank {rank}")
+    return m
+
+
+async def commit_checkpoint(
+    storage: Storage,
+    name: str,
+    *,
+    world_size: int,
+    step: int | None,
+    overwrite: bool = False,
+    update_latest: bool = True,
+    metadata: dict[str, str] | None = None,
+    layout: str = "flat",
+) -> CommitRecord:
+    """Verify every rank's manifest and data size, then write COMMIT (and move ``latest``)."""
+    t0 = time.perf_counter()
+    refs: list[ManifestRef] = []
+    total = 0
+    for rank in range(world_size):
+        key = join_key(name, manifest_file(rank))
+        blob = await storage.read(key)
+        m = decode_manifest(blob, f"{storage.uri}/{key}")
+        size = await storage.size(m.data_file)
+        if size != m.data_nbytes:
+            raise IntegrityError(
+                f"{storage.uri}/{m.data_file}: rank {rank} data is {size} bytes, its manifest says {m.data_nbytes}"
+            )
+        refs.append(ManifestRef(rank=rank, file=manifest_file(rank), nbytes=len(blob), checksum=checksum(blob), data_nbytes=size))
+        total += size + len(blob)
+    record = CommitRecord(
+        format=FORMAT_NAME,
+        version=FORMAT_VERSION,
+        name=name,
+        step=step,
+        world_size=world_size,
+        created=time.time(),
+        total_nbytes=total,
+        checksum_algo=CHECKSUM_ALGO,
+        manifests=refs,
+        layout=layout,
+        metadata=dict(metadata or {}),
+    )
+    if not await storage.put_record(join_key(name, COMMIT_FILE), encode_commit(record), if_absent=not overwrite):
+        raise CheckpointExistsError(f"{storage.uri}/{name} was committed by someone else meanwhile; nothing was changed")
+    if update_latest:
+        await set_latest(storage, name, step)
+    log.info(
+        "committed",
+        extra={"rank": 0, "step": step, "op": "commit", "bytes": total, "seconds": time.perf_counter() - t0},
+    )
+    return record
+
+
+async def set_latest(storage: Storage, name: str, step: int | None) -> None:
+    await storage.put_record(LATEST_FILE, encode_latest(LatestRecord(name=name, step=step, created=time.time())))
+
+
+async def read_latest(storage: Storage) -> LatestRecord | None:
+    try:
+        blob = await storage.read(LATEST_FILE)
+    except CheckpointNotFoundError:
+        return None
+    return decode_latest(blob, f"{storage.uri}/{LATEST_FILE}")
+
+
+async def read_commit(storage: Storage, name: str) -> CommitRecord:
+    key = join_key(name, COMMIT_FILE)
+    try:
+        blob = await storage.read(key)
+    except CheckpointNotFoundError as exc:
+        raise CheckpointNotFoundError(
+            f"{storage.uri}/{name} is not a complete checkpoint (no {COMMIT_FILE} record): "
+            "it does not exist or its save did not finish"
+        ) from exc
+    rec = decode_commit(blob, f"{storage.uri}/{key}")
+    if rec.name != name:
+        raise FormatError(f"{storage.uri}/{key}: commit record belongs to {rec.name!r}, not {name!r}")
+    return rec
+
+
+async def resolve_name(storage: Storage, name: str | None) -> str:
+    """``name`` itself, or the checkpoint ``latest`` points to when ``name`` is None."""
+    if name is not None:
+        return name
+    latest = await read_latest(storage)
+    if latest is None:
+        raise CheckpointNotFoundError(f"{storage.uri} has no '{LATEST_FILE}' pointer: no checkpoint was committed there")
+    return latest.name
+
+
+async def list_all(storage: Storage) -> list[CheckpointInfo]:
+    """Every checkpoint under the root, complete ones first, each group newest first."""
+    keys = await storage.list("")
+    names: dict[str, list[str]] = {}
+    for k in keys:
+        if "/" in k:
+            head, _, rest = k.partition("/")
+            names.setdefault(head, []).append(rest)
+    latest = None
+    try:
+        latest = await read_latest(storage)
+    except CheckpointError:
+        pass
+    out: list[CheckpointInfo] = []
+    for name, files in names.items():
+        path = f"{storage.uri.rstrip('/')}/{name}"
+        if COMMIT_FILE not in files:
+            if any(f.endswith(".manifest") or f.endswith(".data") for f in files):
+                out.append(CheckpointInfo(name, path, None, 0.0, 0, False, problem="no commit record (save did not finish)"))
+            continue
+        try:
+            rec = await read_commit(storage, name)
+        except CheckpointError as exc:
+            out.append(CheckpointInfo(name, path, None, 0.0, 0, False, problem=str(exc)))
+            continue
+        out.append(
+            CheckpointInfo(
+                name,
+                path,
+                rec.step,
+                rec.created,
+                rec.total_nbytes,
+                True,
+                world_size=rec.world_size,
+                kind=rec.kind,
+                is_latest=latest is not None and latest.name == name,
+                tiers=[storage.uri],
+            )
+        )
+    out.sort(key=lambda i: (not i.complete, -(i.step if i.step is not None else -1), -i.created))
+    return out
+
+
+async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False) -> None:
+    """Delete a checkpoint: COMMIT first (so it is never seen half-deleted), then the rest."""
+    latest = await read_latest(storage)
+    if latest is not None and latest.name == name and not force:
+        raise CheckpointError(f"{storage.uri}/{name} is what '{LATEST_FILE}' points to; refusing to delete it (force=True overrides)")
+    manifests: list[RankManifest] = []
+    try:
+        rec = await read_commit(storage, name)
+        for ref in rec.manifests:
+            try:
+                manifests.append(await read_manifest(storage, name, ref.rank))
+            except CheckpointError:
+                pass
+    except CheckpointError:
+        pass
+    await storage.delete(join_key(name, COMMIT_FILE))
+    keys = set(await storage.list(name))
+    keys.update(m.data_file for m in manifests)
+    for key in sorted(keys, key=lambda k: k.endswith(".manifest")):
+        await storage.delete(key)

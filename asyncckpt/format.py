@@ -1,0 +1,256 @@
+"""On-storage format: per-rank manifests and the commit record (msgspec Structs).
+
+See docs/format.md. A checkpoint ``NAME`` under a root holds::
+
+    NAME/rank-00000.data       tensor bytes, 64-byte aligned, CRC32C per chunk
+    NAME/rank-00000.manifest   msgpack RankManifest
+    NAME/COMMIT                JSON CommitRecord, written last (all or nothing)
+
+and the root holds ``latest`` (JSON LatestRecord), moved atomically after a commit.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import crc32c as _crc32c
+import msgspec
+
+from .errors import FormatError
+
+__all__ = [
+    "ALIGN",
+    "COMMIT_FILE",
+    "CHECKSUM_ALGO",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "LATEST_FILE",
+    "CommitRecord",
+    "DictNode",
+    "Entry",
+    "LatestRecord",
+    "ListNode",
+    "ManifestRef",
+    "Node",
+    "RankManifest",
+    "RefNode",
+    "ValueNode",
+    "checksum",
+    "data_file",
+    "decode_commit",
+    "decode_latest",
+    "decode_manifest",
+    "encode_commit",
+    "encode_latest",
+    "encode_manifest",
+    "manifest_file",
+]
+
+FORMAT_NAME = "asyncckpt"
+FORMAT_VERSION = 1
+CHECKSUM_ALGO = "crc32c"
+ALIGN = 64
+COMMIT_FILE = "COMMIT"
+LATEST_FILE = "latest"
+# Hard caps that keep a hostile manifest from driving allocations.
+MAX_NDIM = 64
+MAX_ENTRIES = 10_000_000
+
+
+def checksum(data: bytes | memoryview, value: int = 0) -> int:
+    """CRC32C of ``data`` continuing from ``value`` (releases the GIL)."""
+    return _crc32c.crc32c(data, value=value)
+
+
+class Entry(msgspec.Struct, frozen=True):
+    """One byte range of the data file: a tensor, a NumPy array or (opt-in) a pickled object."""
+
+    key: str  # path in the state dict, for messages and inspect ("optim/state/0/exp_avg")
+    kind: Literal["tensor", "ndarray", "pickle"]
+    dtype: str  # "float32", "bfloat16", ... ; "bytes" for pickle
+    shape: list[int]
+    offset: int
+    nbytes: int
+
+
+class ValueNode(msgspec.Struct, tag="value", frozen=True):
+    value: Union[None, bool, int, float, str]
+
+
+class BigIntNode(msgspec.Struct, tag="bigint", frozen=True):
+    value: str
+
+
+class BytesNode(msgspec.Struct, tag="bytes", frozen=True):
+    value: bytes
+
+
+class RefNode(msgspec.Struct, tag="ref", frozen=True):
+    """A value stored in the data file: ``entries[index]``."""
+
+    index: int
+
+
+class ListNode(msgspec.Struct, tag="list", frozen=True):
+    items: list["Node"]
+    tuple: bool = False
+
+
+class DictNode(msgspec.Struct, tag="dict", frozen=True):
+    keys: list[Union[str, int]]
+    values: list["Node"]
+    ordered: bool = False  # True for collections.OrderedDict
+
+
+Node = Union[ValueNode, BigIntNode, BytesNode, RefNode, ListNode, DictNode]
+
+
+class RankManifest(msgspec.Struct, frozen=True):
+    format: str
+    version: int
+    name: str
+    rank: int
+    world_size: int
+    step: int | None
+    data_file: str
+    data_nbytes: int
+    chunk_size: int
+    checksum_algo: str
+    chunk_checksums: list[int]
+    entries: list[Entry]
+    tree: Node
+    layout: str = "flat"
+    created: float = 0.0
+
+
+class ManifestRef(msgspec.Struct, frozen=True):
+    rank: int
+    file: str
+    nbytes: int
+    checksum: int
+    data_nbytes: int
+
+
+class CommitRecord(msgspec.Struct, frozen=True):
+    format: str
+    version: int
+    name: str
+    step: int | None
+    world_size: int
+    created: float
+    total_nbytes: int
+    checksum_algo: str
+    manifests: list[ManifestRef]
+    layout: str = "flat"
+    kind: str = "asyncckpt"  # "asyncckpt" or "dcp"
+    metadata: dict[str, str] = {}
+
+
+class LatestRecord(msgspec.Struct, frozen=True):
+    name: str
+    step: int | None
+    created: float
+
+
+def data_file(rank: int) -> str:
+    return f"rank-{rank:05d}.data"
+
+
+def manifest_file(rank: int) -> str:
+    return f"rank-{rank:05d}.manifest"
+
+
+_manifest_decoder = msgspec.msgpack.Decoder(RankManifest)
+_commit_decoder = msgspec.json.Decoder(CommitRecord)
+_latest_decoder = msgspec.json.Decoder(LatestRecord)
+_msgpack_encoder = msgspec.msgpack.Encoder()
+_json_encoder = msgspec.json.Encoder()
+
+
+def encode_manifest(m: RankManifest) -> bytes:
+    return _msgpack_encoder.encode(m)
+
+
+def _check_version(fmt: str, version: int, where: str) -> None:
+    if fmt != FORMAT_NAME:
+        raise FormatError(f"{where}: not an asyncckpt record (format {fmt!r})")
+    if version > FORMAT_VERSION or version < 1:
+        raise FormatError(
+            f"{where}: format version {version} is not supported by this asyncckpt "
+            f"(reads versions 1..{FORMAT_VERSION}); upgrade asyncckpt to read it"
+        )
+
+
+def decode_manifest(data: bytes, where: str) -> RankManifest:
+    """Decode and sanity-check a manifest; every size is bounded before anything is allocated."""
+    try:
+        m = _manifest_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise FormatError(f"{where}: manifest is malformed ({exc})") from exc
+    _check_version(m.format, m.version, where)
+    if m.checksum_algo != CHECKSUM_ALGO:
+        raise FormatError(f"{where}: unknown checksum algorithm {m.checksum_algo!r}")
+    if m.chunk_size <= 0 or m.data_nbytes < 0 or len(m.entries) > MAX_ENTRIES:
+        raise FormatError(f"{where}: chunk_size/data_nbytes/entries out of range")
+    expect_chunks = -(-m.data_nbytes // m.chunk_size) if m.data_nbytes else 0
+    if len(m.chunk_checksums) != expect_chunks:
+        raise FormatError(
+            f"{where}: {len(m.chunk_checksums)} chunk checksums for {m.data_nbytes} bytes "
+            f"in chunks of {m.chunk_size} (expected {expect_chunks})"
+        )
+    end = 0
+    for e in sorted(m.entries, key=lambda e: e.offset):
+        _check_entry(e, m.data_nbytes, where)
+        if e.nbytes and e.offset < end:
+            raise FormatError(f"{where}: key {e.key!r} overlaps the previous entry (offset {e.offset} < {end})")
+        end = max(end, e.offset + e.nbytes)
+    return m
+
+
+def _check_entry(e: Entry, data_nbytes: int, where: str) -> None:
+    from .dtypes import itemsize  # local import: dtypes imports torch
+
+    if len(e.shape) > MAX_NDIM or any(d < 0 for d in e.shape):
+        raise FormatError(f"{where}: key {e.key!r} has an invalid shape {e.shape}")
+    if e.offset < 0 or e.nbytes < 0 or e.offset + e.nbytes > data_nbytes:
+        raise FormatError(
+            f"{where}: key {e.key!r} claims bytes [{e.offset}, {e.offset + e.nbytes}) "
+            f"outside the data file's {data_nbytes} bytes"
+        )
+    if e.kind == "pickle":
+        return
+    numel = 1
+    for d in e.shape:
+        numel *= d
+    size = itemsize(e.dtype, e.kind, where=f"{where}: key {e.key!r}")
+    if numel * size != e.nbytes:
+        raise FormatError(
+            f"{where}: key {e.key!r}: shape {e.shape} of {e.dtype} needs {numel * size} bytes, manifest says {e.nbytes}"
+        )
+
+
+def encode_commit(c: CommitRecord) -> bytes:
+    return _json_encoder.encode(c)
+
+
+def decode_commit(data: bytes, where: str) -> CommitRecord:
+    try:
+        c = _commit_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise FormatError(f"{where}: commit record is malformed ({exc})") from exc
+    _check_version(c.format, c.version, where)
+    if c.world_size < 1 or len(c.manifests) != c.world_size:
+        if c.kind == "asyncckpt":
+            raise FormatError(f"{where}: commit record lists {len(c.manifests)} manifests for world size {c.world_size}")
+    return c
+
+
+def encode_latest(r: LatestRecord) -> bytes:
+    return _json_encoder.encode(r)
+
+
+def decode_latest(data: bytes, where: str) -> LatestRecord:
+    try:
+        return _latest_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise FormatError(f"{where}: latest pointer is malformed ({exc})") from exc

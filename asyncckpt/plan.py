@@ -1,0 +1,164 @@
+"""Planning a save: flatten the state into a value tree plus byte ranges, and validate it.
+
+Runs in the trainer inside ``save()``; its cost is bounded by metadata work, not by bytes
+(tensors above the inline threshold are not copied here).
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .dtypes import torch_dtype_name
+from .errors import BadInputError
+from .format import ALIGN, BigIntNode, BytesNode, DictNode, Entry, ListNode, Node, RefNode, ValueNode
+
+__all__ = ["INLINE_MAX", "Plan", "plan_state", "validate_key"]
+
+#: Tensors at most this large are copied into the request at ``save()`` time (cheaper than
+#: sharing their memory, and immediately consistent); larger ones are snapshotted by the worker.
+INLINE_MAX = 64 * 1024
+_I64 = (-(1 << 63), (1 << 63) - 1)
+
+
+@dataclass
+class Plan:
+    tree: Node
+    entries: list[Entry] = field(default_factory=list)
+    #: entry index -> tensor the worker must snapshot (CPU tensors go to shared memory, CUDA via IPC)
+    tensors: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: entry index -> bytes already copied (small tensors, NumPy arrays, opt-in pickles)
+    inline: dict[int, bytes] = field(default_factory=dict)
+    data_nbytes: int = 0
+
+    def add(self, key: str, kind: str, dtype: str, shape: list[int], nbytes: int) -> int:
+        offset = -(-self.data_nbytes // ALIGN) * ALIGN
+        self.entries.append(Entry(key=key, kind=kind, dtype=dtype, shape=shape, offset=offset, nbytes=nbytes))  # type: ignore[arg-type]
+        self.data_nbytes = offset + nbytes
+        return len(self.entries) - 1
+
+
+def validate_key(key: Any, path: str) -> str | int:
+    """Dict keys must be str (or int, as in optimizer state) and safe to use as a name."""
+    if isinstance(key, bool) or not isinstance(key, (str, int)):
+        raise BadInputError(f"{path or '<root>'}: dict key {key!r} of type {type(key).__name__} is not supported; use str (or int) keys")
+    if isinstance(key, str):
+        if "\x00" in key:
+            raise BadInputError(f"{path or '<root>'}: dict key {key!r} contains a NUL byte")
+        if key in (".", "..") or key.startswith("/"):
+            raise BadInputError(f"{path or '<root>'}: dict key {key!r} could escape a directory when used as a file name; rename it")
+    return key
+
+
+def _join(path: str, key: str | int) -> str:
+    return f"{path}/{key}" if path else str(key)
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    flat = t.detach().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+def _plan_tensor(plan: Plan, t: torch.Tensor, path: str) -> Node:
+    if t.is_sparse or t.layout != torch.strided:
+        raise BadInputError(f"{path}: sparse tensors (layout {t.layout}) are not supported; call .to_dense() first")
+    if getattr(t, "is_nested", False):
+        raise BadInputError(f"{path}: nested tensors are not supported; save their components as separate tensors")
+    if t.is_quantized:
+        raise BadInputError(f"{path}: quantized tensors are not supported; save int_repr() and the scale/zero point")
+    if type(t) not in (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer if hasattr(torch.nn, "Buffer") else torch.Tensor):
+        raise BadInputError(
+            f"{path}: tensor subclass {type(t).__name__} is not supported by the plain save path; "
+            "for DTensor/sharded state use asyncckpt.dcp"
+        )
+    if t.device.type == "meta":
+        raise BadInputError(f"{path}: meta tensors hold no data; materialize the module before saving")
+    if t.device.type not in ("cpu", "cuda"):
+        raise BadInputError(f"{path}: tensors on device {t.device} are not supported (cpu and cuda are)")
+    t = t.detach()
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    dtype = torch_dtype_name(t.dtype, path)
+    nbytes = t.numel() * t.element_size()
+    idx = plan.add(path, "tensor", dtype, list(t.shape), nbytes)
+    if t.device.type == "cpu" and nbytes <= INLINE_MAX:
+        plan.inline[idx] = _tensor_bytes(t)
+    else:
+        plan.tensors[idx] = t
+    return RefNode(index=idx)
+
+
+def _plan_ndarray(plan: Plan, a: np.ndarray, path: str) -> Node:
+    if a.dtype.hasobject or a.dtype.kind not in "biufc":
+        raise BadInputError(f"{path}: NumPy array of dtype {a.dtype} cannot be stored without pickle (allow_pickle=True)")
+    a = np.ascontiguousarray(a)
+    dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
+    a = a.astype(dt, copy=False)
+    idx = plan.add(path, "ndarray", dt.str if dt.itemsize > 1 else dt.name, list(a.shape), a.nbytes)
+    plan.inline[idx] = a.tobytes()
+    return RefNode(index=idx)
+
+
+def _walk(plan: Plan, obj: Any, path: str, allow_pickle: bool, seen: set[int]) -> Node:
+    if obj is None or isinstance(obj, (bool, float, str)):
+        return ValueNode(value=obj)
+    if isinstance(obj, int):
+        if _I64[0] <= obj <= _I64[1]:
+            return ValueNode(value=int(obj))
+        return BigIntNode(value=str(obj))
+    if isinstance(obj, torch.Tensor):
+        return _plan_tensor(plan, obj, path)
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject and allow_pickle:
+            return _plan_pickle(plan, obj, path)
+        return _plan_ndarray(plan, obj, path)
+    if isinstance(obj, np.generic) and obj.dtype.kind in "biuf":
+        return ValueNode(value=obj.item())
+    if isinstance(obj, (bytes, bytearray)):
+        return BytesNode(value=bytes(obj))
+    if isinstance(obj, (dict, collections.OrderedDict)) and type(obj) in (dict, collections.OrderedDict):
+        if id(obj) in seen:
+            raise BadInputError(f"{path or '<root>'}: the state contains a reference cycle")
+        seen.add(id(obj))
+        keys = [validate_key(k, path) for k in obj]
+        values = [_walk(plan, obj[k], _join(path, k), allow_pickle, seen) for k in keys]
+        seen.discard(id(obj))
+        return DictNode(keys=keys, values=values, ordered=type(obj) is collections.OrderedDict)
+    if type(obj) in (list, tuple):
+        if id(obj) in seen:
+            raise BadInputError(f"{path or '<root>'}: the state contains a reference cycle")
+        seen.add(id(obj))
+        items = [_walk(plan, v, _join(path, i), allow_pickle, seen) for i, v in enumerate(obj)]
+        seen.discard(id(obj))
+        return ListNode(items=items, tuple=type(obj) is tuple)
+    if allow_pickle:
+        return _plan_pickle(plan, obj, path)
+    raise BadInputError(
+        f"{path or '<root>'}: value of type {type(obj).__module__}.{type(obj).__qualname__} is not supported "
+        "without pickle; convert it to tensors/numbers/strings/lists/dicts or pass allow_pickle=True"
+    )
+
+
+def _plan_pickle(plan: Plan, obj: Any, path: str) -> Node:
+    try:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise BadInputError(f"{path}: cannot pickle {type(obj).__qualname__}: {exc}") from exc
+    idx = plan.add(path, "pickle", "bytes", [len(data)], len(data))
+    plan.inline[idx] = data
+    return RefNode(index=idx)
+
+
+def plan_state(state: Any, *, allow_pickle: bool = False) -> Plan:
+    """Flatten ``state`` (nested dicts/lists of tensors, arrays and plain values) into a Plan."""
+    if not isinstance(state, Mapping):
+        raise BadInputError(f"a state dict must be a mapping, got {type(state).__name__}")
+    plan = Plan(tree=ValueNode(value=None))
+    plan.tree = _walk(plan, dict(state) if type(state) not in (dict, collections.OrderedDict) else state, "", allow_pickle, set())
+    return plan

@@ -1,0 +1,273 @@
+"""Local filesystem backend: pwrite from a thread pool, fsync, temp file + rename."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ..errors import CheckpointNotFoundError, IntegrityError, StorageError
+from .keys import check_key
+
+__all__ = ["LocalStorage"]
+
+_TMP_MARK = ".tmp-"
+
+
+def _storage_error(op: str, path: str | os.PathLike[str], exc: OSError) -> StorageError:
+    hint = ""
+    if exc.errno == errno.ENOSPC:
+        hint = " (the disk is full: free space or choose another destination)"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = " (the destination is not writable: check permissions or mount options)"
+    err = StorageError(exc.errno or 0, f"{op} failed for {os.fspath(path)!s}: {exc.strerror or exc}{hint}")
+    err.__cause__ = exc
+    return err
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+class _LocalWriter:
+    def __init__(self, storage: LocalStorage, final: Path, tmp: Path, fd: int) -> None:
+        self._storage = storage
+        self._final = final
+        self._tmp = tmp
+        self._fd: int | None = fd
+        self._end = 0
+
+    async def write_part(self, index: int, offset: int, data: memoryview) -> None:
+        fd = self._fd
+        if fd is None:
+            raise StorageError(f"write to {self._final} after commit/abort")
+        self._end = max(self._end, offset + len(data))
+        await self._storage._run(self._pwrite, fd, data, offset)
+
+    def _pwrite(self, fd: int, data: memoryview, offset: int) -> None:
+        try:
+            _pwrite_all(fd, data, offset)
+        except OSError as exc:
+            raise _storage_error("write", self._tmp, exc) from exc
+
+    async def commit(self) -> None:
+        await self._storage._run(self._commit_sync)
+
+    def _commit_sync(self) -> None:
+        fd = self._fd
+        if fd is None:
+            raise StorageError(f"commit of {self._final} after abort")
+        try:
+            os.ftruncate(fd, self._end)
+            os.fsync(fd)
+            os.close(fd)
+            self._fd = None
+            os.replace(self._tmp, self._final)
+            _fsync_dir(self._final.parent)
+        except OSError as exc:
+            self._abort_sync()
+            raise _storage_error("commit", self._final, exc) from exc
+
+    async def abort(self) -> None:
+        await self._storage._run(self._abort_sync)
+
+    def _abort_sync(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        try:
+            os.unlink(self._tmp)
+        except FileNotFoundError:
+            pass
+
+
+class LocalStorage:
+    """A directory on a local (or network-mounted POSIX) filesystem."""
+
+    def __init__(self, root: str | os.PathLike[str], *, threads: int = 8) -> None:
+        self.root = Path(root).absolute()
+        self.uri = str(self.root)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="asyncckpt-io")
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({self.uri!r})"
+
+    async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def path(self, key: str) -> Path:
+        """The absolute path of ``key``; refuses keys that would leave the root."""
+        check_key(key)
+        return self.root.joinpath(*key.split("/"))
+
+    def _resolve_inside(self, key: str) -> Path:
+        # A symlink inside the root must not lead reads outside of it.
+        p = self.path(key)
+        real_root = os.path.realpath(self.root)
+        real = os.path.realpath(p)
+        if real != real_root and not real.startswith(real_root + os.sep):
+            raise IntegrityError(f"{p} resolves to {real}, outside the checkpoint root {real_root}; refusing to read it")
+        return p
+
+    async def open_writer(self, key: str, size_hint: int | None = None) -> _LocalWriter:
+        return await self._run(self._open_writer_sync, key, size_hint)
+
+    def _open_writer_sync(self, key: str, size_hint: int | None) -> _LocalWriter:
+        final = self.path(key)
+        tmp = final.with_name(f"{final.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}")
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise _storage_error("open", tmp, exc) from exc
+        return _LocalWriter(self, final, tmp, fd)
+
+    async def read_into(self, key: str, offset: int, buf: memoryview) -> None:
+        await self._run(self._read_into_sync, key, offset, buf)
+
+    def _read_into_sync(self, key: str, offset: int, buf: memoryview) -> None:
+        p = self._resolve_inside(key)
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise CheckpointNotFoundError(f"{p} does not exist") from exc
+        except OSError as exc:
+            raise _storage_error("open", p, exc) from exc
+        try:
+            view = buf.cast("B") if buf.format != "B" else buf
+            done = 0
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n == 0:
+                    raise IntegrityError(
+                        f"{p} is truncated: wanted {len(view)} bytes at offset {offset}, file ends after {done}"
+                    )
+                done += n
+        except OSError as exc:
+            raise _storage_error("read", p, exc) from exc
+        finally:
+            os.close(fd)
+
+    async def read(self, key: str) -> bytes:
+        return await self._run(self._read_sync, key)
+
+    def _read_sync(self, key: str) -> bytes:
+        p = self._resolve_inside(key)
+        try:
+            return p.read_bytes()
+        except FileNotFoundError as exc:
+            raise CheckpointNotFoundError(f"{p} does not exist") from exc
+        except IsADirectoryError as exc:
+            raise IntegrityError(f"{p} is a directory where a file was expected") from exc
+        except OSError as exc:
+            raise _storage_error("read", p, exc) from exc
+
+    async def size(self, key: str) -> int:
+        return await self._run(self._size_sync, key)
+
+    def _size_sync(self, key: str) -> int:
+        p = self._resolve_inside(key)
+        try:
+            return p.stat().st_size
+        except FileNotFoundError as exc:
+            raise CheckpointNotFoundError(f"{p} does not exist") from exc
+
+    async def exists(self, key: str) -> bool:
+        return await self._run(lambda: self.path(key).is_file())
+
+    async def list(self, prefix: str = "") -> list[str]:
+        return await self._run(self._list_sync, prefix)
+
+    def _list_sync(self, prefix: str) -> list[str]:
+        base = self.path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return []
+        out = []
+        for dirpath, _dirs, files in os.walk(base):
+            for f in files:
+                if _TMP_MARK in f:
+                    continue
+                rel = os.path.relpath(os.path.join(dirpath, f), self.root)
+                out.append(rel.replace(os.sep, "/"))
+        return sorted(out)
+
+    async def delete(self, key: str) -> None:
+        await self._run(self._delete_sync, key)
+
+    def _delete_sync(self, key: str) -> None:
+        p = self.path(key)
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _storage_error("delete", p, exc) from exc
+        # Drop directories left empty, up to (not including) the root.
+        parent = p.parent
+        while parent != self.root and self.root in parent.parents:
+            try:
+                os.rmdir(parent)
+            except OSError:
+                break
+            parent = parent.parent
+
+    async def put_record(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        return await self._run(self._put_record_sync, key, data, if_absent)
+
+    def _put_record_sync(self, key: str, data: bytes, if_absent: bool) -> bool:
+        final = self.path(key)
+        tmp = final.with_name(f"{final.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}")
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if if_absent:
+                try:
+                    os.link(tmp, final)  # atomic: fails if the target exists
+                except FileExistsError:
+                    return False
+                finally:
+                    os.unlink(tmp)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(final.parent)
+            return True
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise _storage_error("write", final, exc) from exc
+
+    def cleanup_temp(self, prefix: str = "") -> int:
+        """Remove temp files left by a crashed save under ``prefix``; returns how many."""
+        base = self.path(prefix) if prefix else self.root
+        n = 0
+        for dirpath, _dirs, files in os.walk(base):
+            for f in files:
+                if _TMP_MARK in f:
+                    try:
+                        os.unlink(os.path.join(dirpath, f))
+                        n += 1
+                    except OSError:
+                        pass
+        return n
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False)
