@@ -197,20 +197,21 @@ class AsyncCheckpointer:
             raise CheckpointError("this AsyncCheckpointer is closed")
         t0 = time.perf_counter()
         root, name = split_uri(path)
+        storage = open_storage(root, **self.storage_options)  # validates the scheme before any work
         plan = plan_state(state_dict, allow_pickle=self.allow_pickle)
         if any(h.name == name and h.path == os.fspath(path) for h in self._handles.values()):
             raise CheckpointExistsError(f"{os.fspath(path)} is already being saved; wait for it or choose another name")
         _check_local_writable(root)
-        if not overwrite and self.rank == self.coordinator_rank:
-            storage = open_storage(root, **self.storage_options)
-            try:
-                exists = run_sync(storage.exists(join_key(name, COMMIT_FILE)))
-            finally:
-                run_sync(storage.close())
-            if exists:
-                raise CheckpointExistsError(f"{os.fspath(path)} already holds a committed checkpoint; pass overwrite=True to replace it")
-        if isinstance(open_storage(root), LocalStorage):
-            root = str(open_storage(root).root)  # the worker must not depend on our cwd
+        try:
+            if not overwrite and self.rank == self.coordinator_rank:
+                if run_sync(storage.exists(join_key(name, COMMIT_FILE))):
+                    raise CheckpointExistsError(
+                        f"{os.fspath(path)} already holds a committed checkpoint; pass overwrite=True to replace it"
+                    )
+        finally:
+            run_sync(storage.close())
+        if isinstance(storage, LocalStorage):
+            root = str(storage.root)  # the worker must not depend on our cwd
         if not self._wait_for_slot():
             self.skipped += 1
             log.warning("save skipped: %d saves in flight", self.in_flight,

@@ -67,8 +67,8 @@ def split_uri(uri: str | os.PathLike[str]) -> tuple[str, str]:
     head, _, name = body.rpartition("/")
     if not name or name in (".", ".."):
         raise BadInputError(f"{uri}: the checkpoint path must end in a name, not {name!r}")
-    if scheme == "s3":
-        return f"s3://{head}", name
     if scheme == "file":
         return f"file://{head or '/'}", name
+    if scheme:
+        return f"{scheme}://{head}", name
     return (head or ("/" if body.startswith("/") else ".")), name

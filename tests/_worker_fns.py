@@ -1,0 +1,46 @@
+"""Module-level functions the worker can import by reference (tests of AsyncCallsQueue)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+
+def append_line(path: str, text: str, delay: float = 0.0) -> str:
+    time.sleep(delay)
+    with open(path, "a") as f:
+        f.write(text + "\n")
+    return text
+
+
+async def async_append(path: str, text: str, delay: float = 0.0) -> str:
+    await asyncio.sleep(delay)
+    with open(path, "a") as f:
+        f.write(text + "\n")
+    return text
+
+
+def fail(msg: str) -> None:
+    raise RuntimeError(msg)
+
+
+def preload_double(x: int) -> int:
+    return 2 * x
+
+
+def echo(x):  # noqa: ANN001, ANN201
+    return x
+
+
+def worker_pid() -> int:
+    return os.getpid()
+
+
+def sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def die() -> None:
+    os._exit(17)

@@ -1,0 +1,91 @@
+"""Every bad input gets a clear error before anything is written."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import asyncckpt
+
+
+def _nothing_written(root):
+    return not os.path.exists(root) or os.listdir(root) == []
+
+
+@pytest.mark.parametrize(
+    ("state", "match"),
+    [
+        ({"x": object()}, r"x: value of type builtins.object is not supported"),
+        ({"s": torch.eye(3).to_sparse()}, "s: sparse tensors"),
+        ({"n": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])}, "n: nested tensors"),
+        ({("a", 1): torch.ones(1)}, "dict key \\('a', 1\\) of type tuple"),
+        ({1.5: 1}, "dict key 1.5 of type float"),
+        ({"..": torch.ones(1)}, "could escape a directory"),
+        ({"/abs": 1}, "could escape a directory"),
+        ({"a\x00b": 1}, "NUL byte"),
+        ({"m": torch.empty(3, device="meta")}, "meta tensors"),
+        ({"f": lambda: 1}, "not supported"),
+        ([torch.ones(1)], "must be a mapping"),
+    ],
+)
+def test_unsupported_state_is_refused_before_writing(shared_ckpt, tmp_path, state, match):
+    with pytest.raises(asyncckpt.BadInputError, match=match):
+        shared_ckpt.save(state, tmp_path / "root" / "c")
+    assert _nothing_written(tmp_path / "root")
+    assert shared_ckpt.in_flight == 0
+
+
+def test_cycle_is_refused(shared_ckpt, tmp_path):
+    d: dict = {"a": 1}
+    d["self"] = d
+    with pytest.raises(asyncckpt.BadInputError, match="cycle"):
+        shared_ckpt.save(d, tmp_path / "c")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_unwritable_destination_non_root(shared_ckpt, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(asyncckpt.BadInputError, match="not writable"):
+            shared_ckpt.save({"w": torch.ones(1)}, ro / "c")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_destination_under_a_file(shared_ckpt, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(asyncckpt.BadInputError, match="not a directory"):
+        shared_ckpt.save({"w": torch.ones(1)}, f / "c")
+
+
+def test_existing_step_needs_overwrite(shared_ckpt, tmp_path):
+    shared_ckpt.save({"w": torch.ones(2)}, tmp_path / "c")
+    with pytest.raises(asyncckpt.CheckpointExistsError, match="already being saved"):
+        shared_ckpt.save({"w": torch.ones(2)}, tmp_path / "c")
+    shared_ckpt.finalize(blocking=True)
+    with pytest.raises(asyncckpt.CheckpointExistsError, match="overwrite=True"):
+        shared_ckpt.save({"w": torch.zeros(2)}, tmp_path / "c")
+    assert torch.equal(asyncckpt.load(tmp_path / "c")["w"], torch.ones(2))
+    shared_ckpt.save({"w": torch.zeros(2)}, tmp_path / "c", overwrite=True)
+    shared_ckpt.finalize(blocking=True)
+    assert torch.equal(asyncckpt.load(tmp_path / "c")["w"], torch.zeros(2))
+
+
+@pytest.mark.parametrize("kwargs", [{"max_in_flight": 0}, {"when_full": "drop"}, {"chunk_size": 1024}])
+def test_bad_constructor_arguments(kwargs):
+    with pytest.raises(asyncckpt.BadInputError):
+        asyncckpt.AsyncCheckpointer(start_worker=False, **kwargs)
+
+
+def test_bad_paths(shared_ckpt, tmp_path):
+    with pytest.raises(asyncckpt.BadInputError, match="must end in a name"):
+        shared_ckpt.save({"w": 1}, str(tmp_path) + "/..")
+    with pytest.raises(asyncckpt.BadInputError, match="unknown storage scheme"):
+        shared_ckpt.save({"w": 1}, "ftp://host/x/c")
+    with pytest.raises(asyncckpt.CheckpointNotFoundError):
+        asyncckpt.load(tmp_path / "nothing-here")

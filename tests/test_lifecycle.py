@@ -1,0 +1,112 @@
+"""Invariant 6: no orphans, no hangs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+import torch
+
+import asyncckpt
+
+
+def _wait_gone(pid: int, timeout: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return time.monotonic() - t0
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} still alive after {timeout} s")
+
+
+@pytest.mark.fault
+def test_worker_sigkill_mid_save_raises_worker_died_then_fresh_worker_saves(tmp_path):
+    state = {"w": torch.randn(16 << 20)}  # 64 MiB, so the kill lands mid-save
+    with asyncckpt.AsyncCheckpointer() as ck:
+        ck.save({"w": torch.ones(3)}, tmp_path / "good")
+        ck.finalize(blocking=True)
+        old_pid = ck.queue.worker_pid
+        ck.save(state, tmp_path / "torn")
+        os.kill(old_pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(asyncckpt.WorkerDiedError, match=f"pid {old_pid}"):
+            ck.finalize(blocking=True)
+        assert time.monotonic() - t0 < 5
+        assert ck.in_flight == 0
+        ck.save(state, tmp_path / "next")
+        ck.finalize(blocking=True)
+        assert ck.queue.worker_pid != old_pid
+    assert torch.equal(asyncckpt.load(tmp_path / "next")["w"], state["w"])
+    assert torch.equal(asyncckpt.load(tmp_path / "good")["w"], torch.ones(3))
+    with pytest.raises(asyncckpt.CheckpointNotFoundError):
+        asyncckpt.load(tmp_path / "torn")
+
+
+@pytest.mark.fault
+def test_worker_death_is_reported_by_non_blocking_finalize_too(tmp_path):
+    with asyncckpt.AsyncCheckpointer() as ck:
+        ck.save({"w": torch.randn(4 << 20)}, tmp_path / "a")
+        ck.queue.kill_worker()
+        deadline = time.monotonic() + 5
+        with pytest.raises(asyncckpt.WorkerDiedError):
+            while time.monotonic() < deadline:
+                ck.finalize(blocking=False)
+                time.sleep(0.02)
+
+
+_TRAINER = textwrap.dedent(
+    """
+    import sys, time, torch, asyncckpt
+    root = sys.argv[1]
+    ck = asyncckpt.AsyncCheckpointer()
+    ck.save({"w": torch.full((1000,), 7.0), "step": 1}, root + "/step-1", step=1)
+    ck.finalize(blocking=True)
+    ck.save({"w": torch.randn(32 << 20), "step": 2}, root + "/step-2", step=2)
+    print(ck.queue.worker_pid, flush=True)
+    time.sleep(60)
+    """
+)
+
+
+@pytest.mark.fault
+def test_trainer_sigkill_leaves_no_worker_and_previous_checkpoint_loads(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", _TRAINER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker_pid = int(proc.stdout.readline())
+        assert psutil.pid_exists(worker_pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        took = _wait_gone(worker_pid, 2.0)
+        assert took < 2.0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = asyncckpt.load(tmp_path / "step-1")
+    assert out["step"] == 1 and torch.equal(out["w"], torch.full((1000,), 7.0))
+    assert [c.name for c in _list(tmp_path) if c.complete] == ["step-1"]
+
+
+def test_close_stops_the_worker_cleanly(tmp_path):
+    ck = asyncckpt.AsyncCheckpointer()
+    ck.save({"w": torch.randn(1 << 20)}, tmp_path / "a")
+    pid = ck.queue.worker_pid
+    ck.close()  # blocking finalize first: the save is committed
+    assert asyncckpt.load(tmp_path / "a")["w"].numel() == 1 << 20
+    p = psutil.Process(pid) if psutil.pid_exists(pid) else None
+    assert p is None or p.status() == psutil.STATUS_ZOMBIE or not p.is_running()
+    with pytest.raises(asyncckpt.CheckpointError, match="closed"):
+        ck.save({"w": torch.ones(1)}, tmp_path / "b")
+
+
+def _list(root):
+    from asyncckpt._loop import run_sync
+    from asyncckpt.catalog import list_all
+    from asyncckpt.storage import open_storage
+
+    return run_sync(list_all(open_storage(str(root))))
