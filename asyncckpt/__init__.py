@@ -15,8 +15,15 @@ from .errors import (
     WorkerDiedError,
     WorkerError,
 )
+from .listing import CheckpointInfo, list_checkpoints
 from .load import load
+from .logs import enable_logging
+from .manager import CheckpointManager
+from .preemption import request_pause
 from .queue import AsyncCallsQueue, AsyncRequest, RemoteRankError
+from .retention import prune
+from .rng import ResumableSampler
+from .tiers import TieredPath, Tiers
 from .torch_save import TorchAsyncCheckpoint
 
 __version__ = "0.1.0"
@@ -28,15 +35,24 @@ __all__ = [
     "BadInputError",
     "CheckpointError",
     "CheckpointExistsError",
+    "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "FormatError",
     "IntegrityError",
     "RemoteRankError",
+    "ResumableSampler",
     "SaveHandle",
     "StorageError",
     "StorageTimeoutError",
+    "TieredPath",
+    "Tiers",
     "TorchAsyncCheckpoint",
     "WorkerDiedError",
     "WorkerError",
+    "enable_logging",
+    "list_checkpoints",
     "load",
+    "prune",
+    "request_pause",
 ]

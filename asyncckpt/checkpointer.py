@@ -22,6 +22,7 @@ from .plan import plan_state
 from .queue import AsyncCallsQueue, AsyncRequest
 from .staging import SharedRegistry
 from .storage import LocalStorage, join_key, open_storage, split_uri
+from .tiers import TieredPath, Tiers, drain_rank, prune_tier
 
 __all__ = ["AsyncCheckpointer", "SaveHandle"]
 
@@ -38,6 +39,7 @@ class SaveHandle:
     call_idx: int
     started: float
     committed: bool = False
+    durable: bool = False  # committed on every tier (== committed without tiers)
     result: SaveResult | None = None
     error: BaseException | None = None
 
@@ -74,7 +76,13 @@ def _commit(root: str, name: str, world_size: int, step: int | None, overwrite: 
         )
     finally:
         run_sync(storage.close())
-    handle.committed = True
+    _mark_committed(handle, durable=False)
+
+
+def _mark_committed(handle: SaveHandle, durable: bool = True) -> None:
+    if not handle.committed:
+        handle.committed = True
+        handle.durable = durable
 
 
 class AsyncCheckpointer:
@@ -132,6 +140,7 @@ class AsyncCheckpointer:
         self._registry = SharedRegistry()
         self._registry_gen = -1
         self._handles: dict[int, SaveHandle] = {}
+        self._draining: set[str] = set()
         self._hooks: list[Any] = []
         self._closed = False
         self.skipped = 0
@@ -180,7 +189,7 @@ class AsyncCheckpointer:
     def save(
         self,
         state_dict: Any,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | TieredPath,
         *,
         step: int | None = None,
         overwrite: bool = False,
@@ -196,8 +205,14 @@ class AsyncCheckpointer:
         if self._closed:
             raise CheckpointError("this AsyncCheckpointer is closed")
         t0 = time.perf_counter()
-        root, name = split_uri(path)
-        storage = open_storage(root, **self.storage_options)  # validates the scheme before any work
+        tiers = path.tiers if isinstance(path, TieredPath) else None
+        if tiers is not None:
+            root, name, storage_options = tiers.uris[0], path.name, tiers.storage_options[0]
+            split_uri(f"{root}/{name}")  # validates the name
+        else:
+            root, name = split_uri(path)
+            storage_options = self.storage_options
+        storage = open_storage(root, **storage_options)  # validates the scheme before any work
         plan = plan_state(state_dict, allow_pickle=self.allow_pickle)
         if any(h.name == name and h.path == os.fspath(path) for h in self._handles.values()):
             raise CheckpointExistsError(f"{os.fspath(path)} is already being saved; wait for it or choose another name")
@@ -229,23 +244,63 @@ class AsyncCheckpointer:
             entries=plan.entries, tree=plan.tree, data_nbytes=plan.data_nbytes, refs=refs,
             inline=plan.inline, new_storages=new, release=release, overwrite=overwrite,
             chunk_size=self.chunk_size, io_concurrency=self.io_concurrency,
-            storage_options=self.storage_options,
+            storage_options=storage_options,
         )
         handle = SaveHandle(os.fspath(path), name, step, -1, time.time())
         finalize_fns = []
         if self.rank == self.coordinator_rank:
             finalize_fns.append(functools.partial(
                 _commit, root, name, self.world_size, step, overwrite, update_latest,
-                dict(metadata or {}), self.storage_options, handle,
+                dict(metadata or {}), storage_options, handle,
             ))
         else:
-            finalize_fns.append(functools.partial(setattr, handle, "committed", True))
+            finalize_fns.append(functools.partial(_mark_committed, handle, False))
+        if tiers is None:
+            finalize_fns.append(functools.partial(setattr, handle, "durable", True))
+        else:
+            finalize_fns.append(functools.partial(self._after_fast_commit, tiers, handle, overwrite, update_latest, dict(metadata or {})))
         req = AsyncRequest(write, (job,), finalize_fns=finalize_fns, preload_fn=snapshot)
         handle.call_idx = self.queue.schedule_async_request(req)
         self._handles[handle.call_idx] = handle
         log.info("save scheduled", extra={"rank": self.rank, "step": step, "op": "save",
                                           "bytes": plan.data_nbytes, "seconds": time.perf_counter() - t0})
         return handle
+
+    # -- tiers -----------------------------------------------------------------------------------
+    def _after_fast_commit(self, tiers: Tiers, handle: SaveHandle, overwrite: bool, update_latest: bool,
+                           metadata: dict[str, str]) -> None:
+        """Runs on every rank once the fast tier committed: queue the drain to the durable tiers."""
+        self._draining.add(handle.name)
+        if self.rank == self.coordinator_rank and tiers.keep[0] is not None:
+            run_sync(self._prune(tiers, 0))
+        if len(tiers.uris) == 1:
+            handle.durable = True
+            self._draining.discard(handle.name)
+            return
+        fns = [functools.partial(self._after_drain, tiers, handle, overwrite, update_latest, metadata)]
+        req = AsyncRequest(drain_rank, (tiers, handle.name, self.rank, self.io_concurrency), finalize_fns=fns)
+        self.queue.schedule_async_request(req)
+
+    def _after_drain(self, tiers: Tiers, handle: SaveHandle, overwrite: bool, update_latest: bool,
+                     metadata: dict[str, str]) -> None:
+        self._draining.discard(handle.name)
+        if self.rank == self.coordinator_rank:
+            for i in range(1, len(tiers.uris)):
+                _commit(tiers.uris[i], handle.name, self.world_size, handle.step, overwrite, update_latest,
+                        metadata, tiers.storage_options[i], handle)
+                if tiers.keep[i] is not None:
+                    run_sync(self._prune(tiers, i))
+        handle.durable = True
+
+    async def _prune(self, tiers: Tiers, i: int) -> None:
+        storage = tiers.storage(i)
+        try:
+            deleted = await prune_tier(storage, tiers.keep[i] or 0, protect=set(self._draining))
+        finally:
+            await storage.close()
+        for name in deleted:
+            log.info("retention deleted %s/%s", tiers.uris[i], name,
+                     extra={"rank": self.rank, "step": None, "op": "retention", "bytes": 0, "seconds": 0.0})
 
     def _wait_for_slot(self) -> bool:
         # Every decision here is global (finalize all-reduces), so all ranks agree on it.
@@ -272,9 +327,11 @@ class AsyncCheckpointer:
         done: list[SaveHandle] = []
         try:
             for idx in self.queue.maybe_finalize_async_calls(blocking=blocking, no_dist=self.no_dist):
-                h = self._handles.pop(idx)
-                h.result = self.queue.call_result(idx)
-                done.append(h)
+                h = self._handles.pop(idx, None)
+                result = self.queue.call_result(idx)
+                if h is not None:  # drains of tiered saves have no handle of their own
+                    h.result = result
+                    done.append(h)
         except BaseException as exc:
             for idx in [i for i in self._handles if i < self._min_pending_idx()]:
                 self._handles.pop(idx).error = exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import os
 import pickle
 import time
@@ -13,11 +14,14 @@ import numpy as np
 import torch
 
 from ._loop import run_sync
-from .catalog import read_commit, read_manifest, resolve_name
+from .catalog import read_commit, read_latest, read_manifest, resolve_name
 from .dtypes import numpy_dtype, torch_dtype
-from .errors import BadInputError, CheckpointNotFoundError, FormatError, IntegrityError
+from .errors import BadInputError, CheckpointError, CheckpointNotFoundError, FormatError, IntegrityError, StorageError
 from .format import BigIntNode, BytesNode, DictNode, ListNode, Node, RankManifest, RefNode, ValueNode, checksum
 from .storage import Storage, open_storage, split_uri
+from .tiers import TieredPath, Tiers
+
+_log = logging.getLogger("asyncckpt")
 
 __all__ = ["load", "load_async", "read_rank", "verify_rank"]
 
@@ -207,14 +211,45 @@ def _merge_into(dst: Any, src: Any, path: str, problems: list[str], apply: bool 
     return src
 
 
+async def _load_tiered(path: Tiers | TieredPath, rank: int | None, allow_pickle: bool) -> Any:
+    """The fastest tier holding a complete, verified copy wins; the others are fallbacks."""
+    tiers = path.tiers if isinstance(path, TieredPath) else path
+    name = path.name if isinstance(path, TieredPath) else None
+    if name is None:
+        for i in range(len(tiers.uris)):
+            st = tiers.storage(i)
+            try:
+                latest = await read_latest(st)
+            except CheckpointError:
+                latest = None
+            finally:
+                await st.close()
+            if latest is not None:
+                name = latest.name
+                break
+        else:
+            raise CheckpointNotFoundError(f"no tier of {tiers!r} has a 'latest' pointer: nothing was committed there")
+    failures: list[str] = []
+    for i, uri in enumerate(tiers.uris):
+        try:
+            return await load_async(f"{uri}/{name}", rank=rank, allow_pickle=allow_pickle,
+                                    storage_options=tiers.storage_options[i])
+        except (CheckpointNotFoundError, IntegrityError, StorageError) as exc:
+            failures.append(f"tier {i} ({uri}): {exc}")
+            _log.warning("tier %d (%s) cannot serve %s, trying the next: %s", i, uri, name, exc)
+    raise CheckpointNotFoundError(f"no tier holds a complete, verified copy of {name!r}:\n  " + "\n  ".join(failures))
+
+
 async def load_async(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Tiers | TieredPath,
     *,
     rank: int | None = None,
     allow_pickle: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> Any:
     """Async core of :func:`load` (no ``into``/``map_location``)."""
+    if isinstance(path, (Tiers, TieredPath)):
+        return await _load_tiered(path, rank, allow_pickle)
     root, name = _split_or_root(path)
     storage = open_storage(root, **(storage_options or {}))
     try:
@@ -247,7 +282,7 @@ def _split_or_root(path: str | os.PathLike[str]) -> tuple[str, str | None]:
 
 
 def load(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Tiers | TieredPath,
     into: Any = None,
     map_location: str | torch.device | None = None,
     *,
@@ -275,9 +310,7 @@ def load(
     if problems and strict:
         raise BadInputError(f"cannot load {os.fspath(path)} into the given state: " + "; ".join(problems))
     _merge_into(into, state, "", [], apply=True)
-    import logging
-
-    logging.getLogger("asyncckpt").info(
+    _log.info(
         "loaded", extra={"rank": rank, "step": None, "op": "load", "bytes": 0, "seconds": time.perf_counter() - t0}
     )
     return into

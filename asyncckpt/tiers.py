@@ -1,0 +1,161 @@
+"""Tiered checkpoints: commit on a fast tier, drain to durable tiers in the background.
+
+``Tiers("/nvme/ckpts", "s3://bucket/run", keep=[2, 20])`` is a root accepted by
+``AsyncCheckpointer.save(sd, tiers / "step-100")`` and ``asyncckpt.load(tiers)``:
+
+* the save commits on the first (fast) tier — the handle is committed then and training may
+  rely on it;
+* every rank's worker then copies its data file and manifest to each durable tier, verifying
+  every chunk's CRC32C on the way, and the coordinator writes the durable tier's COMMIT (and
+  ``latest``) once every rank has drained — the same global completion as a save;
+* ``load`` reads the fastest tier holding a complete, verified copy and falls back to the next
+  when a tier is missing it or it fails verification;
+* ``keep`` is per-tier retention (keep the last N complete checkpoints; None keeps all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import BadInputError, CheckpointError, IntegrityError
+from .format import checksum, manifest_file
+from .storage import Storage, join_key, open_storage
+
+__all__ = ["TieredPath", "Tiers", "drain_rank", "prune_tier"]
+
+log = logging.getLogger("asyncckpt")
+
+
+@dataclass(frozen=True)
+class Tiers:
+    """An ordered list of roots, fastest first; see the module docstring."""
+
+    uris: tuple[str, ...]
+    keep: tuple[int | None, ...] = ()
+    storage_options: tuple[dict[str, Any], ...] = field(default=(), compare=False)
+
+    def __init__(self, *uris: str | os.PathLike[str], keep: list[int | None] | None = None,
+                 storage_options: list[dict[str, Any]] | None = None) -> None:
+        if len(uris) < 1:
+            raise BadInputError("Tiers needs at least one root")
+        norm = tuple(os.path.abspath(os.fspath(u)) if "://" not in os.fspath(u) else os.fspath(u).rstrip("/") for u in uris)
+        if len(set(norm)) != len(norm):
+            raise BadInputError(f"Tiers roots must differ: {norm}")
+        keep_t = tuple(keep) if keep is not None else (None,) * len(norm)
+        if len(keep_t) != len(norm) or any(k is not None and k < 1 for k in keep_t):
+            raise BadInputError(f"keep must give one count >= 1 (or None) per tier, got {keep}")
+        opts = tuple(storage_options) if storage_options is not None else ({},) * len(norm)
+        if len(opts) != len(norm):
+            raise BadInputError("storage_options must give one dict per tier")
+        object.__setattr__(self, "uris", norm)
+        object.__setattr__(self, "keep", keep_t)
+        object.__setattr__(self, "storage_options", opts)
+
+    def __truediv__(self, name: str) -> TieredPath:
+        return TieredPath(self, name)
+
+    def __fspath__(self) -> str:  # for messages; the first tier is where saves land
+        return self.uris[0]
+
+    def storage(self, i: int) -> Storage:
+        return open_storage(self.uris[i], **self.storage_options[i])
+
+    def __repr__(self) -> str:
+        return f"Tiers({', '.join(map(repr, self.uris))}, keep={list(self.keep)})"
+
+
+@dataclass(frozen=True)
+class TieredPath:
+    """A checkpoint name under a Tiers root."""
+
+    tiers: Tiers
+    name: str
+
+    def __fspath__(self) -> str:
+        return f"{self.tiers.uris[0]}/{self.name}"
+
+    def __str__(self) -> str:
+        return f"{self.tiers!r}/{self.name}"
+
+
+async def _copy_verified(src: Storage, dst: Storage, src_key: str, dst_key: str, m: Any, concurrency: int) -> None:
+    """Stream one data file from ``src`` to ``dst``, checking each chunk's CRC32C against the manifest."""
+    from .engine import write_chunks
+
+    n, cs = m.data_nbytes, m.chunk_size
+    writer = await dst.open_writer(dst_key, size_hint=n)
+    sem = asyncio.Semaphore(max(1, concurrency))
+
+    async def one(i: int) -> None:
+        start = i * cs
+        async with sem:
+            buf = np.empty(min(cs, n - start), dtype=np.uint8)
+            await src.read_into(src_key, start, memoryview(buf))
+            crc = await asyncio.to_thread(checksum, memoryview(buf))
+            if crc != m.chunk_checksums[i]:
+                raise IntegrityError(f"{src.uri}/{src_key}: chunk {i} fails its checksum while draining; not copied")
+            await writer.write_part(i, start, memoryview(buf))
+
+    _ = write_chunks  # same chunking as the save path
+    tasks = [asyncio.ensure_future(one(i)) for i in range(len(m.chunk_checksums))]
+    try:
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        await writer.commit()
+    except BaseException:
+        await writer.abort()
+        raise
+
+
+async def drain_rank(tiers: Tiers, name: str, rank: int, concurrency: int = 4) -> dict[str, Any]:
+    """Worker routine: copy this rank's files of ``name`` from tier 0 to every other tier."""
+    from .catalog import read_manifest
+
+    t0 = time.perf_counter()
+    src = tiers.storage(0)
+    copied = 0
+    try:
+        m = await read_manifest(src, name, rank)
+        blob = await src.read(join_key(name, manifest_file(rank)))
+        for i in range(1, len(tiers.uris)):
+            dst = tiers.storage(i)
+            try:
+                await _copy_verified(src, dst, m.data_file, m.data_file, m, concurrency)
+                await dst.put_record(join_key(name, manifest_file(rank)), blob)
+                copied += m.data_nbytes + len(blob)
+            finally:
+                await dst.close()
+    finally:
+        await src.close()
+    dt = time.perf_counter() - t0
+    log.info("drained", extra={"rank": rank, "step": m.step, "op": "drain", "bytes": copied, "seconds": dt})
+    return {"name": name, "rank": rank, "bytes": copied, "seconds": dt}
+
+
+async def prune_tier(storage: Storage, keep_last: int, protect: set[str]) -> list[str]:
+    """Delete complete checkpoints beyond the newest ``keep_last`` (never ``latest`` or ``protect``)."""
+    from .catalog import delete_checkpoint, list_all
+
+    complete = [c for c in await list_all(storage) if c.complete]
+    deleted = []
+    for c in complete[keep_last:]:
+        if c.is_latest or c.name in protect:
+            continue
+        try:
+            await delete_checkpoint(storage, c.name)
+            deleted.append(c.name)
+        except CheckpointError as exc:
+            log.warning("retention could not delete %s: %s", c.path, exc)
+    return deleted
