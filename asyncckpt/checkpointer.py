@@ -102,6 +102,7 @@ class AsyncCheckpointer:
         chunk_size / io_concurrency: streaming granularity and writes in flight.
         allow_pickle: store unsupported objects with pickle (loading them needs opt-in too).
         storage_options: passed to the storage backend (e.g. ``endpoint_url`` for S3).
+        timeout_s: a save whose writing takes longer fails with StorageTimeoutError (hung storage).
     """
 
     def __init__(
@@ -119,6 +120,7 @@ class AsyncCheckpointer:
         storage_options: dict[str, Any] | None = None,
         worker_options: dict[str, Any] | None = None,
         start_worker: bool = True,
+        timeout_s: float | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise BadInputError(f"max_in_flight must be >= 1, got {max_in_flight}")
@@ -135,6 +137,9 @@ class AsyncCheckpointer:
         self.io_concurrency = io_concurrency
         self.allow_pickle = allow_pickle
         self.storage_options = dict(storage_options or {})
+        if timeout_s is not None and timeout_s <= 0:
+            raise BadInputError(f"timeout_s must be > 0 or None, got {timeout_s}")
+        self.timeout_s = timeout_s
         opts = {"max_in_flight": max_in_flight, **(worker_options or {})}
         self.queue = AsyncCallsQueue(group=process_group, worker_options=opts)
         self._registry = SharedRegistry()
@@ -244,7 +249,7 @@ class AsyncCheckpointer:
             entries=plan.entries, tree=plan.tree, data_nbytes=plan.data_nbytes, refs=refs,
             inline=plan.inline, new_storages=new, release=release, overwrite=overwrite,
             chunk_size=self.chunk_size, io_concurrency=self.io_concurrency,
-            storage_options=storage_options,
+            storage_options=storage_options, timeout_s=self.timeout_s,
         )
         handle = SaveHandle(os.fspath(path), name, step, -1, time.time())
         finalize_fns = []

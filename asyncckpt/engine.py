@@ -27,6 +27,7 @@ from .format import (
     encode_manifest,
     manifest_file,
 )
+from .errors import StorageTimeoutError
 from .staging import SharedRef, StagingPool, StagingSlot
 from .storage import Storage, join_key, open_storage
 
@@ -57,6 +58,7 @@ class SaveJob:
     storage_options: dict[str, Any] = field(default_factory=dict)
     layout: str = "flat"
     data_prefix: str = ""  # key prefix of data files; "" means the checkpoint's own directory
+    timeout_s: float | None = None  # a write stage that takes longer fails with StorageTimeoutError
 
 
 @dataclass
@@ -168,35 +170,52 @@ def _data_key(job: SaveJob) -> str:
 
 
 async def write(staged: _Staged) -> SaveResult:
-    """async_fn: stream the staged bytes in checksummed chunks, then the rank's manifest."""
+    """async_fn: stream the staged bytes in checksummed chunks, then the rank's manifest.
+
+    With ``job.timeout_s``, a write stage that does not finish in time (a hung filesystem or
+    endpoint) fails with StorageTimeoutError; its staging slot is abandoned, not reused, since a
+    stuck I/O thread may still read from it.
+    """
+    job, slot = staged.job, staged.slot
+    task = asyncio.ensure_future(_write(staged))
+    done, _ = await asyncio.wait({task}, timeout=job.timeout_s)
+    if not done:
+        task.cancel()
+        _STATE.pool.discard(slot)
+        raise StorageTimeoutError(
+            f"writing rank {job.rank} of {job.root}/{job.name} did not finish within {job.timeout_s} s; "
+            "the storage looks hung. The checkpoint is not committed; earlier ones are intact."
+        )
+    await _STATE.pool.release(slot)
+    return task.result()
+
+
+async def _write(staged: _Staged) -> SaveResult:
     job, slot = staged.job, staged.slot
     t0 = time.perf_counter()
-    try:
-        storage = _STATE.backend(job.root, job.storage_options)
-        if job.overwrite:
-            await storage.delete(join_key(job.name, COMMIT_FILE))
-        crcs = await write_chunks(storage, _data_key(job), slot.view[: job.data_nbytes], job.chunk_size, job.io_concurrency)
-        manifest = RankManifest(
-            format=FORMAT_NAME,
-            version=FORMAT_VERSION,
-            name=job.name,
-            rank=job.rank,
-            world_size=job.world_size,
-            step=job.step,
-            data_file=_data_key(job),
-            data_nbytes=job.data_nbytes,
-            chunk_size=job.chunk_size,
-            checksum_algo=CHECKSUM_ALGO,
-            chunk_checksums=crcs,
-            entries=job.entries,
-            tree=job.tree,
-            layout=job.layout,
-            created=time.time(),
-        )
-        blob = encode_manifest(manifest)
-        await storage.put_record(join_key(job.name, manifest_file(job.rank)), blob)
-    finally:
-        await _STATE.pool.release(slot)
+    storage = _STATE.backend(job.root, job.storage_options)
+    if job.overwrite:
+        await storage.delete(join_key(job.name, COMMIT_FILE))
+    crcs = await write_chunks(storage, _data_key(job), slot.view[: job.data_nbytes], job.chunk_size, job.io_concurrency)
+    manifest = RankManifest(
+        format=FORMAT_NAME,
+        version=FORMAT_VERSION,
+        name=job.name,
+        rank=job.rank,
+        world_size=job.world_size,
+        step=job.step,
+        data_file=_data_key(job),
+        data_nbytes=job.data_nbytes,
+        chunk_size=job.chunk_size,
+        checksum_algo=CHECKSUM_ALGO,
+        chunk_checksums=crcs,
+        entries=job.entries,
+        tree=job.tree,
+        layout=job.layout,
+        created=time.time(),
+    )
+    blob = encode_manifest(manifest)
+    await storage.put_record(join_key(job.name, manifest_file(job.rank)), blob)
     dt = time.perf_counter() - t0
     log.info(
         "wrote rank part",

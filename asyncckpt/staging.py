@@ -141,6 +141,17 @@ class StagingPool:
             self._free.append(slot)
             self._cond.notify_all()
 
+    def discard(self, slot: StagingSlot) -> None:
+        """Give up a slot that may still be in use by a stuck I/O thread (it is not reused)."""
+        self._used -= 1
+        if self._cond is not None:
+            asyncio.ensure_future(self._notify())
+
+    async def _notify(self) -> None:
+        assert self._cond is not None
+        async with self._cond:
+            self._cond.notify_all()
+
     def clear(self) -> None:
         for s in self._free:
             s.close()

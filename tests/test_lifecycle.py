@@ -110,3 +110,36 @@ def _list(root):
     from asyncckpt.storage import open_storage
 
     return run_sync(list_all(open_storage(str(root))))
+
+
+def _hang_local_writes():
+    """Installed in the worker: every pwrite of a LocalStorage writer blocks for a long time."""
+    import time as _t
+
+    from asyncckpt.storage import local
+
+    def stuck(self, fd, data, offset):  # noqa: ANN001
+        _t.sleep(30)
+
+    local._LocalWriter._pwrite = stuck
+
+
+@pytest.mark.fault
+def test_hung_storage_becomes_a_timeout_error_not_a_hang(tmp_path):
+    from asyncckpt import AsyncRequest
+
+    with asyncckpt.AsyncCheckpointer(timeout_s=1.0) as ck:
+        ck.save({"w": torch.ones(3)}, tmp_path / "ok")
+        ck.finalize(blocking=True)
+        ck.queue.schedule_async_request(AsyncRequest(_hang_local_writes))
+        ck.queue.maybe_finalize_async_calls(blocking=True, no_dist=True)
+        ck.save({"w": torch.randn(1 << 20)}, tmp_path / "hung")
+        t0 = time.monotonic()
+        with pytest.raises(asyncckpt.StorageTimeoutError, match="did not finish within 1.0 s"):
+            ck.finalize(blocking=True)
+        assert time.monotonic() - t0 < 10
+        ck.queue.kill_worker()  # its I/O threads are stuck for good; a fresh worker takes over
+        ck.save({"w": torch.ones(5)}, tmp_path / "after")
+        ck.finalize(blocking=True)
+    assert torch.equal(asyncckpt.load(tmp_path / "after")["w"], torch.ones(5))
+    assert torch.equal(asyncckpt.load(tmp_path / "ok")["w"], torch.ones(3))
