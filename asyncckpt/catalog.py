@@ -185,7 +185,9 @@ async def list_all(storage: Storage) -> list[CheckpointInfo]:
     for name, files in names.items():
         path = f"{storage.uri.rstrip('/')}/{name}"
         if COMMIT_FILE not in files:
-            if any(f.endswith(".manifest") or f.endswith(".data") for f in files):
+            # Only files directly under NAME/ make it a checkpoint; deeper ones are data under a
+            # spread layout prefix (HH/NAME/...), owned by the checkpoint whose manifest names them.
+            if any("/" not in f and (f.endswith(".manifest") or f.endswith(".data")) for f in files):
                 out.append(CheckpointInfo(name, path, None, 0.0, 0, False, problem="no commit record (save did not finish)"))
             continue
         try:
@@ -216,18 +218,15 @@ async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False)
     latest = await read_latest(storage)
     if latest is not None and latest.name == name and not force:
         raise CheckpointError(f"{storage.uri}/{name} is what '{LATEST_FILE}' points to; refusing to delete it (force=True overrides)")
-    manifests: list[RankManifest] = []
-    try:
-        rec = await read_commit(storage, name)
-        for ref in rec.manifests:
-            try:
-                manifests.append(await read_manifest(storage, name, ref.rank))
-            except CheckpointError:
-                pass
-    except CheckpointError:
-        pass
     await storage.delete(join_key(name, COMMIT_FILE))
     keys = set(await storage.list(name))
+    manifests: list[RankManifest] = []
+    for key in sorted(k for k in keys if k.endswith(".manifest")):
+        try:
+            rank = int(key.rsplit("rank-", 1)[1].split(".", 1)[0])
+            manifests.append(await read_manifest(storage, name, rank))
+        except (CheckpointError, ValueError, IndexError):
+            pass
     keys.update(m.data_file for m in manifests)
     for key in sorted(keys, key=lambda k: k.endswith(".manifest")):
         await storage.delete(key)

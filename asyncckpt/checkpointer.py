@@ -22,6 +22,7 @@ from .plan import plan_state
 from .queue import AsyncCallsQueue, AsyncRequest
 from .staging import SharedRegistry
 from .storage import LocalStorage, join_key, open_storage, split_uri
+from .storage.layouts import data_prefix
 from .tiers import TieredPath, Tiers, drain_rank, prune_tier
 
 __all__ = ["AsyncCheckpointer", "SaveHandle"]
@@ -65,13 +66,13 @@ def _check_local_writable(root: str) -> None:
 
 
 def _commit(root: str, name: str, world_size: int, step: int | None, overwrite: bool, update_latest: bool,
-            metadata: dict[str, str], storage_options: dict[str, Any], handle: SaveHandle) -> None:
+            metadata: dict[str, str], storage_options: dict[str, Any], handle: SaveHandle, layout: str = "flat") -> None:
     storage = open_storage(root, **storage_options)
     try:
         run_sync(
             commit_checkpoint(
                 storage, name, world_size=world_size, step=step, overwrite=overwrite,
-                update_latest=update_latest, metadata=metadata,
+                update_latest=update_latest, metadata=metadata, layout=layout,
             )
         )
     finally:
@@ -103,6 +104,8 @@ class AsyncCheckpointer:
         allow_pickle: store unsupported objects with pickle (loading them needs opt-in too).
         storage_options: passed to the storage backend (e.g. ``endpoint_url`` for S3).
         timeout_s: a save whose writing takes longer fails with StorageTimeoutError (hung storage).
+        layout: key layout of data files: ``flat``, ``hashed`` or ``roundrobin`` (spreads S3 prefixes);
+            recorded in the manifest, so loading never needs to be told.
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class AsyncCheckpointer:
         worker_options: dict[str, Any] | None = None,
         start_worker: bool = True,
         timeout_s: float | None = None,
+        layout: str = "flat",
     ) -> None:
         if max_in_flight < 1:
             raise BadInputError(f"max_in_flight must be >= 1, got {max_in_flight}")
@@ -140,6 +144,8 @@ class AsyncCheckpointer:
         if timeout_s is not None and timeout_s <= 0:
             raise BadInputError(f"timeout_s must be > 0 or None, got {timeout_s}")
         self.timeout_s = timeout_s
+        data_prefix(layout, "probe")  # validates the layout name
+        self.layout = layout
         opts = {"max_in_flight": max_in_flight, **(worker_options or {})}
         self.queue = AsyncCallsQueue(group=process_group, worker_options=opts)
         self._registry = SharedRegistry()
@@ -250,13 +256,14 @@ class AsyncCheckpointer:
             inline=plan.inline, new_storages=new, release=release, overwrite=overwrite,
             chunk_size=self.chunk_size, io_concurrency=self.io_concurrency,
             storage_options=storage_options, timeout_s=self.timeout_s,
+            layout=self.layout, data_prefix=data_prefix(self.layout, name, step),
         )
         handle = SaveHandle(os.fspath(path), name, step, -1, time.time())
         finalize_fns = []
         if self.rank == self.coordinator_rank:
             finalize_fns.append(functools.partial(
                 _commit, root, name, self.world_size, step, overwrite, update_latest,
-                dict(metadata or {}), storage_options, handle,
+                dict(metadata or {}), storage_options, handle, self.layout,
             ))
         else:
             finalize_fns.append(functools.partial(_mark_committed, handle, False))
@@ -292,7 +299,7 @@ class AsyncCheckpointer:
         if self.rank == self.coordinator_rank:
             for i in range(1, len(tiers.uris)):
                 _commit(tiers.uris[i], handle.name, self.world_size, handle.step, overwrite, update_latest,
-                        metadata, tiers.storage_options[i], handle)
+                        metadata, tiers.storage_options[i], handle, self.layout)
                 if tiers.keep[i] is not None:
                     run_sync(self._prune(tiers, i))
         handle.durable = True

@@ -126,3 +126,27 @@ def test_layout_on_disk_is_documented(shared_ckpt, tmp_path):
     save_load(shared_ckpt, {"w": torch.ones(4)}, tmp_path / "c")
     assert sorted(os.listdir(tmp_path / "c")) == ["COMMIT", "rank-00000.data", "rank-00000.manifest"]
     assert sorted(os.listdir(tmp_path)) == ["c", "latest"]
+
+
+@pytest.mark.parametrize("layout", ["hashed", "roundrobin"])
+def test_spread_layouts_are_recorded_and_need_no_hint_to_load(tmp_path, layout):
+    from asyncckpt._loop import run_sync
+    from asyncckpt.catalog import delete_checkpoint, list_all
+    from asyncckpt.storage import open_storage
+
+    with asyncckpt.AsyncCheckpointer(layout=layout) as ck:
+        ck.save({"w": torch.arange(100_000)}, tmp_path / "step-7", step=7)
+        ck.save({"w": torch.arange(5)}, tmp_path / "step-8", step=8)
+    data_files = [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.data")]
+    assert all(not f.startswith("step-") for f in data_files), data_files  # data went under a spread prefix
+    assert torch.equal(asyncckpt.load(tmp_path / "step-7")["w"], torch.arange(100_000))
+    st = open_storage(str(tmp_path))
+    infos = run_sync(list_all(st))
+    assert [(i.name, i.complete) for i in infos] == [("step-8", True), ("step-7", True)]
+    run_sync(delete_checkpoint(st, "step-7"))
+    assert len(list(tmp_path.rglob("*.data"))) == 1
+
+
+def test_unknown_layout_is_refused():
+    with pytest.raises(asyncckpt.BadInputError, match="unknown key layout"):
+        asyncckpt.AsyncCheckpointer(layout="zigzag", start_worker=False)
