@@ -35,7 +35,7 @@ def _exc_payload(exc: BaseException) -> tuple[str, bytes | None, str, str]:
     try:
         blob: bytes | None = pickle.dumps(exc)
         pickle.loads(blob)
-    except Exception:
+    except Exception:  # noqa: BLE001 - an unpicklable exception travels as text
         blob = None
     return (type(exc).__name__, blob, str(exc), tb)
 

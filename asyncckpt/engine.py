@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .errors import StorageTimeoutError
 from .format import (
     CHECKSUM_ALGO,
     COMMIT_FILE,
@@ -27,7 +28,6 @@ from .format import (
     encode_manifest,
     manifest_file,
 )
-from .errors import StorageTimeoutError
 from .staging import SharedRef, StagingPool, StagingSlot
 from .storage import Storage, join_key, open_storage
 

@@ -20,8 +20,8 @@ from .errors import FormatError
 
 __all__ = [
     "ALIGN",
-    "COMMIT_FILE",
     "CHECKSUM_ALGO",
+    "COMMIT_FILE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "LATEST_FILE",
@@ -74,7 +74,7 @@ class Entry(msgspec.Struct, frozen=True):
 
 
 class ValueNode(msgspec.Struct, tag="value", frozen=True):
-    value: Union[None, bool, int, float, str]
+    value: Union[bool, int, float, str, None]
 
 
 class BigIntNode(msgspec.Struct, tag="bigint", frozen=True):

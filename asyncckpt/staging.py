@@ -104,6 +104,7 @@ class StagingPool:
         self._free: list[StagingSlot] = []
         self._used = 0
         self._cond: asyncio.Condition | None = None
+        self._notify_task: asyncio.Future[None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -145,7 +146,7 @@ class StagingPool:
         """Give up a slot that may still be in use by a stuck I/O thread (it is not reused)."""
         self._used -= 1
         if self._cond is not None:
-            asyncio.ensure_future(self._notify())
+            self._notify_task = asyncio.ensure_future(self._notify())
 
     async def _notify(self) -> None:
         assert self._cond is not None

@@ -12,7 +12,7 @@ import torch
 
 from .engine import _STATE, SaveJob, _Staged, snapshot
 from .errors import BadInputError, StorageError
-from .format import DictNode, ListNode, Node, RefNode, ValueNode, BigIntNode, BytesNode
+from .format import BigIntNode, BytesNode, DictNode, ListNode, Node, RefNode, ValueNode
 from .plan import plan_state
 from .queue import AsyncCallsQueue, AsyncRequest
 from .staging import SharedRegistry

@@ -54,7 +54,7 @@ def _rebuild_error(name: str, blob: bytes | None, message: str, tb: str) -> Base
             exc = None
     if isinstance(exc, errors.CheckpointError):
         exc.worker_traceback = tb  # type: ignore[attr-defined]
-        exc.args = (f"{exc.args[0] if exc.args else message}\n\nworker traceback:\n{tb}",) + tuple(exc.args[1:])
+        exc.args = (f"{exc.args[0] if exc.args else message}\n\nworker traceback:\n{tb}", *exc.args[1:])
         return exc
     err = WorkerError(f"{name}: {message}\n\nworker traceback:\n{tb}")
     err.worker_traceback = tb  # type: ignore[attr-defined]

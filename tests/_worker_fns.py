@@ -29,7 +29,7 @@ def preload_double(x: int) -> int:
     return 2 * x
 
 
-def echo(x):  # noqa: ANN001, ANN201
+def echo(x):
     return x
 
 

@@ -118,7 +118,7 @@ def _hang_local_writes():
 
     from asyncckpt.storage import local
 
-    def stuck(self, fd, data, offset):  # noqa: ANN001
+    def stuck(self, fd, data, offset):
         _t.sleep(30)
 
     local._LocalWriter._pwrite = stuck
@@ -135,7 +135,7 @@ def test_hung_storage_becomes_a_timeout_error_not_a_hang(tmp_path):
         ck.queue.maybe_finalize_async_calls(blocking=True, no_dist=True)
         ck.save({"w": torch.randn(1 << 20)}, tmp_path / "hung")
         t0 = time.monotonic()
-        with pytest.raises(asyncckpt.StorageTimeoutError, match="did not finish within 1.0 s"):
+        with pytest.raises(asyncckpt.StorageTimeoutError, match=r"did not finish within 1\.0 s"):
             ck.finalize(blocking=True)
         assert time.monotonic() - t0 < 10
         ck.queue.kill_worker()  # its I/O threads are stuck for good; a fresh worker takes over
