@@ -82,6 +82,8 @@ def test_worker_is_persistent_across_requests(q):
 def test_worker_exit_raises_worker_died_and_a_fresh_worker_serves_the_next(tmp_path):
     queue = AsyncCallsQueue()
     try:
+        queue.schedule_async_request(AsyncRequest(fns.echo, (0,)))
+        queue.maybe_finalize_async_calls(blocking=True, no_dist=True)  # the worker is up (start-up not timed)
         queue.schedule_async_request(AsyncRequest(fns.die))
         t0 = time.monotonic()
         with pytest.raises(asyncckpt.WorkerDiedError, match="died"):
