@@ -54,11 +54,12 @@ class SharedRegistry:
         used: set[tuple[str, int, int]] = set()
         for idx, t in tensors.items():
             storage = t.untyped_storage()
+            if t.device.type == "cpu" and not storage.is_shared():
+                storage.share_memory_()  # one-time move; the tensor keeps working in place
+            # Keyed by the address *after* the move: the pre-move address is freed and may be reused.
             key = (str(t.device), storage.data_ptr(), storage.nbytes())
             hit = self._by_key.get(key)
             if hit is None:
-                if t.device.type == "cpu" and not storage.is_shared():
-                    storage.share_memory_()  # one-time move; the tensor keeps working in place
                 base = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
                 hit = (next(self._ids), base)
                 self._by_key[key] = hit

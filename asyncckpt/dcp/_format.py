@@ -1,0 +1,217 @@
+"""What asyncckpt adds to a DCP checkpoint directory, and how it reads DCP's pickled metadata safely.
+
+A checkpoint written by :class:`~asyncckpt.dcp.AsyncStorageWriter` is a plain DCP checkpoint::
+
+    NAME/__0_0.distcp       rank 0's items, each serialized exactly as FileSystemWriter does
+    NAME/__1_0.distcp       (tensors with torch.save, bytes items raw)
+    NAME/.metadata          pickled DCP Metadata (storage_data: MetadataIndex -> _StorageInfo), last
+
+plus records that the stock FileSystemReader never opens::
+
+    NAME/__0.checksums      rank 0's items: file, offset, length, CRC32C (msgpack; by rank 0's worker)
+    NAME/.checksums         every item plus the CRC32C of .metadata (msgpack; before .metadata)
+    NAME/COMMIT             asyncckpt commit record of kind "dcp" (after .metadata)
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pathlib
+import pickle
+from typing import Any, Literal
+
+import msgspec
+
+from ..errors import FormatError
+
+__all__ = [
+    "CHECKSUMS_FILE",
+    "DCP_FORMAT",
+    "DCP_FORMAT_VERSION",
+    "METADATA_FILE",
+    "FileRecord",
+    "IndexRecord",
+    "ItemRecord",
+    "RankRecord",
+    "data_file_name",
+    "decode_index",
+    "decode_rank_record",
+    "encode_record",
+    "load_metadata",
+    "rank_record_file",
+]
+
+DCP_FORMAT = "asyncckpt-dcp"
+DCP_FORMAT_VERSION = 1
+METADATA_FILE = ".metadata"
+CHECKSUMS_FILE = ".checksums"
+_MAX_ITEMS = 50_000_000
+
+
+def rank_record_file(rank: int) -> str:
+    return f"__{rank}.checksums"
+
+
+def data_file_name(prefix: str, index: int) -> str:
+    return f"{prefix}{index}.distcp"
+
+
+class ItemRecord(msgspec.Struct, array_like=True, frozen=True):
+    """One DCP write item: where its serialized bytes are and their CRC32C."""
+
+    fqn: str
+    chunk_offset: list[int] | None  # MetadataIndex.offset (None for bytes items)
+    index: int | None  # MetadataIndex.index hint
+    file: str
+    offset: int
+    length: int
+    crc32c: int
+    kind: Literal["tensor", "bytes"]
+
+
+class FileRecord(msgspec.Struct, array_like=True, frozen=True):
+    name: str
+    nbytes: int
+
+
+class RankRecord(msgspec.Struct, frozen=True):
+    format: str
+    version: int
+    save_id: str
+    rank: int
+    checksum_algo: str
+    files: list[FileRecord]
+    items: list[ItemRecord]
+    created: float = 0.0
+
+
+class IndexRecord(msgspec.Struct, frozen=True):
+    format: str
+    version: int
+    save_id: str
+    world_size: int
+    checksum_algo: str
+    metadata_nbytes: int
+    metadata_crc32c: int
+    files: list[FileRecord]
+    items: list[ItemRecord]
+    created: float = 0.0
+
+
+_enc = msgspec.msgpack.Encoder()
+_rank_dec = msgspec.msgpack.Decoder(RankRecord)
+_index_dec = msgspec.msgpack.Decoder(IndexRecord)
+
+
+def encode_record(rec: RankRecord | IndexRecord) -> bytes:
+    return _enc.encode(rec)
+
+
+def _check(fmt: str, version: int, algo: str, files: list[FileRecord], items: list[ItemRecord], where: str) -> None:
+    if fmt != DCP_FORMAT:
+        raise FormatError(f"{where}: not an asyncckpt DCP checksum record (format {fmt!r})")
+    if not 1 <= version <= DCP_FORMAT_VERSION:
+        raise FormatError(
+            f"{where}: record version {version} is not supported (reads 1..{DCP_FORMAT_VERSION}); upgrade asyncckpt"
+        )
+    if algo != "crc32c":
+        raise FormatError(f"{where}: unknown checksum algorithm {algo!r}")
+    if len(items) > _MAX_ITEMS:
+        raise FormatError(f"{where}: {len(items)} items is more than this reader accepts")
+    sizes = {f.name: f.nbytes for f in files}
+    for it in items:
+        size = sizes.get(it.file)
+        if size is None:
+            raise FormatError(f"{where}: item {it.fqn!r} names file {it.file!r}, which the record does not list")
+        if it.offset < 0 or it.length < 0 or it.offset + it.length > size:
+            raise FormatError(
+                f"{where}: item {it.fqn!r} claims bytes [{it.offset}, {it.offset + it.length}) of {it.file} "
+                f"({size} bytes)"
+            )
+
+
+def decode_rank_record(data: bytes, where: str) -> RankRecord:
+    try:
+        rec = _rank_dec.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise FormatError(f"{where}: checksum record is malformed ({exc})") from exc
+    _check(rec.format, rec.version, rec.checksum_algo, rec.files, rec.items, where)
+    return rec
+
+
+def decode_index(data: bytes, where: str) -> IndexRecord:
+    try:
+        rec = _index_dec.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise FormatError(f"{where}: checksum index is malformed ({exc})") from exc
+    _check(rec.format, rec.version, rec.checksum_algo, rec.files, rec.items, where)
+    return rec
+
+
+# -- safe unpickling of DCP's .metadata ----------------------------------------------------------
+
+_ALLOWED_MODULES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "MetadataIndex",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo", "_StoragePrefix"},
+    "torch.distributed.checkpoint.planner": {"WriteItemType", "LoadItemType"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size", "device"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "slice", "complex", "bytearray"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP Metadata, refusing any class outside the small set DCP metadata uses."""
+
+    where = ""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _ALLOWED_MODULES.get(module, ()):
+            if module == "collections":
+                return collections.OrderedDict
+            if module == "pathlib":
+                return getattr(pathlib, name)
+            return super().find_class(module, name)
+        if module == "torch":
+            import torch
+
+            obj = getattr(torch, name, None)
+            if isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                return obj
+        raise FormatError(
+            f"{self.where}: the metadata references {module}.{name}, which is not part of DCP's metadata; "
+            "refusing to unpickle it. If you trust this checkpoint (e.g. a custom planner stored its own "
+            "classes), pass allow_pickle=True to AsyncStorageReader."
+        )
+
+
+def load_metadata(data: bytes, where: str, *, allow_pickle: bool = False) -> Any:
+    """Unpickle DCP Metadata; without ``allow_pickle`` only DCP's own metadata classes may appear."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        if allow_pickle:
+            md = pickle.loads(data)
+        else:
+            u = _MetadataUnpickler(io.BytesIO(data))
+            u.where = where
+            md = u.load()
+    except FormatError:
+        raise
+    except Exception as exc:
+        raise FormatError(f"{where}: DCP metadata cannot be read ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(md, Metadata):
+        raise FormatError(f"{where}: holds a {type(md).__name__}, not DCP Metadata")
+    return md

@@ -1,0 +1,369 @@
+"""AsyncStorageReader: a DCP StorageReader over asyncckpt's storage backends (local, S3, ...).
+
+Items are fetched with parallel ranged reads (neighbouring items of a file in one read), each
+item's CRC32C is checked against the checkpoint's ``.checksums`` index before it is decoded,
+and the decoded tensor is narrowed to what the load plan asks for, so a checkpoint saved by N
+ranks loads into M ranks (DCP's planner maps the chunks; this reader serves the byte ranges).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future as _CFuture
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
+
+from .._loop import _get_loop, run_sync
+from ..errors import BadInputError, CheckpointNotFoundError, FormatError, IntegrityError
+from ..format import checksum
+from ..storage import Storage, join_key, open_storage, split_uri
+from ._format import CHECKSUMS_FILE, METADATA_FILE, IndexRecord, decode_index, load_metadata
+
+__all__ = ["AsyncStorageReader"]
+
+
+class _MemReader(io.RawIOBase):
+    """A seekable read-only stream over a memoryview (no copy), for torch.load."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._v = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: len(self._v)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        out = memoryview(b).cast("B")
+        n = max(0, min(len(out), len(self._v) - self._pos))
+        out[:n] = self._v[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+
+@dataclass
+class _Range:
+    """One ranged read: ``[start, end)`` of ``file``, covering the storage items in ``members``."""
+
+    file: str
+    start: int
+    end: int
+    members: list[tuple[MetadataIndex, int, int]]  # (storage index, offset, length)
+
+
+class AsyncStorageReader(StorageReader):
+    """Read a DCP checkpoint from a local directory, ``s3://bucket/prefix/NAME`` or any asyncckpt Storage.
+
+    Args:
+        path: the checkpoint (directory or URI).
+        verify: check every item's CRC32C and the metadata's against ``.checksums`` (written by
+            :class:`AsyncStorageWriter`). A checkpoint without one (written by another writer)
+            needs ``verify=False``.
+        allow_pickle: unpickle ``.metadata`` without restriction and decode bytes items (DCP
+            stores non-tensor values as pickles) even when they reference arbitrary classes.
+            By default only DCP's metadata classes, and bytes items that torch's weights-only
+            unpickler accepts (numbers, strings, containers, tensors), are loaded.
+        read_concurrency: ranged reads in flight. chunk_size: large items are read in pieces
+            of this size, in parallel. coalesce_gap: neighbouring items of one file closer
+            than this are fetched in one read. max_inflight_bytes: bytes read but not yet
+            decoded, at most (one item larger than it is read alone).
+        storage_options: passed to the backend (e.g. ``endpoint_url`` for S3).
+        storage: read through this backend instead (e.g. a tiered one); its root must be the
+            checkpoint's parent (keys are ``NAME/<file>``, NAME being the path's last part).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        verify: bool = True,
+        allow_pickle: bool = False,
+        read_concurrency: int = 8,
+        chunk_size: int = 16 << 20,
+        coalesce_gap: int = 1 << 20,
+        max_inflight_bytes: int = 512 << 20,
+        storage_options: dict[str, Any] | None = None,
+        storage: Storage | None = None,
+    ) -> None:
+        super().__init__()
+        if read_concurrency < 1 or chunk_size < 1 or coalesce_gap < 0 or max_inflight_bytes < 1:
+            raise BadInputError("read_concurrency, chunk_size and max_inflight_bytes must be >= 1, coalesce_gap >= 0")
+        self.verify = verify
+        self.allow_pickle = allow_pickle
+        self.read_concurrency = read_concurrency
+        self.chunk_size = chunk_size
+        self.coalesce_gap = coalesce_gap
+        self.max_inflight_bytes = max_inflight_bytes
+        self.storage_options = dict(storage_options or {})
+        self._given_storage = storage
+        self.storage_data: dict[MetadataIndex, Any] = {}
+        self._crcs: dict[tuple[str, int, int], int] = {}
+        self.load_id = str(uuid.uuid4())
+        self._set_path(path)
+
+    def _set_path(self, path: str | os.PathLike[str]) -> None:
+        p = os.fspath(path)
+        if "://" not in p:
+            p = os.path.abspath(p)
+        self._path = path
+        self.uri = p
+        self.root, self.name = split_uri(p)
+
+    def _storage(self) -> Storage:
+        if self._given_storage is not None:
+            return self._given_storage
+        return open_storage(self.root, **self.storage_options)
+
+    async def _close(self, storage: Storage) -> None:
+        if storage is not self._given_storage:
+            await storage.close()
+
+    @property
+    def checkpoint_id(self) -> str | os.PathLike[str]:
+        return self._path
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        p = os.fspath(checkpoint_id)
+        return "://" not in p or p.startswith(("s3://", "file://"))
+
+    # -- StorageReader protocol -------------------------------------------------------------------
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        self.storage_data = {}
+        self._crcs = {}
+        if checkpoint_id:
+            self._set_path(checkpoint_id)
+        self.load_id = str(uuid.uuid4())
+
+    def read_metadata(self) -> Metadata:
+        md, index = run_sync(self._read_metadata())
+        if index is not None:
+            self._crcs = {(it.file, it.offset, it.length): it.crc32c for it in index.items}
+        if getattr(md, "storage_meta", None) is None:
+            md.storage_meta = StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
+
+    async def _read_metadata(self) -> tuple[Metadata, IndexRecord | None]:
+        storage = self._storage()
+        mkey, ikey = join_key(self.name, METADATA_FILE), join_key(self.name, CHECKSUMS_FILE)
+        where = f"{storage.uri}/{mkey}"
+        try:
+            try:
+                blob = await storage.read(mkey)
+            except CheckpointNotFoundError as exc:
+                raise CheckpointNotFoundError(
+                    f"{where} does not exist: {self.uri} is not a complete DCP checkpoint "
+                    "(it does not exist or its save did not finish)"
+                ) from exc
+            index = None
+            if self.verify:
+                try:
+                    iblob = await storage.read(ikey)
+                except CheckpointNotFoundError as exc:
+                    raise IntegrityError(
+                        f"{storage.uri}/{ikey} is missing: {self.uri} has no checksums to verify (written by "
+                        "another writer?). Pass verify=False to AsyncStorageReader to load it unverified."
+                    ) from exc
+                index = decode_index(iblob, f"{storage.uri}/{ikey}")
+                crc = checksum(blob)
+                if len(blob) != index.metadata_nbytes or crc != index.metadata_crc32c:
+                    raise IntegrityError(
+                        f"{where} does not match its checksum ({len(blob)} bytes, crc32c {crc:#010x}; "
+                        f"expected {index.metadata_nbytes}, {index.metadata_crc32c:#010x}): the metadata is "
+                        "corrupt or belongs to another save. Load an older checkpoint."
+                    )
+        finally:
+            await self._close(storage)
+        return load_metadata(blob, where, allow_pickle=self.allow_pickle), index
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        if metadata.storage_data is None:
+            raise FormatError(f"{self.uri}: the metadata has no storage_data")
+        self.storage_data = metadata.storage_data
+        if self.verify:
+            for sidx, info in self.storage_data.items():
+                if getattr(info, "transform_descriptors", None):
+                    raise FormatError(f"{self.uri}: item {sidx.fqn!r} uses stream transforms {info.transform_descriptors}, "
+                                      "which this reader does not support")
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    # -- reading ----------------------------------------------------------------------------------
+    def _ranges(self, plan: LoadPlan) -> list[_Range]:
+        needed: dict[MetadataIndex, Any] = {}
+        for ri in plan.items:
+            info = self.storage_data.get(ri.storage_index)
+            if info is None:
+                raise FormatError(f"{self.uri}: the metadata has no storage entry for {ri.storage_index}")
+            needed[ri.storage_index] = info
+        by_file: dict[str, list[tuple[MetadataIndex, int, int]]] = {}
+        for sidx, info in needed.items():
+            by_file.setdefault(info.relative_path, []).append((sidx, int(info.offset), int(info.length)))
+        ranges: list[_Range] = []
+        for f, members in by_file.items():
+            members.sort(key=lambda m: m[1])
+            cur: _Range | None = None
+            for m in members:
+                _, off, length = m
+                if (cur is not None and off - cur.end <= self.coalesce_gap and off >= cur.end
+                        and off + length - cur.start <= max(self.chunk_size, 1)):
+                    cur.end = max(cur.end, off + length)
+                    cur.members.append(m)
+                else:
+                    cur = _Range(f, off, off + length, [m])
+                    ranges.append(cur)
+        return ranges
+
+    async def _fetch(self, storage: Storage, r: _Range, sem: asyncio.Semaphore) -> np.ndarray:
+        key = join_key(self.name, r.file)
+        buf = np.empty(r.end - r.start, dtype=np.uint8)
+        view = memoryview(buf)
+
+        async def piece(lo: int, hi: int) -> None:
+            async with sem:
+                await storage.read_into(key, r.start + lo, view[lo:hi])
+
+        n = len(buf)
+        tasks = [asyncio.ensure_future(piece(lo, min(n, lo + self.chunk_size))) for lo in range(0, n, self.chunk_size)]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        if self.verify:
+            await asyncio.to_thread(self._verify, storage, r, buf)
+        return buf
+
+    def _verify(self, storage: Storage, r: _Range, buf: np.ndarray) -> None:
+        for sidx, off, length in r.members:
+            expected = self._crcs.get((r.file, off, length))
+            where = f"{storage.uri}/{join_key(self.name, r.file)}"
+            if expected is None:
+                raise IntegrityError(
+                    f"{where}: item {sidx.fqn!r} (bytes [{off}, {off + length})) has no checksum in "
+                    f"{CHECKSUMS_FILE}; the checkpoint's records disagree. Load an older checkpoint."
+                )
+            crc = checksum(memoryview(buf)[off - r.start : off - r.start + length])
+            if crc != expected:
+                raise IntegrityError(
+                    f"{where}: checksum mismatch in item {sidx.fqn!r} (chunk offset "
+                    f"{list(sidx.offset) if sidx.offset is not None else None}, bytes [{off}, {off + length}); "
+                    f"crc32c {crc:#010x}, expected {expected:#010x}). The checkpoint is corrupt: load an older one."
+                )
+
+    def _batches(self, storage: Storage, ranges: list[_Range]) -> Iterator[tuple[_Range, np.ndarray]]:
+        """Yield fetched ranges in order; at most ``max_inflight_bytes`` (or one range) ahead."""
+        loop = _get_loop()
+        sem_holder: dict[str, asyncio.Semaphore] = {}
+
+        async def fetch(r: _Range) -> np.ndarray:
+            sem = sem_holder.get("s")
+            if sem is None:
+                sem = sem_holder["s"] = asyncio.Semaphore(self.read_concurrency)
+            return await self._fetch(storage, r, sem)
+
+        inflight: list[tuple[_Range, _CFuture[np.ndarray]]] = []
+        inflight_bytes = 0
+        i = 0
+        try:
+            while i < len(ranges) or inflight:
+                while i < len(ranges) and (not inflight or inflight_bytes + (ranges[i].end - ranges[i].start) <= self.max_inflight_bytes):
+                    r = ranges[i]
+                    inflight.append((r, asyncio.run_coroutine_threadsafe(fetch(r), loop)))
+                    inflight_bytes += r.end - r.start
+                    i += 1
+                r, fut = inflight.pop(0)
+                buf = fut.result()
+                inflight_bytes -= r.end - r.start
+                yield r, buf
+        finally:
+            for _, fut in inflight:
+                fut.cancel()
+
+    def _check_bytes_item(self, where: str, sidx: MetadataIndex, raw: memoryview) -> None:
+        if self.allow_pickle:
+            return
+        try:
+            torch.load(_MemReader(raw), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise BadInputError(
+                f"{where}: item {sidx.fqn!r} holds a pickled object that torch's weights-only loader refuses "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); loading it could run code. "
+                "Pass allow_pickle=True to AsyncStorageReader only if you trust this checkpoint."
+            ) from exc
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        reqs: dict[MetadataIndex, list[ReadItem]] = {}
+        for ri in plan.items:
+            reqs.setdefault(ri.storage_index, []).append(ri)
+        ranges = self._ranges(plan)
+        storage = self._storage()
+        batches = self._batches(storage, ranges)
+        try:
+            for r, buf in batches:
+                where = f"{storage.uri}/{join_key(self.name, r.file)}"
+                for sidx, off, length in r.members:
+                    raw = memoryview(buf)[off - r.start : off - r.start + length]
+                    items = reqs[sidx]
+                    if items[0].type == LoadItemType.BYTE_IO:
+                        self._check_bytes_item(where, sidx, raw)
+                        for ri in items:
+                            planner.load_bytes(ri, io.BytesIO(bytes(raw)))
+                        continue
+                    try:
+                        tensor = torch.load(_MemReader(raw), map_location="cpu", weights_only=True)
+                    except Exception as exc:
+                        raise IntegrityError(
+                            f"{where}: item {sidx.fqn!r} at bytes [{off}, {off + length}) is not a readable tensor "
+                            f"({type(exc).__name__}: {exc})"
+                        ) from exc
+                    if not isinstance(tensor, torch.Tensor):
+                        raise FormatError(f"{where}: item {sidx.fqn!r} holds a {type(tensor).__name__}, not a tensor")
+                    for ri in items:
+                        part = narrow_tensor_by_index(tensor, ri.storage_offsets, ri.lengths)
+                        target = planner.resolve_tensor(ri).detach()
+                        if target.size() != part.size():
+                            raise FormatError(
+                                f"{where}: item {sidx.fqn!r}: the load plan wants a {tuple(target.size())} slice, "
+                                f"the stored chunk gives {tuple(part.size())}"
+                            )
+                        target.copy_(part)
+                        planner.commit_tensor(ri, target)
+                    del tensor
+        finally:
+            batches.close()  # cancel reads still in flight before the storage is closed
+            run_sync(self._close(storage))
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
