@@ -8,6 +8,8 @@ import torch
 
 import asyncckpt
 
+pytest_plugins = ["tests.s3_servers"]
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 

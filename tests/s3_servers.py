@@ -106,9 +106,9 @@ class S3Server:
                         c.abort_multipart_upload(Bucket=name, Key=up["Key"], UploadId=up["UploadId"])
         with contextlib.suppress(Exception):
             for page in c.get_paginator("list_objects_v2").paginate(Bucket=name):
-                for obj in page.get("Contents", []) or []:
-                    with contextlib.suppress(Exception):
-                        c.delete_object(Bucket=name, Key=obj["Key"])
+                objects = [{"Key": o["Key"]} for o in page.get("Contents", []) or []]
+                if objects:
+                    c.delete_objects(Bucket=name, Delete={"Objects": objects, "Quiet": True})
         with contextlib.suppress(Exception):
             c.delete_bucket(Bucket=name)
 
@@ -175,6 +175,7 @@ class SeaweedServer(S3Server):
 
     access_key = "asyncckpt-test"
     secret_key = "asyncckpt-test-secret-0123456789"
+    READY_BUCKET = "asyncckpt-ready"  # where start() proves the server takes writes
 
     def __init__(self, base: Path, *, ready_timeout: float = 60.0) -> None:
         self.base = Path(base)
@@ -233,7 +234,7 @@ class SeaweedServer(S3Server):
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> None:
-        """Start (or restart on the same data dir) and wait until a signed request succeeds."""
+        """Start (or restart on the same data dir) and wait until signed writes succeed."""
         if self.running():
             return
         env = {**os.environ, "TMPDIR": str(self.base / "tmp")}
@@ -263,7 +264,11 @@ class SeaweedServer(S3Server):
                     f"  {' '.join(self.command())}\n{self.log_tail()}"
                 )
             try:
-                client.list_buckets()
+                # Ready means writable: after a restart the gateway answers before volumes take writes.
+                if self.READY_BUCKET not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
+                    client.create_bucket(Bucket=self.READY_BUCKET)
+                client.put_object(Bucket=self.READY_BUCKET, Key="probe", Body=b"\0" * (256 * 1024))
+                client.delete_object(Bucket=self.READY_BUCKET, Key="probe")
                 return
             except Exception as exc:  # noqa: BLE001  (not ready yet: keep polling)
                 last = exc

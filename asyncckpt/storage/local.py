@@ -36,6 +36,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _mkdirs(path: Path) -> None:
+    """``mkdir -p`` that makes each new directory durable: a new entry survives a power loss only
+    once its parent directory is fsynced (the commit's own fsyncs cover only the files' directory)."""
+    missing = []
+    p = path
+    while not p.is_dir() and p.parent != p:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        _fsync_dir(d.parent)
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while data:
         n = os.pwrite(fd, data, offset)
@@ -117,11 +133,15 @@ class LocalStorage:
     def _resolve_inside(self, key: str) -> Path:
         # A symlink inside the root must not lead reads outside of it.
         p = self.path(key)
+        self._check_inside(p, "read")
+        return p
+
+    def _check_inside(self, p: Path, what: str) -> None:
+        """Refuse ``p`` if it (or the directory it would be created in) leads outside the root."""
         real_root = os.path.realpath(self.root)
         real = os.path.realpath(p)
         if real != real_root and not real.startswith(real_root + os.sep):
-            raise IntegrityError(f"{p} resolves to {real}, outside the checkpoint root {real_root}; refusing to read it")
-        return p
+            raise IntegrityError(f"{p} resolves to {real}, outside the checkpoint root {real_root}; refusing to {what} it")
 
     async def open_writer(self, key: str, size_hint: int | None = None) -> _LocalWriter:
         return await self._run(self._open_writer_sync, key, size_hint)
@@ -130,7 +150,8 @@ class LocalStorage:
         final = self.path(key)
         tmp = final.with_name(f"{final.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}")
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            self._check_inside(final.parent, "write into")
+            _mkdirs(final.parent)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise _storage_error("open", tmp, exc) from exc
@@ -194,6 +215,7 @@ class LocalStorage:
 
     def _list_sync(self, prefix: str) -> list[str]:
         base = self.path(prefix) if prefix else self.root
+        self._check_inside(base, "list")
         if not base.is_dir():
             return []
         out = []
@@ -210,10 +232,15 @@ class LocalStorage:
 
     def _delete_sync(self, key: str) -> None:
         p = self.path(key)
+        self._check_inside(p.parent, "delete from")
         try:
             os.unlink(p)
         except FileNotFoundError:
             return
+        except OSError as exc:
+            raise _storage_error("delete", p, exc) from exc
+        try:  # make the unlink durable before the next one: COMMIT must be gone before the data
+            _fsync_dir(p.parent)
         except OSError as exc:
             raise _storage_error("delete", p, exc) from exc
         # Drop directories left empty, up to (not including) the root.
@@ -232,7 +259,8 @@ class LocalStorage:
         final = self.path(key)
         tmp = final.with_name(f"{final.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}")
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            self._check_inside(final.parent, "write into")
+            _mkdirs(final.parent)
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()

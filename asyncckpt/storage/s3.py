@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import re
+import socket
 import weakref
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
@@ -119,6 +120,15 @@ def _is_transient(exc: BaseException) -> bool:
     )
 
 
+def _never_connected(exc: EndpointConnectionError) -> bool:
+    """True when no TCP connection was made (refused, DNS); False for a connection that broke mid-request.
+
+    aiobotocore reports both as EndpointConnectionError; only the wrapped aiohttp error tells them apart.
+    """
+    inner = exc.kwargs.get("error")
+    return inner is None or isinstance(inner, (aiohttp.ClientConnectorError, socket.gaierror))
+
+
 def _b64_crc32c(data: bytes | memoryview) -> str:
     return base64.b64encode(_crc32c(data).to_bytes(4, "big")).decode("ascii")
 
@@ -156,10 +166,11 @@ class _LoopClient:
 
 
 class _Progress:
-    __slots__ = ("got",)
+    __slots__ = ("etag", "got")
 
-    def __init__(self) -> None:
+    def __init__(self, etag: str | None = None) -> None:
         self.got = 0
+        self.etag = etag  # of the first response: resumed GETs must see the same object
 
 
 class S3Storage:
@@ -245,6 +256,8 @@ class S3Storage:
         self._client_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
         )
+        # Loops on which close() ran: a straggling task there must not quietly open a new client.
+        self._closed_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -281,6 +294,8 @@ class S3Storage:
         lc = self._clients.get(loop)
         if lc is not None:
             return lc
+        if loop in self._closed_loops:
+            raise StorageError(f"{self.uri}: used after close() on this event loop; open a new S3Storage")
         lock = self._client_locks.setdefault(loop, asyncio.Lock())
         async with lock:
             lc = self._clients.get(loop)
@@ -376,7 +391,7 @@ class S3Storage:
                 f"{op} {where} failed: no usable AWS credentials ({exc}): set AWS_ACCESS_KEY_ID / "
                 f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or pass aws_access_key_id= / profile="
             )
-        if isinstance(exc, EndpointConnectionError):
+        if isinstance(exc, EndpointConnectionError) and _never_connected(exc):
             return StorageError(
                 f"{op} {where} failed: cannot connect to the S3 endpoint ({exc}): check endpoint_url / "
                 f"AWS_ENDPOINT_URL and that the server is up"
@@ -398,15 +413,20 @@ class S3Storage:
             try:
                 return await self._call("put_object", Key=full, Body=body, ChecksumCRC32C=_b64_crc32c(body), **extra)
             except ClientError as exc:
-                if not self._checksum_refused(exc):
+                if not self._checksum_refused(exc, ambiguous=bool(extra)):
                     raise
         return await self._call("put_object", Key=full, Body=body, **extra)
 
-    def _checksum_refused(self, exc: ClientError) -> bool:
+    def _checksum_refused(self, exc: ClientError, *, ambiguous: bool = False) -> bool:
+        """Whether ``exc`` says the store does not support S3 checksums (then stop sending them).
+
+        ``ambiguous``: the request carried other optional headers, so a bare NotImplemented may be about those.
+        """
         code, status = _code(exc)
         msg = str((exc.response.get("Error", {}) or {}).get("Message", "")).lower()
-        if code == "NotImplemented" or (
-            status == 400 and code in ("InvalidArgument", "InvalidRequest") and "checksum" in msg
+        about_checksum = "checksum" in msg
+        if (code == "NotImplemented" and (about_checksum or not ambiguous)) or (
+            status == 400 and code in ("InvalidArgument", "InvalidRequest") and about_checksum
         ):
             logger.warning(
                 "%s: the store refuses S3 checksums (%s: %s); sending parts without CRC32C", self.uri, code, msg
@@ -583,7 +603,7 @@ class S3Storage:
         try:
             await self._timed(self._drain(resp["Body"], view, progress))
         except Exception as exc:
-            if not _is_transient(exc):
+            if isinstance(exc, _OpTimeout) or not _is_transient(exc):
                 raise self._error("read", full, exc) from exc
             # Cut mid-body: resume the rest with Range requests.
             await self._fetch_into(full, progress.got, view[progress.got :], etag=resp.get("ETag"), failures=1)
@@ -614,7 +634,7 @@ class S3Storage:
     ) -> None:
         """Fill ``view`` from ``start`` with ranged GETs, resuming after cut bodies (bounded attempts)."""
         lc = await self._loop_client()
-        progress = _Progress()
+        progress = _Progress(etag)
         n = len(view)
         last: BaseException | None = None
         while progress.got < n:
@@ -628,7 +648,7 @@ class S3Storage:
                     f"{err} (the body was cut {failures} time(s) at {start + progress.got}; gave up resuming)"
                 ) from last
             pos = start + progress.got
-            extra: dict[str, Any] = {"IfMatch": etag} if etag else {}
+            extra: dict[str, Any] = {"IfMatch": progress.etag} if progress.etag else {}
             try:
                 async with lc.transfers:
                     await self._timed(self._get_range(lc.client, full, pos, view[progress.got :], progress, extra))
@@ -644,7 +664,7 @@ class S3Storage:
                         f"{self._where(full)} is truncated: wanted {len(view)} bytes at offset {start}, "
                         f"the object ends before {pos}"
                     ) from exc
-                if etag and (code in _PRECONDITION or status == 412):
+                if progress.etag and (code in _PRECONDITION or status == 412):
                     raise IntegrityError(f"{self._where(full)} changed while it was being read; read it again") from exc
                 if not _is_transient(exc):
                     raise self._error("read", full, exc) from exc
@@ -681,6 +701,8 @@ class S3Storage:
             raise StorageError(
                 f"read {self._where(full)}: the store ignored the Range header (HTTP 200 for bytes={pos}-)"
             )
+        if progress.etag is None:
+            progress.etag = resp.get("ETag")
         await self._drain(resp["Body"], view, progress)
 
     @staticmethod
@@ -700,8 +722,9 @@ class S3Storage:
             body.close()
 
     async def close(self) -> None:
-        """Close this event loop's client (clients of other loops stay open for them)."""
+        """Close this event loop's client; other loops keep theirs. This loop cannot use the storage afterwards."""
         loop = asyncio.get_running_loop()
+        self._closed_loops.add(loop)
         lc = self._clients.pop(loop, None)
         if lc is not None:
             await lc.stack.aclose()
@@ -717,6 +740,7 @@ class _S3Writer:
         self._buf: bytearray | None = bytearray(single_size) if single_size is not None else None
         self._end = 0
         self._upload_id: str | None = None
+        self._checksum = storage.checksum  # fixed per upload once it is created
         self._create_lock: asyncio.Lock | None = None
         self._parts: dict[int, dict[str, Any]] = {}
         self._sizes: dict[int, int] = {}
@@ -728,12 +752,10 @@ class _S3Writer:
         return f"<S3 writer {self._where} {self._state}>"
 
     def _check_open(self, op: str) -> None:
+        if self._failed is not None:
+            raise StorageError(f"{op} {self._where}: the upload already failed ({self._failed})") from self._failed
         if self._state != "open":
             raise StorageError(f"{op} {self._where} after {'commit' if self._state == 'committed' else 'abort'}")
-        if self._failed is not None:
-            raise StorageError(
-                f"{op} {self._where}: the upload already failed ({self._failed}); abort it"
-            ) from self._failed
 
     async def write_part(self, index: int, offset: int, data: memoryview) -> None:
         self._check_open("write_part")
@@ -778,27 +800,28 @@ class _S3Writer:
 
     async def _create(self) -> str:
         s = self._s
-        if s.checksum:
+        self._checksum = s.checksum
+        if self._checksum:
             try:
                 resp = await s._call("create_multipart_upload", Key=self._full, ChecksumAlgorithm="CRC32C")
                 return str(resp["UploadId"])
             except ClientError as exc:
                 if not s._checksum_refused(exc):
                     raise
+        self._checksum = False
         resp = await s._call("create_multipart_upload", Key=self._full)
         return str(resp["UploadId"])
 
     async def _upload_part(self, number: int, view: memoryview) -> None:
         upload_id = await self._ensure_upload()
-        self._check_open("write_part")
-        body = bytes(view)  # the caller reuses its buffer once we return; botocore needs bytes anyway
-        extra: dict[str, Any] = {}
-        crc = _b64_crc32c(body) if self._s.checksum else None
-        if crc is not None:
-            extra["ChecksumCRC32C"] = crc
         lc = await self._s._loop_client()
-        async with lc.transfers:
+        async with lc.transfers:  # at most part_concurrency copies in flight
             self._check_open("write_part")
+            body = bytes(view)  # botocore wants bytes; and a retry after we return must not see reused memory
+            extra: dict[str, Any] = {}
+            crc = _b64_crc32c(body) if self._checksum else None
+            if crc is not None:
+                extra["ChecksumCRC32C"] = crc
             resp = await self._s._timed(
                 lc.client.upload_part(
                     Bucket=self._s.bucket, Key=self._full, UploadId=upload_id, PartNumber=number, Body=body, **extra
@@ -811,8 +834,6 @@ class _S3Writer:
         self._sizes[number] = len(body)
 
     async def commit(self) -> None:
-        if self._state == "committed":
-            return
         self._check_open("commit")
         try:
             if self._buf is not None:

@@ -42,13 +42,11 @@ class Backend:
         return self.server.incomplete_uploads(self.bucket)
 
 
-@pytest.fixture(params=["local", "moto", "seaweed"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    """Local directory, S3 on moto, S3 on SeaweedFS: each test runs against all three."""
-    if request.param == "local":
+def _make_backend(request: pytest.FixtureRequest, kind: str, tmp_path: Path) -> Backend:
+    if kind == "local":
         root = tmp_path / "root"
         return Backend("local", lambda **_: LocalStorage(root))
-    if request.param == "moto":
+    if kind == "moto":
         server = request.getfixturevalue("moto_server")
         bucket = request.getfixturevalue("s3_bucket")
     else:
@@ -58,7 +56,19 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     def make(**opts: Any) -> Storage:
         return S3Storage(f"s3://{bucket}/root", **server.options(**{"read_range_size": 4 * MiB, **opts}))
 
-    return Backend(request.param, make, server, bucket)
+    return Backend(kind, make, server, bucket)
+
+
+@pytest.fixture(params=["local", "moto", "seaweed"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Local directory, S3 on moto, S3 on SeaweedFS: each test runs against all three."""
+    return _make_backend(request, request.param, tmp_path)
+
+
+@pytest.fixture(params=["moto", "seaweed"])
+def s3_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """S3 on moto and on SeaweedFS (for S3-only behaviour)."""
+    return _make_backend(request, request.param, tmp_path)
 
 
 @pytest.fixture

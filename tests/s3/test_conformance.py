@@ -10,7 +10,7 @@ import pytest
 from asyncckpt.errors import CheckpointNotFoundError, IntegrityError, StorageError
 from asyncckpt.storage import ObjectWriter, Storage
 
-from .conftest import MiB, Backend, payload
+from .conftest import Backend, MiB, payload
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -64,7 +64,8 @@ async def test_single_put_path(store: Storage, backend: Backend) -> None:
     await w.write_part(0, 0, memoryview(data)[:100_000])
     assert not await store.exists("small/record.bin")
     await w.commit()
-    await w.commit()  # idempotent
+    with pytest.raises(StorageError):
+        await w.commit()  # a writer commits once
     assert await store.read("small/record.bin") == data
     assert backend.incomplete_uploads() == []
 
@@ -105,7 +106,15 @@ async def test_abort_after_commit_keeps_the_object(store: Storage) -> None:
 
 @pytest.mark.parametrize(
     ("offset", "length"),
-    [(0, 1), (0, 4 * MiB), (1, 4 * MiB), (4 * MiB - 3, 7), (3 * MiB, 9 * MiB + 5), (0, 13 * MiB + 777), (13 * MiB, 777)],
+    [
+        (0, 1),
+        (0, 4 * MiB),
+        (1, 4 * MiB),
+        (4 * MiB - 3, 7),
+        (3 * MiB, 9 * MiB + 5),
+        (0, 13 * MiB + 777),
+        (13 * MiB, 777),
+    ],
 )
 async def test_read_into_ranges(store: Storage, offset: int, length: int) -> None:
     data = payload(13 * MiB + 777, seed=5)
@@ -171,6 +180,7 @@ async def test_list_and_delete(store: Storage) -> None:
     assert await store.size("z/y/x/w") == len(b"z/y/x/w")
 
 
+@pytest.mark.slow
 async def test_list_many_keys_is_paginated(store: Storage, backend: Backend) -> None:
     n = 1100 if backend.is_s3 else 50  # > one ListObjectsV2 page (1000) on S3
     await asyncio.gather(*(store.put_record(f"many/{i:05d}", b"") for i in range(n)))
