@@ -41,9 +41,11 @@ def _rebuild(node: Node, staged: _Staged) -> Any:
         if e.kind == "tensor":
             from .dtypes import torch_dtype
 
-            # A private storage per tensor, so torch.save writes each one on its own.
-            t = torch.empty(e.nbytes, dtype=torch.uint8)
-            t.copy_(raw)
+            # A storage of its own per tensor (a view over the staging slot, no copy), so
+            # torch.save writes each tensor as its own record.
+            if e.nbytes == 0:
+                return torch.empty(e.shape, dtype=torch_dtype(e.dtype))
+            t = torch.frombuffer(staged.slot.view[e.offset : e.offset + e.nbytes], dtype=torch.uint8)
             return t.view(torch_dtype(e.dtype)).reshape(e.shape)
         if e.kind == "ndarray":
             import numpy as np
