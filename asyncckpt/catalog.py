@@ -95,11 +95,13 @@ async def commit_checkpoint(
     """Verify every rank's manifest and data size, then write COMMIT (and move ``latest``)."""
     t0 = time.perf_counter()
     refs: list[ManifestRef] = []
+    data_keys: list[str] = []
     total = 0
     for rank in range(world_size):
         key = join_key(name, manifest_file(rank))
         blob = await storage.read(key)
         m = decode_manifest(blob, f"{storage.uri}/{key}")
+        data_keys.append(m.data_file)
         size = await storage.size(m.data_file)
         if size != m.data_nbytes:
             raise IntegrityError(
@@ -124,11 +126,29 @@ async def commit_checkpoint(
         raise CheckpointExistsError(f"{storage.uri}/{name} was committed by someone else meanwhile; nothing was changed")
     if update_latest:
         await set_latest(storage, name, step)
+    await _drop_stale_writes(storage, [name, *data_keys])
     log.info(
         "committed",
         extra={"rank": 0, "step": step, "op": "commit", "bytes": total, "seconds": time.perf_counter() - t0},
     )
     return record
+
+
+async def _drop_stale_writes(storage: Storage, prefixes: list[str]) -> None:
+    """Remove what torn earlier saves of this checkpoint left (temp files, incomplete multipart uploads).
+
+    Every rank's writes for it are done once it is committed, so anything unfinished under its
+    keys is stale. Best effort: a failure is logged, the commit stands.
+    """
+    try:
+        cleanup = getattr(storage, "cleanup_temp", None)  # local: the checkpoint's own directory only
+        if cleanup is not None:
+            cleanup(prefixes[0])
+        abort = getattr(storage, "abort_incomplete_uploads", None)  # S3: exactly these keys/prefixes
+        for prefix in dict.fromkeys(prefixes) if abort is not None else ():
+            await abort(prefix)
+    except CheckpointError as exc:
+        log.warning("could not remove what earlier torn saves left under %s: %s", storage.uri, exc)
 
 
 async def set_latest(storage: Storage, name: str, step: int | None) -> None:

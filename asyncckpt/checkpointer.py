@@ -13,13 +13,13 @@ from typing import Any, Literal
 import torch
 
 from ._loop import run_sync
-from .catalog import commit_checkpoint
-from .completion import dist_active
+from .catalog import _drop_stale_writes, commit_checkpoint
+from .completion import dist_active, global_state
 from .engine import SaveJob, SaveResult, snapshot, write
 from .errors import BadInputError, CheckpointError, CheckpointExistsError
 from .format import COMMIT_FILE
 from .plan import plan_state
-from .queue import AsyncCallsQueue, AsyncRequest
+from .queue import AsyncCallsQueue, AsyncRequest, RemoteRankError
 from .staging import SharedRegistry
 from .storage import LocalStorage, join_key, open_storage, split_uri
 from .storage.layouts import data_prefix
@@ -259,14 +259,15 @@ class AsyncCheckpointer:
             layout=self.layout, data_prefix=data_prefix(self.layout, name, step),
         )
         handle = SaveHandle(os.fspath(path), name, step, -1, time.time())
+        handle._where = (root, storage_options, [name, *([job.data_prefix] if job.data_prefix else [])])  # type: ignore[attr-defined]
         finalize_fns = []
+        commit = None
         if self.rank == self.coordinator_rank:
-            finalize_fns.append(functools.partial(
+            commit = functools.partial(
                 _commit, root, name, self.world_size, step, overwrite, update_latest,
                 dict(metadata or {}), storage_options, handle, self.layout,
-            ))
-        else:
-            finalize_fns.append(functools.partial(_mark_committed, handle, False))
+            )
+        finalize_fns.append(functools.partial(self._commit_agreed, commit, handle))
         if tiers is None:
             finalize_fns.append(functools.partial(setattr, handle, "durable", True))
         else:
@@ -277,6 +278,30 @@ class AsyncCheckpointer:
         log.info("save scheduled", extra={"rank": self.rank, "step": step, "op": "save",
                                           "bytes": plan.data_nbytes, "seconds": time.perf_counter() - t0})
         return handle
+
+    def _commit_agreed(self, commit: Any, handle: SaveHandle) -> None:
+        """Run the coordinator's commit; with several ranks, tell every rank its outcome (one all-reduce).
+
+        Without it a non-coordinator rank would report the save committed while the coordinator
+        may still fail (or be killed) writing the commit record.
+        """
+        err: BaseException | None = None
+        if commit is not None:
+            try:
+                commit()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other ranks heard of it
+                err = exc
+        failed = 1 if err is not None else 0
+        if not self.no_dist and self.world_size > 1:
+            failed = global_state(failed, no_dist=False, group=self.group)
+        if err is not None:
+            raise err
+        if failed:
+            raise RemoteRankError(
+                f"the coordinator rank {self.coordinator_rank} failed to commit {handle.path}; "
+                "it is not committed. See that rank's error."
+            )
+        _mark_committed(handle, False)
 
     # -- tiers -----------------------------------------------------------------------------------
     def _after_fast_commit(self, tiers: Tiers, handle: SaveHandle, overwrite: bool, update_latest: bool,
@@ -345,10 +370,33 @@ class AsyncCheckpointer:
                     h.result = result
                     done.append(h)
         except BaseException as exc:
-            for idx in [i for i in self._handles if i < self._min_pending_idx()]:
-                self._handles.pop(idx).error = exc
+            failed = [self._handles.pop(i) for i in [i for i in self._handles if i < self._min_pending_idx()]]
+            for h in failed:
+                h.error = exc
+            if self.rank == self.coordinator_rank:
+                self._drop_torn(failed)
             raise
         return done
+
+    def _drop_torn(self, handles: list[SaveHandle]) -> None:
+        """Best effort: remove what failed saves left (temp files, incomplete multipart uploads).
+
+        A worker killed mid-save cannot abort its own writes; nothing else would ever find an
+        upload whose object never appeared.
+        """
+        for h in handles:
+            where = getattr(h, "_where", None)
+            if h.committed or where is None:
+                continue
+            root, options, prefixes = where
+            try:
+                storage = open_storage(root, **options)
+                try:
+                    run_sync(_drop_stale_writes(storage, prefixes))
+                finally:
+                    run_sync(storage.close())
+            except Exception as exc:  # noqa: BLE001 - cleanup must not hide the save's own error
+                log.warning("could not clean up after the failed save of %s: %s", h.path, exc)
 
     def _min_pending_idx(self) -> int:
         calls = self.queue._calls

@@ -47,7 +47,7 @@ def torch_dtype(name: str, where: str = "") -> torch.dtype:
 def numpy_dtype(name: str, where: str = "") -> np.dtype:
     try:
         dt = np.dtype(name)
-    except TypeError:
+    except Exception:  # noqa: BLE001 - np.dtype parses strings: TypeError, ValueError, SyntaxError, ...
         raise FormatError(f"{where}: unknown NumPy dtype {name!r}") from None
     if dt.kind not in _NUMPY_OK or dt.hasobject:
         raise FormatError(f"{where}: NumPy dtype {name!r} cannot be stored without pickle")

@@ -16,7 +16,8 @@ from typing import Literal, Union
 import crc32c as _crc32c
 import msgspec
 
-from .errors import FormatError
+from .errors import FormatError, IntegrityError
+from .storage.keys import check_key
 
 __all__ = [
     "ALIGN",
@@ -185,9 +186,14 @@ def decode_manifest(data: bytes, where: str) -> RankManifest:
     """Decode and sanity-check a manifest; every size is bounded before anything is allocated."""
     try:
         m = _manifest_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as exc:
         raise FormatError(f"{where}: manifest is malformed ({exc})") from exc
     _check_version(m.format, m.version, where)
+    try:
+        if not check_key(m.data_file):
+            raise IntegrityError("it is empty")
+    except IntegrityError as exc:
+        raise FormatError(f"{where}: data file {m.data_file!r} is not a valid key inside the checkpoint root ({exc})") from exc
     if m.checksum_algo != CHECKSUM_ALGO:
         raise FormatError(f"{where}: unknown checksum algorithm {m.checksum_algo!r}")
     if m.chunk_size <= 0 or m.data_nbytes < 0 or len(m.entries) > MAX_ENTRIES:
@@ -236,7 +242,7 @@ def encode_commit(c: CommitRecord) -> bytes:
 def decode_commit(data: bytes, where: str) -> CommitRecord:
     try:
         c = _commit_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as exc:
         raise FormatError(f"{where}: commit record is malformed ({exc})") from exc
     _check_version(c.format, c.version, where)
     if c.world_size < 1 or len(c.manifests) != c.world_size:
@@ -252,5 +258,5 @@ def encode_latest(r: LatestRecord) -> bytes:
 def decode_latest(data: bytes, where: str) -> LatestRecord:
     try:
         return _latest_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as exc:
         raise FormatError(f"{where}: latest pointer is malformed ({exc})") from exc

@@ -36,10 +36,8 @@ def _current_rank() -> int | None:
     return None
 
 
-async def _read_verified(
-    storage: Storage, m: RankManifest, on_chunk: Any, concurrency: int = _READ_CONCURRENCY
-) -> None:
-    """Read the data file chunk by chunk, verify each CRC32C, hand verified chunks to ``on_chunk``."""
+async def _check_data_size(storage: Storage, m: RankManifest) -> None:
+    """The data file exists and has the manifest's size (checked before any size from disk drives an allocation)."""
     where = f"{storage.uri}/{m.data_file}"
     try:
         size = await storage.size(m.data_file)
@@ -48,6 +46,14 @@ async def _read_verified(
     if size != m.data_nbytes:
         what = "truncated" if size < m.data_nbytes else "extended"
         raise IntegrityError(f"{where}: data file is {what}: {size} bytes, manifest says {m.data_nbytes}")
+
+
+async def _read_verified(
+    storage: Storage, m: RankManifest, on_chunk: Any, concurrency: int = _READ_CONCURRENCY
+) -> None:
+    """Read the data file chunk by chunk, verify each CRC32C, hand verified chunks to ``on_chunk``."""
+    where = f"{storage.uri}/{m.data_file}"
+    await _check_data_size(storage, m)
     sem = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> None:
@@ -96,6 +102,7 @@ async def read_rank(storage: Storage, m: RankManifest, *, allow_pickle: bool = F
                 f"{where}: key {e.key!r} holds a pickled object; loading it could run code. "
                 "Pass allow_pickle=True only if you trust this checkpoint."
             )
+    await _check_data_size(storage, m)  # entries lie inside data_nbytes: now bounded by the real file
     buffers: list[np.ndarray] = [np.empty(e.nbytes, dtype=np.uint8) for e in m.entries]
     order = sorted(range(len(m.entries)), key=lambda i: m.entries[i].offset)
 
@@ -141,6 +148,8 @@ def _build(node: Node, values: list[Any], used: set[int], where: str, depth: int
             raise FormatError(f"{where}: dict node with {len(node.keys)} keys and {len(node.values)} values")
         d = collections.OrderedDict() if node.ordered else {}
         for k, v in zip(node.keys, node.values):
+            if k in d:
+                raise FormatError(f"{where}: dict node has the key {k!r} twice")
             d[k] = _build(v, values, used, where, depth + 1)
         return d
     if isinstance(node, ListNode):

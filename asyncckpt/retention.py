@@ -52,11 +52,13 @@ def select_deletions(
     now: float | None = None,
     latest: str | None = None,
     upto_step: int | None = None,
+    protect: set[str] | frozenset[str] = frozenset(),
 ) -> list[CheckpointInfo]:
     """The complete checkpoints ``policy`` lets go, newest first.
 
-    ``latest`` (a name) is always kept; with ``upto_step``, checkpoints of later steps are left
-    alone (they were committed after the retention pass began). Pure: no I/O.
+    ``latest`` (a name) and the names in ``protect`` are always kept; with ``upto_step``,
+    checkpoints of later steps are left alone (they were committed after the retention pass
+    began). Pure: no I/O.
     """
     if not policy.active:
         return []
@@ -65,7 +67,7 @@ def select_deletions(
     complete.sort(key=lambda i: (-(i.step if i.step is not None else -1), -i.created))
     out: list[CheckpointInfo] = []
     for rank, info in enumerate(complete):
-        if info.name == latest or info.is_latest:
+        if info.name == latest or info.is_latest or info.name in protect:
             continue
         if upto_step is not None and (info.step is None or info.step > upto_step):
             continue
@@ -87,6 +89,7 @@ async def apply_retention(
     upto_step: int | None = None,
     dry_run: bool = False,
     rank: int = 0,
+    protect: set[str] | frozenset[str] = frozenset(),
 ) -> list[CheckpointInfo]:
     """Delete what ``policy`` lets go under ``storage``; returns those deleted (or, with ``dry_run``, to delete)."""
     if not policy.active:
@@ -97,7 +100,7 @@ async def apply_retention(
     except CheckpointError:
         latest_rec = None
     doomed = select_deletions(
-        infos, policy, now=now, latest=latest_rec.name if latest_rec else None, upto_step=upto_step
+        infos, policy, now=now, latest=latest_rec.name if latest_rec else None, upto_step=upto_step, protect=protect
     )
     if dry_run:
         return doomed

@@ -54,7 +54,11 @@ def _rebuild_error(name: str, blob: bytes | None, message: str, tb: str) -> Base
             exc = None
     if isinstance(exc, errors.CheckpointError):
         exc.worker_traceback = tb  # type: ignore[attr-defined]
-        exc.args = (f"{exc.args[0] if exc.args else message}\n\nworker traceback:\n{tb}", *exc.args[1:])
+        if isinstance(exc, OSError) and exc.strerror is not None:
+            # StorageError(errno, text): str() shows "[Errno N] strerror", so the traceback goes there
+            exc.strerror = f"{exc.strerror}\n\nworker traceback:\n{tb}"
+        else:
+            exc.args = (f"{exc.args[0] if exc.args else message}\n\nworker traceback:\n{tb}", *exc.args[1:])
         return exc
     err = WorkerError(f"{name}: {message}\n\nworker traceback:\n{tb}")
     err.worker_traceback = tb  # type: ignore[attr-defined]

@@ -204,8 +204,10 @@ class LocalStorage:
         p = self._resolve_inside(key)
         try:
             return p.stat().st_size
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, NotADirectoryError) as exc:
             raise CheckpointNotFoundError(f"{p} does not exist") from exc
+        except OSError as exc:
+            raise _storage_error("stat", p, exc) from exc
 
     async def exists(self, key: str) -> bool:
         return await self._run(lambda: self.path(key).is_file())
@@ -286,6 +288,7 @@ class LocalStorage:
     def cleanup_temp(self, prefix: str = "") -> int:
         """Remove temp files left by a crashed save under ``prefix``; returns how many."""
         base = self.path(prefix) if prefix else self.root
+        self._check_inside(base, "clean")
         n = 0
         for dirpath, _dirs, files in os.walk(base):
             for f in files:
