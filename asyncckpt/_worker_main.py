@@ -154,6 +154,9 @@ class _Server:
         s2 = asyncio.ensure_future(self.stage_write())
         await asyncio.gather(s1, s2)
         wd.cancel()
+        from . import engine
+
+        await engine.close_backends()
         self.send(("stopped",))
         self.outbox.put(_STOP)
         await asyncio.to_thread(tx.join, 5)

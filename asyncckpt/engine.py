@@ -105,6 +105,16 @@ def configure_worker(options: dict[str, Any]) -> None:
         torch.set_num_threads(int(threads))
 
 
+async def close_backends() -> None:
+    """Close every storage backend the worker opened (S3 clients hold connection pools)."""
+    backends, _STATE.backends = list(_STATE.backends.values()), {}
+    for st in backends:
+        try:
+            await st.close()
+        except Exception as exc:  # noqa: BLE001 - shutting down: log, keep closing the others
+            log.warning("closing %s failed: %s", getattr(st, "uri", st), exc)
+
+
 def shutdown_worker() -> None:
     _STATE.pool.clear()
     _STATE.storages.clear()
