@@ -78,5 +78,5 @@ def test_save_and_load_on_seaweedfs_with_signatures_checked(seaweed_server, seaw
     out = asyncckpt.load(f"s3://{seaweed_bucket}/run/step-9", storage_options=opts)
     assert torch.equal(out["w"], state["w"])
     bad = {**opts, "aws_secret_access_key": "wrong"}
-    with pytest.raises(asyncckpt.StorageError, match="(?i)credential"):
+    with pytest.raises(asyncckpt.StorageError, match=r"(?i)credential"):
         asyncckpt.load(f"s3://{seaweed_bucket}/run/step-9", storage_options=bad)
