@@ -1,4 +1,4 @@
-"""Multi-rank scenarios for the DCP tests: run on gloo ranks spawned by ``run_ranks``.
+"""Multi-rank scenarios for the DCP tests: run on gloo ranks spawned by ``tests._dist.run_ranks``.
 
 Every function here runs inside a spawned rank (importable by reference); it asserts and
 returns a small JSON-able summary. State is small (a few MiB) and deterministic, so a
@@ -8,70 +8,12 @@ loading group can rebuild what a saving group had.
 from __future__ import annotations
 
 import functools
-import json
 import os
-import socket
 import time
-import traceback
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as tmp
-
-# -- spawning ----------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        result = fn(rank, world, *args)
-        rec = {"ok": True, "result": result}
-    except BaseException as exc:  # noqa: BLE001 - reported to the test through the result file
-        rec = {"ok": False, "error": repr(exc), "tb": traceback.format_exc()}
-    try:
-        dist.destroy_process_group()
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(rec, f)
-
-
-def run_ranks(world: int, fn: Callable[..., Any], work_dir: str, *args: Any, timeout: float = 240) -> list[Any]:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks (127.0.0.1, a free port); each rank's result."""
-    out_dir = os.path.join(work_dir, f"results-{fn.__name__}-{time.monotonic_ns()}")
-    os.makedirs(out_dir)
-    ctx = tmp.start_processes(
-        _entry, args=(world, _free_port(), out_dir, fn, args), nprocs=world, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{fn.__name__} on {world} ranks did not finish in {timeout:g} s")
-    finally:
-        for p in ctx.processes:  # only the ranks we started, by their process handle
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    results = []
-    for r in range(world):
-        path = os.path.join(out_dir, f"rank{r}.json")
-        assert os.path.exists(path), f"rank {r} of {fn.__name__} wrote no result (it crashed)"
-        with open(path) as f:
-            rec = json.load(f)
-        assert rec["ok"], f"rank {r} of {fn.__name__} failed:\n{rec['tb']}"
-        results.append(rec["result"])
-    return results
-
 
 # -- state -------------------------------------------------------------------------------------
 

@@ -199,10 +199,12 @@ def _manager_loop(args: argparse.Namespace, rank: int, world: int, say: Any) -> 
         report(mgr.last_committed_step)
         mgr.wait_snapshot()
         mutate_state(state)
-    try:
-        mgr.wait()
-    except asyncckpt.CheckpointError as exc:
-        say(f"FAILED ? {type(exc).__name__}")
+    while True:  # with on_error="raise" every failed save raises once: a dead worker can take two
+        try:
+            mgr.wait()
+            break
+        except asyncckpt.CheckpointError as exc:
+            say(f"FAILED ? {type(exc).__name__}")
     report(mgr.last_committed_step)
     mgr.close()
     if world > 1:
