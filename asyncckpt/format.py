@@ -11,6 +11,7 @@ and the root holds ``latest`` (JSON LatestRecord), moved atomically after a comm
 
 from __future__ import annotations
 
+import re
 from typing import Literal, Union
 
 import crc32c as _crc32c
@@ -235,13 +236,41 @@ def _check_entry(e: Entry, data_nbytes: int, where: str) -> None:
         )
 
 
+# COMMIT and latest end with their own CRC32C: `{...,"record_crc32c":N}` where N covers the
+# record with that member removed. Checked on the raw bytes (not a re-encoding), so a reader
+# needs no knowledge of the writer's fields to verify a record.
+_SEAL = re.compile(rb',"record_crc32c":(0|[1-9][0-9]{0,9})\}\Z')
+
+
+def _seal(body: bytes) -> bytes:
+    return body[:-1] + b',"record_crc32c":%d}' % checksum(body)
+
+
+def _unseal(data: bytes, where: str, what: str) -> bytes:
+    """The record without its checksum member; refuses a record altered after it was written."""
+    m = _SEAL.search(data)
+    if m is None:
+        raise FormatError(
+            f"{where}: {what} is damaged: it does not end with its record checksum "
+            "(truncated, extended or edited after it was written)"
+        )
+    body = data[: m.start()] + b"}"
+    if checksum(body) != int(m.group(1)):
+        raise IntegrityError(
+            f"{where}: {what} checksum mismatch: the record was altered after it was written "
+            "(bit rot or an edit); do not trust it, load another checkpoint"
+        )
+    return body
+
+
 def encode_commit(c: CommitRecord) -> bytes:
-    return _json_encoder.encode(c)
+    return _seal(_json_encoder.encode(c))
 
 
 def decode_commit(data: bytes, where: str) -> CommitRecord:
+    body = _unseal(data, where, "commit record")
     try:
-        c = _commit_decoder.decode(data)
+        c = _commit_decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as exc:
         raise FormatError(f"{where}: commit record is malformed ({exc})") from exc
     _check_version(c.format, c.version, where)
@@ -252,11 +281,12 @@ def decode_commit(data: bytes, where: str) -> CommitRecord:
 
 
 def encode_latest(r: LatestRecord) -> bytes:
-    return _json_encoder.encode(r)
+    return _seal(_json_encoder.encode(r))
 
 
 def decode_latest(data: bytes, where: str) -> LatestRecord:
+    body = _unseal(data, where, "latest pointer")
     try:
-        return _latest_decoder.decode(data)
+        return _latest_decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as exc:
         raise FormatError(f"{where}: latest pointer is malformed ({exc})") from exc

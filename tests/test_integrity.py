@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -52,7 +54,7 @@ def test_missing_or_garbled_commit_record(saved):
     path, _ = saved
     commit = path / "COMMIT"
     commit.write_text("{not json")
-    with pytest.raises(asyncckpt.FormatError, match="COMMIT: commit record is malformed"):
+    with pytest.raises(asyncckpt.FormatError, match="COMMIT: commit record is damaged"):
         asyncckpt.load(path)
     commit.unlink()
     with pytest.raises(asyncckpt.CheckpointNotFoundError, match="not a complete checkpoint"):
@@ -64,3 +66,43 @@ def test_missing_data_file(saved):
     (path / "rank-00000.data").unlink()
     with pytest.raises(asyncckpt.IntegrityError, match="missing"):
         asyncckpt.load(path)
+
+
+def test_commit_record_edited_in_place_is_refused(saved):
+    """A digit of ``created`` flipped keeps COMMIT valid JSON; its own checksum still catches it."""
+    path, _ = saved
+    commit = path / "COMMIT"
+    raw = commit.read_bytes()
+    m = re.search(rb'"created":(\d)', raw)
+    assert m is not None
+    digit = b"1" if m.group(1) != b"1" else b"2"
+    commit.write_bytes(raw[: m.start(1)] + digit + raw[m.end(1) :])
+    with pytest.raises(asyncckpt.IntegrityError, match="COMMIT: commit record checksum mismatch"):
+        asyncckpt.load(path)
+
+
+def test_commit_record_without_its_checksum_is_refused(saved):
+    path, _ = saved
+    commit = path / "COMMIT"
+    raw = commit.read_bytes()
+    commit.write_bytes(re.sub(rb',"record_crc32c":\d+\}$', b"}", raw))  # still valid JSON
+    with pytest.raises(asyncckpt.FormatError, match="does not end with its record checksum"):
+        asyncckpt.load(path)
+
+
+def test_latest_flipped_to_another_checkpoint_is_refused_and_restore_falls_back(tmp_path):
+    """``latest`` naming step-00000001 instead of step-00000002 (same length) is caught, not followed."""
+    with asyncckpt.CheckpointManager(tmp_path, every_steps=1, signals=()) as mgr:
+        for step in (1, 2):
+            mgr.maybe_save(step, {"w": torch.full((10,), float(step))})
+            mgr.wait()
+    latest = tmp_path / "latest"
+    raw = latest.read_bytes()
+    assert b"step-00000002" in raw
+    latest.write_bytes(raw.replace(b"step-00000002", b"step-00000001"))
+    with pytest.raises(asyncckpt.IntegrityError, match="latest pointer checksum mismatch"):
+        asyncckpt.load(tmp_path)
+    state = {"w": torch.zeros(10)}
+    with asyncckpt.CheckpointManager(tmp_path, signals=()) as mgr:
+        assert mgr.restore(state) == 2  # the newest complete checkpoint, not the forged pointer's
+    assert torch.equal(state["w"], torch.full((10,), 2.0))

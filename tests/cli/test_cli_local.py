@@ -71,7 +71,7 @@ def test_ls_shows_incomplete_and_corrupt_apart(capsys, root):
     data = json.loads(out)
     assert [c["step"] for c in data["checkpoints"]] == [30]
     bad = {c["name"]: c["problem"] for c in data["incomplete"]}
-    assert "no commit record" in bad["step-00000020"] and "malformed" in bad["step-00000010"]
+    assert "no commit record" in bad["step-00000020"] and "commit record is damaged" in bad["step-00000010"]
     assert not any(c["complete"] for c in data["incomplete"])
     _rc, out, _ = run(capsys, "ls", root)
     head, _, tail = out.partition("incomplete or corrupt")

@@ -26,7 +26,7 @@ import asyncckpt
 from asyncckpt._loop import run_sync
 from asyncckpt.catalog import delete_checkpoint, list_all
 from asyncckpt.errors import BadInputError, CheckpointError
-from asyncckpt.format import checksum, decode_commit, encode_commit
+from asyncckpt.format import LatestRecord, checksum, decode_commit, encode_commit, encode_latest
 from asyncckpt.storage import LocalStorage
 
 from ._fuzz import count, fuzz
@@ -125,7 +125,7 @@ def test_hostile_checkpoint_names_refused(tmp_path: Path, ck, name: str) -> None
 def test_latest_pointing_outside_is_refused(world: dict[str, Any], target: str) -> None:
     count("hostile: latest pointer")
     target = target.replace("/ABS", str(world["outside"]))
-    (world["root"] / "latest").write_bytes(msgspec.json.encode({"name": target, "step": 2, "created": 0.0}))
+    (world["root"] / "latest").write_bytes(encode_latest(LatestRecord(name=target, step=2, created=0.0)))
     refused(lambda: asyncckpt.load(world["root"]), "storage key", "absolute", "name", "not a complete checkpoint")
     assert_outside_untouched(world)
 
@@ -305,7 +305,7 @@ def test_fuzzed_latest_pointer(decoy_world: dict[str, Any], target: str) -> None
     count("hostile: fuzzed latest pointer")
     work, root, _ = _fresh(decoy_world)
     try:
-        (root / "latest").write_bytes(msgspec.json.encode({"name": target, "step": 2, "created": 0.0}))
+        (root / "latest").write_bytes(encode_latest(LatestRecord(name=target, step=2, created=0.0)))
         before = snapshot_tree(work)
         _loaded_or_refused(lambda: asyncckpt.load(root), work, before)
     finally:
