@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ from .format import (
 )
 from .staging import SharedRef, StagingPool, StagingSlot
 from .storage import Storage, join_key, open_storage
+from .storage.base import ObjectWriter
 
 __all__ = ["SaveJob", "SaveResult", "configure_worker", "snapshot", "write"]
 
@@ -251,8 +253,18 @@ async def write_chunks(storage: Storage, key: str, data: memoryview, chunk_size:
             crcs[i] = await asyncio.to_thread(checksum, part)
             await writer.write_part(i, i * chunk_size, part)
 
+    await write_parts(writer, nchunks, one)
+    return crcs
+
+
+async def write_parts(writer: ObjectWriter, nparts: int, part: Callable[[int], Awaitable[None]]) -> None:
+    """Run ``part(i)`` for every part concurrently, then commit ``writer``.
+
+    On any failure (or cancellation) the other parts are cancelled and the write is aborted,
+    so no partial object ever becomes visible.
+    """
     try:
-        tasks = [asyncio.ensure_future(one(i)) for i in range(nchunks)]
+        tasks = [asyncio.ensure_future(part(i)) for i in range(nparts)]
         try:
             await asyncio.gather(*tasks)
         except BaseException:
@@ -264,4 +276,3 @@ async def write_chunks(storage: Storage, key: str, data: memoryview, chunk_size:
     except BaseException:
         await writer.abort()
         raise
-    return crcs

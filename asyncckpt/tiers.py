@@ -87,7 +87,7 @@ class TieredPath:
 
 async def _copy_verified(src: Storage, dst: Storage, src_key: str, dst_key: str, m: Any, concurrency: int) -> None:
     """Stream one data file from ``src`` to ``dst``, checking each chunk's CRC32C against the manifest."""
-    from .engine import write_chunks
+    from .engine import write_parts
 
     n, cs = m.data_nbytes, m.chunk_size
     writer = await dst.open_writer(dst_key, size_hint=n)
@@ -103,20 +103,7 @@ async def _copy_verified(src: Storage, dst: Storage, src_key: str, dst_key: str,
                 raise IntegrityError(f"{src.uri}/{src_key}: chunk {i} fails its checksum while draining; not copied")
             await writer.write_part(i, start, memoryview(buf))
 
-    _ = write_chunks  # same chunking as the save path
-    tasks = [asyncio.ensure_future(one(i)) for i in range(len(m.chunk_checksums))]
-    try:
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-        await writer.commit()
-    except BaseException:
-        await writer.abort()
-        raise
+    await write_parts(writer, len(m.chunk_checksums), one)
 
 
 async def drain_rank(tiers: Tiers, name: str, rank: int, concurrency: int = 4) -> dict[str, Any]:
