@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -31,4 +31,17 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return fut.result(timeout)
     except BaseException:
         fut.cancel()
+        raise
+
+
+async def gather_or_cancel(aws: Iterable[Awaitable[Any]]) -> None:
+    """Run ``aws`` concurrently; on the first failure (or our cancellation) cancel the rest,
+    wait for them to finish, and re-raise."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         raise

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ._loop import gather_or_cancel
 from .errors import StorageTimeoutError
 from .format import (
     CHECKSUM_ALGO,
@@ -264,14 +265,7 @@ async def write_parts(writer: ObjectWriter, nparts: int, part: Callable[[int], A
     so no partial object ever becomes visible.
     """
     try:
-        tasks = [asyncio.ensure_future(part(i)) for i in range(nparts)]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        await gather_or_cancel(part(i) for i in range(nparts))
         await writer.commit()
     except BaseException:
         await writer.abort()

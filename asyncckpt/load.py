@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._loop import run_sync
+from ._loop import gather_or_cancel, run_sync
 from .catalog import read_commit, read_latest, read_manifest, resolve_name
 from .dtypes import numpy_dtype, torch_dtype
 from .errors import BadInputError, CheckpointError, CheckpointNotFoundError, FormatError, IntegrityError, StorageError
@@ -72,14 +72,7 @@ async def _read_verified(
                 )
             await asyncio.to_thread(on_chunk, start, buf)
 
-    tasks = [asyncio.ensure_future(one(i)) for i in range(len(m.chunk_checksums))]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+    await gather_or_cancel(one(i) for i in range(len(m.chunk_checksums)))
 
 
 async def verify_rank(storage: Storage, m: RankManifest, progress: Any = None) -> int:

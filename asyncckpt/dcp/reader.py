@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from .._loop import _get_loop, run_sync
+from .._loop import _get_loop, gather_or_cancel, run_sync
 from ..errors import BadInputError, CheckpointNotFoundError, FormatError, IntegrityError
 from ..format import checksum
 from ..storage import Storage, join_key, open_storage, split_uri
@@ -252,14 +252,7 @@ class AsyncStorageReader(StorageReader):
                 await storage.read_into(key, r.start + lo, view[lo:hi])
 
         n = len(buf)
-        tasks = [asyncio.ensure_future(piece(lo, min(n, lo + self.chunk_size))) for lo in range(0, n, self.chunk_size)]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        await gather_or_cancel(piece(lo, min(n, lo + self.chunk_size)) for lo in range(0, n, self.chunk_size))
         if self.verify:
             await asyncio.to_thread(self._verify, storage, r, buf)
         return buf

@@ -18,7 +18,7 @@ import random
 import re
 import socket
 import weakref
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -36,6 +36,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from .._loop import gather_or_cancel
 from ..errors import (
     BadInputError,
     CheckpointError,
@@ -135,27 +136,6 @@ def _b64_crc32c(data: bytes | memoryview) -> str:
 
 async def _backoff(attempt: int) -> None:
     await asyncio.sleep(min(2.0, 0.1 * 2**attempt) * random.uniform(0.5, 1.0))
-
-
-async def _gather_all(aws: Iterable[Awaitable[Any]]) -> None:
-    """Run awaitables concurrently; on the first failure cancel the rest and raise it."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    if not tasks:
-        return
-    try:
-        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-    for t in pending:
-        t.cancel()
-    if pending:
-        await asyncio.gather(*pending, return_exceptions=True)
-    for t in tasks:
-        if t.done() and not t.cancelled() and t.exception() is not None:
-            raise t.exception()  # type: ignore[misc]
 
 
 @dataclass
@@ -627,7 +607,7 @@ class S3Storage:
                 )
             return
         step = self.read_range_size
-        await _gather_all(self._fetch_into(full, offset + i, view[i : i + step]) for i in range(0, n, step))
+        await gather_or_cancel(self._fetch_into(full, offset + i, view[i : i + step]) for i in range(0, n, step))
 
     async def _fetch_into(
         self, full: str, start: int, view: memoryview, *, etag: str | None = None, failures: int = 0
