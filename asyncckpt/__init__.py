@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 from .checkpointer import AsyncCheckpointer, SaveHandle
+from .deletion import DeleteReport, delete
 from .errors import (
     BadInputError,
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
+    DeleteRefusedError,
     FormatError,
     IntegrityError,
+    NotACheckpointError,
+    PermanentStorageError,
+    RemoteRankError,
+    StorageChecksumError,
     StorageError,
+    StorageNotFoundError,
+    StorageOpTimeoutError,
+    StoragePermissionError,
+    StoragePreconditionError,
     StorageTimeoutError,
+    TornSnapshotError,
+    TransientStorageError,
     WorkerDiedError,
     WorkerError,
 )
@@ -20,7 +32,7 @@ from .load import load
 from .logs import enable_logging
 from .manager import CheckpointManager
 from .preemption import request_pause
-from .queue import AsyncCallsQueue, AsyncRequest, RemoteRankError
+from .queue import AsyncCallsQueue, AsyncRequest
 from .retention import prune
 from .rng import ResumableSampler
 from .tiers import TieredPath, Tiers
@@ -38,18 +50,30 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointManager",
     "CheckpointNotFoundError",
+    "DeleteRefusedError",
+    "DeleteReport",
     "FormatError",
     "IntegrityError",
+    "NotACheckpointError",
+    "PermanentStorageError",
     "RemoteRankError",
     "ResumableSampler",
     "SaveHandle",
+    "StorageChecksumError",
     "StorageError",
+    "StorageNotFoundError",
+    "StorageOpTimeoutError",
+    "StoragePermissionError",
+    "StoragePreconditionError",
     "StorageTimeoutError",
     "TieredPath",
     "Tiers",
     "TorchAsyncCheckpoint",
+    "TornSnapshotError",
+    "TransientStorageError",
     "WorkerDiedError",
     "WorkerError",
+    "delete",
     "enable_logging",
     "list_checkpoints",
     "load",

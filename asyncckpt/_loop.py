@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Awaitable, Coroutine, Iterable
 from typing import Any, TypeVar
@@ -22,6 +23,17 @@ def _get_loop() -> asyncio.AbstractEventLoop:
             t.start()
             _loop = loop
         return _loop
+
+
+def _forget_after_fork() -> None:
+    """In a forked child: the parent's loop has no thread here; the next call starts a fresh one."""
+    global _lock, _loop
+    _lock = threading.Lock()
+    _loop = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:

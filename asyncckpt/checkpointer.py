@@ -2,32 +2,38 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 
-from ._loop import run_sync
-from .catalog import _drop_stale_writes, commit_checkpoint
-from .completion import dist_active, global_state
-from .engine import SaveJob, SaveResult, snapshot, write
-from .errors import BadInputError, CheckpointError, CheckpointExistsError
-from .format import COMMIT_FILE
-from .plan import plan_state
-from .queue import AsyncCallsQueue, AsyncRequest, RemoteRankError
-from .staging import SharedRegistry
-from .storage import LocalStorage, join_key, open_storage, split_uri
+from .completion import dist_active
+from .control import CleanupOp, CommitOp, DrainOp, ReserveStagingOp, RetentionOp
+from .engine import NativeSink, SaveJob, SaveResult
+from .errors import BadInputError, CheckpointError, CheckpointExistsError, WorkerDiedError
+from .plan import INLINE_MAX, Plan, plan_state
+from .queue import AsyncCallsQueue, Job, Stage
+from .retention import RetentionPolicy
+from .runtime.messages import Kind
+from .runtime.protocol import ControlPayload, SavePayload
+from .snapshot import SnapshotMode, SnapshotPolicy
+from .staging import SharedRef, SharedRegistry, SnapshotGuard, SnapshotSpec, TrainerCopies, share_in_place
+from .storage import check_scheme, split_uri
 from .storage.layouts import data_prefix
-from .tiers import TieredPath, Tiers, drain_rank, prune_tier
+from .tiers import TieredPath, Tiers
 
-__all__ = ["AsyncCheckpointer", "SaveHandle"]
+__all__ = ["AsyncCheckpointer", "SaveHandle", "check_local_writable", "check_when_full"]
 
 log = logging.getLogger("asyncckpt")
+
+#: CPU state of at most this many bytes (to be shared with the worker) is copied by ``save()``
+#: itself: the copy costs less than a round trip to the worker and is consistent at once.
+TRAINER_COPY_MAX = 4 << 20
 
 
 @dataclass
@@ -43,13 +49,16 @@ class SaveHandle:
     durable: bool = False  # committed on every tier (== committed without tiers)
     result: SaveResult | None = None
     error: BaseException | None = None
+    tiered: bool = False  # durable tiers follow the commit (then ``durable`` comes later)
+    root: str = ""  # the root the checkpoint is saved under (its first tier)
 
     @property
     def done(self) -> bool:
         return self.committed or self.error is not None
 
 
-def _check_local_writable(root: str) -> None:
+def check_local_writable(root: str) -> None:
+    """Refuse a local destination that cannot be written (BadInputError), before anything is sent."""
     if "://" in root and not root.startswith("file://"):
         return
     path = root[len("file://") :] if root.startswith("file://") else root
@@ -65,40 +74,41 @@ def _check_local_writable(root: str) -> None:
         raise BadInputError(f"cannot save under {path}: {probe} is not writable by this process")
 
 
-def _commit(root: str, name: str, world_size: int, step: int | None, overwrite: bool, update_latest: bool,
-            metadata: dict[str, str], storage_options: dict[str, Any], handle: SaveHandle, layout: str = "flat") -> None:
-    storage = open_storage(root, **storage_options)
-    try:
-        run_sync(
-            commit_checkpoint(
-                storage, name, world_size=world_size, step=step, overwrite=overwrite,
-                update_latest=update_latest, metadata=metadata, layout=layout,
-            )
-        )
-    finally:
-        run_sync(storage.close())
-    _mark_committed(handle, durable=False)
-
-
-def _mark_committed(handle: SaveHandle, durable: bool = True) -> None:
-    if not handle.committed:
-        handle.committed = True
-        handle.durable = durable
+def check_when_full(when_full: str | None, on_full: str | None, owner: str) -> str:
+    """The back-pressure option (``on_full`` is the deprecated spelling of ``when_full``)."""
+    if on_full is not None:
+        warnings.warn(f"{owner}(on_full=...) is deprecated; use when_full=...", DeprecationWarning, stacklevel=3)
+        if when_full is not None and when_full != on_full:
+            raise BadInputError(f"{owner}: when_full={when_full!r} and on_full={on_full!r} disagree; pass when_full only")
+        when_full = on_full
+    when_full = when_full or "wait"
+    if when_full not in ("wait", "skip"):
+        raise BadInputError(f"when_full must be 'wait' or 'skip', got {when_full!r}")
+    return when_full
 
 
 class AsyncCheckpointer:
     """Non-blocking checkpoints for a training loop.
 
-    ``save`` plans the state, shares its tensors with the persistent worker and returns at once;
-    the worker snapshots them into staging memory and streams them to storage. Call
-    ``wait_snapshot()`` before mutating the state (automatic for ``optimizers`` given here or via
-    :meth:`attach`), ``finalize()`` each step and ``finalize(blocking=True)``/``close()`` at the end.
+    ``save`` plans the state, shares its tensors with the persistent worker and returns; the
+    worker snapshots them into staging memory and streams them to storage; commit, ``latest``,
+    drains and retention run on the worker too (the loop does no storage work). With one writer
+    (one process, or ``no_dist=True``) a save commits by itself; with several ranks, call
+    ``finalize()`` each step and ``finalize(blocking=True)``/``close()`` at the end (collective).
 
     Args:
         optimizers: optimizer(s) whose ``step`` waits for the snapshot (a step pre-hook).
+        modules: module(s) whose forward waits for the snapshot (buffers changed in forward).
+        snapshot: ``"blocking"``: ``save`` returns once the snapshot is taken (mutate freely
+            after it; nvidia-resiliency-ext's contract). ``"lazy"``: ``save`` returns at once; a
+            guard fails the save with TornSnapshotError if a tensor changes in place before the
+            copy is done. ``"auto"`` (default): lazy when every saved tensor belongs to an
+            attached optimizer/module (their hooks wait for the copy), blocking otherwise; after
+            a torn snapshot it switches to blocking with a warning.
         max_in_flight: saves in flight at most (each holds one staging slot in the worker).
         when_full: ``"wait"`` for a slot, or ``"skip"`` the save (``save`` returns None).
-        process_group: group of the completion all-reduce; ``no_dist`` disables it.
+        process_group: group of the completion all-reduce; ``no_dist=True`` makes this rank a
+            writer of its own (world size 1: it commits alone).
         coordinator_rank: the rank that writes the commit record and ``latest``.
         chunk_size / io_concurrency: streaming granularity and writes in flight.
         allow_pickle: store unsupported objects with pickle (loading them needs opt-in too).
@@ -106,14 +116,17 @@ class AsyncCheckpointer:
         timeout_s: a save whose writing takes longer fails with StorageTimeoutError (hung storage).
         layout: key layout of data files: ``flat``, ``hashed`` or ``roundrobin`` (spreads S3 prefixes);
             recorded in the manifest, so loading never needs to be told.
+        finish_at_exit: saves still pending at normal interpreter exit are finished (default).
     """
 
     def __init__(
         self,
         *,
-        optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+        optimizers: Any = None,
+        modules: torch.nn.Module | Iterable[torch.nn.Module] | None = None,
+        snapshot: SnapshotMode = "auto",
         max_in_flight: int = 2,
-        when_full: Literal["wait", "skip"] = "wait",
+        when_full: Literal["wait", "skip"] | None = None,
         process_group: Any = None,
         no_dist: bool | None = None,
         coordinator_rank: int = 0,
@@ -125,15 +138,20 @@ class AsyncCheckpointer:
         start_worker: bool = True,
         timeout_s: float | None = None,
         layout: str = "flat",
+        finish_at_exit: bool = True,
+        on_full: Literal["wait", "skip"] | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise BadInputError(f"max_in_flight must be >= 1, got {max_in_flight}")
-        if when_full not in ("wait", "skip"):
-            raise BadInputError(f"when_full must be 'wait' or 'skip', got {when_full!r}")
+        self.when_full = check_when_full(when_full, on_full, "AsyncCheckpointer")
         if chunk_size < (5 << 20) or chunk_size > (5 << 30):
             raise BadInputError(f"chunk_size must be between 5 MiB and 5 GiB, got {chunk_size}")
+        if io_concurrency < 1:
+            raise BadInputError(f"io_concurrency must be >= 1, got {io_concurrency}")
+        if timeout_s is not None and timeout_s <= 0:
+            raise BadInputError(f"timeout_s must be > 0 or None, got {timeout_s}")
+        self._policy = SnapshotPolicy(snapshot, self, AsyncCheckpointer.wait_snapshot)
         self.max_in_flight = max_in_flight
-        self.when_full = when_full
         self.group = process_group
         self._no_dist = no_dist
         self.coordinator_rank = coordinator_rank
@@ -141,22 +159,24 @@ class AsyncCheckpointer:
         self.io_concurrency = io_concurrency
         self.allow_pickle = allow_pickle
         self.storage_options = dict(storage_options or {})
-        if timeout_s is not None and timeout_s <= 0:
-            raise BadInputError(f"timeout_s must be > 0 or None, got {timeout_s}")
         self.timeout_s = timeout_s
         data_prefix(layout, "probe")  # validates the layout name
         self.layout = layout
         opts = {"max_in_flight": max_in_flight, **(worker_options or {})}
-        self.queue = AsyncCallsQueue(group=process_group, worker_options=opts)
+        self.queue = AsyncCallsQueue(group=process_group, worker_options=opts, finish_at_exit=finish_at_exit)
         self._registry = SharedRegistry()
+        self._copies = TrainerCopies(max_in_flight + 1)
         self._registry_gen = -1
         self._handles: dict[int, SaveHandle] = {}
         self._draining: set[str] = set()
-        self._hooks: list[Any] = []
+        self._checked_roots: set[str] = set()
+        self._committed: dict[tuple[str, str], None] = {}  # (root, name) committed here, newest last
+        self._cleanups: dict[int, tuple[list[CleanupOp], int]] = {}  # call index -> cleanup if it fails, world
         self._closed = False
+        self._deferred: list[BaseException] = []  # failures met while save() waited for a slot
         self.skipped = 0
-        if optimizers is not None:
-            self.attach(optimizers)
+        if optimizers is not None or modules is not None:
+            self.attach(optimizers, modules=modules)
         if start_worker:
             self.queue.start_worker()
 
@@ -186,17 +206,85 @@ class AsyncCheckpointer:
         return self.queue.get_num_unfinalized_calls()
 
     # -- hooks ---------------------------------------------------------------------------------
-    def attach(self, optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
-               module: torch.nn.Module | None = None) -> None:
-        """Make ``optimizer.step()`` (and optionally ``module`` forward) wait for the snapshot."""
-        if isinstance(optimizers, torch.optim.Optimizer):
-            optimizers = [optimizers]
-        for opt in optimizers or ():
-            self._hooks.append(opt.register_step_pre_hook(lambda *_a, **_k: self.wait_snapshot()))
-        if module is not None:
-            self._hooks.append(module.register_forward_pre_hook(lambda *_a, **_k: self.wait_snapshot()))
+    @property
+    def snapshot(self) -> str:
+        """The snapshot mode asked for at construction (``auto``, ``blocking`` or ``lazy``)."""
+        return self._policy.mode
+
+    @property
+    def torn(self) -> int:
+        """How many saves failed because the state changed before the snapshot was taken."""
+        return self._policy.torn
+
+    def attach(self, optimizers: Any = None, module: torch.nn.Module | None = None, *,
+               modules: torch.nn.Module | Iterable[torch.nn.Module] | None = None) -> None:
+        """Make ``optimizer.step()`` (and the forward of ``module``/``modules``) wait for the snapshot.
+
+        Framework wrappers (Accelerate's ``AcceleratedOptimizer``, Lightning's
+        ``LightningOptimizer``) are unwrapped to the optimizer inside.
+        """
+        mods: list[torch.nn.Module] = []
+        for m in (module, modules):
+            if isinstance(m, torch.nn.Module):
+                mods.append(m)
+            elif m is not None:
+                mods.extend(m)
+        self._policy.attach(optimizers, mods)
+        # The first save would move these to shared memory: do it now, off the training loop.
+        for m in mods:
+            share_in_place([*m.parameters(), *m.buffers()])
+        for opt in self._policy.optimizers:
+            self._share_optimizer_state(opt)
+
+    def _share_optimizer_state(self, opt: torch.optim.Optimizer) -> None:
+        """Share an optimizer's parameters now, and its state once its first step created it."""
+        share_in_place(p for g in opt.param_groups for p in g["params"])
+        if opt.state:
+            share_in_place(v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+            return
+        handle: Any = None
+
+        def after_step(o: torch.optim.Optimizer, *_a: Any, **_k: Any) -> None:
+            if o.state:
+                share_in_place(v for st in o.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+                handle.remove()
+
+        handle = opt.register_step_post_hook(after_step)
+
+    def warm_up(self, state_dict: Any = None) -> None:
+        """Do now what the first save would otherwise do on the training loop: start the worker,
+        move ``state_dict``'s tensors to shared memory, allocate and touch the staging slots.
+
+        Optional: without it the first ``save()`` pays for these once (documented in docs/snapshot.md).
+        """
+        self.queue.start_worker()
+        if state_dict is None:
+            return
+        plan = plan_state(state_dict, allow_pickle=self.allow_pickle, inline_max=0)
+        shared, _ = self._split(plan)
+        share_in_place(shared.values())
+        job = Job([Stage(Kind.CONTROL, ControlPayload([ReserveStagingOp(plan.data_nbytes)]))], label="warm-up")
+        self.queue.schedule_job(job, world=1, detached=True)
 
     # -- the save path -----------------------------------------------------------------------
+    def _resolve(self, path: str | os.PathLike[str] | TieredPath) -> tuple[str, str, dict[str, Any], Tiers | None]:
+        tiers = path.tiers if isinstance(path, TieredPath) else None
+        if tiers is not None:
+            root, name, options = tiers.uris[0], path.name, tiers.storage_options[0]  # type: ignore[union-attr]
+            split_uri(f"{root}/{name}")  # validates the name
+        else:
+            root, name = split_uri(path)  # type: ignore[arg-type]
+            options = self.storage_options
+        check_scheme(root)
+        if "://" not in root:
+            root = os.path.abspath(root)  # the worker must not depend on our working directory
+        elif root.startswith("file://"):
+            root = os.path.abspath(root[len("file://"):])
+        if root not in self._checked_roots:
+            check_local_writable(root)
+            self._checked_roots.add(root)
+        return root, name, options, tiers
+
     def save(
         self,
         state_dict: Any,
@@ -206,38 +294,29 @@ class AsyncCheckpointer:
         overwrite: bool = False,
         update_latest: bool = True,
         metadata: dict[str, str] | None = None,
+        snapshot: SnapshotMode | None = None,
+        retention: RetentionPolicy | None = None,
     ) -> SaveHandle | None:
-        """Start saving ``state_dict`` to ``path`` (``dir/NAME`` or ``s3://bucket/prefix/NAME``).
+        """Start saving ``state_dict`` to ``path`` (``dir/NAME``, ``s3://bucket/prefix/NAME`` or ``tiers / NAME``).
 
-        Returns at once with a handle (None when skipped because ``max_in_flight`` saves are
-        in flight and ``when_full="skip"``). Bad input raises BadInputError before anything is
-        written. The checkpoint is complete once a later ``finalize`` commits it.
+        Returns a handle (None when skipped because ``max_in_flight`` saves are in flight and
+        ``when_full="skip"``); with ``snapshot="blocking"`` (or ``"auto"`` resolving to it) only
+        once the worker holds its copy. Bad input raises BadInputError before anything is
+        written; an existing committed checkpoint without ``overwrite`` fails the save at
+        finalize with CheckpointExistsError. ``retention`` is applied to the root on the worker
+        right after this checkpoint commits (never deleting ``latest``).
         """
         if self._closed:
             raise CheckpointError("this AsyncCheckpointer is closed")
         t0 = time.perf_counter()
-        tiers = path.tiers if isinstance(path, TieredPath) else None
-        if tiers is not None:
-            root, name, storage_options = tiers.uris[0], path.name, tiers.storage_options[0]
-            split_uri(f"{root}/{name}")  # validates the name
-        else:
-            root, name = split_uri(path)
-            storage_options = self.storage_options
-        storage = open_storage(root, **storage_options)  # validates the scheme before any work
-        plan = plan_state(state_dict, allow_pickle=self.allow_pickle)
-        if any(h.name == name and h.path == os.fspath(path) for h in self._handles.values()):
-            raise CheckpointExistsError(f"{os.fspath(path)} is already being saved; wait for it or choose another name")
-        _check_local_writable(root)
-        try:
-            if not overwrite and self.rank == self.coordinator_rank:
-                if run_sync(storage.exists(join_key(name, COMMIT_FILE))):
-                    raise CheckpointExistsError(
-                        f"{os.fspath(path)} already holds a committed checkpoint; pass overwrite=True to replace it"
-                    )
-        finally:
-            run_sync(storage.close())
-        if isinstance(storage, LocalStorage):
-            root = str(storage.root)  # the worker must not depend on our cwd
+        root, name, storage_options, tiers = self._resolve(path)
+        plan = plan_state(state_dict, allow_pickle=self.allow_pickle, inline_max=0)
+        shown = os.fspath(path)
+        if any(h.name == name and h.path == shown and not h.done for h in self._handles.values()):
+            raise CheckpointExistsError(f"{shown} is already being saved; wait for it or choose another name")
+        if not overwrite and (root, name) in self._committed:
+            # What this process knows already; the worker checks the storage itself before writing.
+            raise CheckpointExistsError(f"{shown} already holds a committed checkpoint; pass overwrite=True to replace it")
         if not self._wait_for_slot():
             self.skipped += 1
             log.warning("save skipped: %d saves in flight", self.in_flight,
@@ -249,183 +328,272 @@ class AsyncCheckpointer:
             self._registry_gen = self.queue.worker_generation
         if any(t.is_cuda for t in plan.tensors.values()):
             torch.cuda.current_stream().synchronize()  # kernels writing the state must be done before IPC reads it
-        refs, new, release = self._registry.prepare(plan.tensors)
-        job = SaveJob(
-            root=root, name=name, rank=self.rank, world_size=self.world_size, step=step,
-            entries=plan.entries, tree=plan.tree, data_nbytes=plan.data_nbytes, refs=refs,
-            inline=plan.inline, new_storages=new, release=release, overwrite=overwrite,
-            chunk_size=self.chunk_size, io_concurrency=self.io_concurrency,
-            storage_options=storage_options, timeout_s=self.timeout_s,
-            layout=self.layout, data_prefix=data_prefix(self.layout, name, step),
+        shared, copied = self._split(plan)
+        self._copies.release(self.queue.snapshot_taken)
+        runs = self._copy_now(plan, copied)
+        refs, new, release = self._registry.prepare({**shared, **self._copies.bases()})
+        if new:
+            self._policy.storages_moved()
+        mode = self._policy.decide(shared.values(), snapshot)
+        guard = SnapshotGuard((plan.entries[i].key, t) for i, t in shared.items())
+        copies = [(plan.entries[i].offset, refs[i]) for i in shared]
+        if runs is not None:
+            base = refs[-(runs[0] + 1)]
+            copies += [(file_off, SharedRef(base.storage_id, torch.uint8, (n,), (1,), slab_off))
+                       for file_off, slab_off, n in runs[1]]
+        spec = SnapshotSpec(
+            nbytes=plan.data_nbytes,
+            copies=copies,
+            inline=[(plan.entries[i].offset, data) for i, data in plan.inline.items()],
+            new_storages=new, release=release,
         )
-        handle = SaveHandle(os.fspath(path), name, step, -1, time.time())
-        handle._where = (root, storage_options, [name, *([job.data_prefix] if job.data_prefix else [])])  # type: ignore[attr-defined]
-        finalize_fns = []
-        commit = None
-        if self.rank == self.coordinator_rank:
-            commit = functools.partial(
-                _commit, root, name, self.world_size, step, overwrite, update_latest,
-                dict(metadata or {}), storage_options, handle, self.layout,
-            )
-        finalize_fns.append(functools.partial(self._commit_agreed, commit, handle))
-        if tiers is None:
-            finalize_fns.append(functools.partial(setattr, handle, "durable", True))
+        rank, world = self.rank, self.world_size
+        job = SaveJob(
+            root=root, name=name, rank=rank, world_size=world, step=step,
+            entries=plan.entries, tree=plan.tree, data_nbytes=plan.data_nbytes, overwrite=overwrite,
+            chunk_size=self.chunk_size, io_concurrency=self.io_concurrency,
+            storage_options=storage_options, layout=self.layout, data_prefix=data_prefix(self.layout, name, step),
+        )
+        handle = SaveHandle(shown, name, step, -1, time.time(), tiered=tiers is not None and len(tiers.uris) > 1,
+                            root=root)
+        prefixes = list(dict.fromkeys([name, *([job.data_prefix] if job.data_prefix else [])]))
+        commit = CommitOp(
+            root, name, world, step, storage_options, overwrite=overwrite, update_latest=update_latest,
+            metadata=dict(metadata or {}), layout=self.layout,
+            retention=self._retention_ops(root, storage_options, retention, tiers, 0, step),
+            milestone="committed",
+        )
+        cleanup = [CleanupOp(root, storage_options, prefixes)]
+        finalize_fns: list[Callable[[], Any]] = []
+        if world == 1:
+            then: list[Any] = [commit]
+            if tiers is not None and len(tiers.uris) > 1:
+                then += self._drain_ops(tiers, handle, overwrite, update_latest, metadata, retention)
+            payload = SavePayload(NativeSink(), spec, job, self.timeout_s, then=then, on_failure=cleanup, guarded=True)
+            stages = [Stage(Kind.SAVE, payload)]
         else:
-            finalize_fns.append(functools.partial(self._after_fast_commit, tiers, handle, overwrite, update_latest, dict(metadata or {})))
-        req = AsyncRequest(write, (job,), finalize_fns=finalize_fns, preload_fn=snapshot)
-        handle.call_idx = self.queue.schedule_async_request(req)
+            payload = SavePayload(NativeSink(), spec, job, self.timeout_s)
+            coord = [self.coordinator_rank]
+            stages = [
+                Stage(Kind.SAVE, payload),
+                Stage(Kind.CONTROL, lambda: ControlPayload([self._protected(commit)]), coord),
+            ]
+            finalize_fns.append(lambda: self._mark(handle, "committed"))
+            if tiers is not None and len(tiers.uris) > 1:
+                finalize_fns.append(lambda: self._schedule_drain(tiers, handle, overwrite, update_latest, metadata, retention))
+        finalize_fns.append(lambda: self._finish(handle))
+        guard_job = Job(
+            stages, finalize_fns, guard=guard, label=f"save of {shown}",
+            on_torn=lambda keys: self._policy.on_torn(shown, keys),
+            on_progress=lambda label: self._mark(handle, label), confirm=world == 1, shares_state=bool(shared),
+        )
+        handle.call_idx = self.queue.schedule_job(guard_job, snapshot="blocking" if mode == "blocking" else "lazy",
+                                                  world=world)
+        if runs is not None:
+            self._copies.busy(runs[0], handle.call_idx)
         self._handles[handle.call_idx] = handle
-        log.info("save scheduled", extra={"rank": self.rank, "step": step, "op": "save",
+        self._cleanups[handle.call_idx] = (cleanup, world)
+        log.info("save scheduled", extra={"rank": rank, "step": step, "op": "save",
                                           "bytes": plan.data_nbytes, "seconds": time.perf_counter() - t0})
         return handle
 
-    def _commit_agreed(self, commit: Any, handle: SaveHandle) -> None:
-        """Run the coordinator's commit; with several ranks, tell every rank its outcome (one all-reduce).
+    def _split(self, plan: Plan) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """(tensors the worker copies from shared memory / IPC, tensors this thread copies now).
 
-        Without it a non-coordinator rank would report the save committed while the coordinator
-        may still fail (or be killed) writing the commit record.
+        CPU tensors of at most 64 KiB are copied now; so is everything on CPU when all of it is
+        at most ``TRAINER_COPY_MAX`` bytes (a copy that costs less than any round trip).
         """
-        err: BaseException | None = None
-        if commit is not None:
-            try:
-                commit()
-            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other ranks heard of it
-                err = exc
-        failed = 1 if err is not None else 0
-        if not self.no_dist and self.world_size > 1:
-            failed = global_state(failed, no_dist=False, group=self.group)
-        if err is not None:
-            raise err
-        if failed:
-            raise RemoteRankError(
-                f"the coordinator rank {self.coordinator_rank} failed to commit {handle.path}; "
-                "it is not committed. See that rank's error."
-            )
-        _mark_committed(handle, False)
+        shared: dict[int, torch.Tensor] = {}
+        copied: dict[int, torch.Tensor] = {}
+        for i, t in plan.tensors.items():
+            if t.device.type == "cpu" and plan.entries[i].nbytes <= INLINE_MAX:
+                copied[i] = t
+            else:
+                shared[i] = t
+        if shared and all(t.device.type == "cpu" for t in shared.values()) and \
+                sum(plan.entries[i].nbytes for i in shared) <= TRAINER_COPY_MAX:
+            copied.update(shared)
+            shared = {}
+        return shared, copied
 
-    # -- tiers -----------------------------------------------------------------------------------
-    def _after_fast_commit(self, tiers: Tiers, handle: SaveHandle, overwrite: bool, update_latest: bool,
-                           metadata: dict[str, str]) -> None:
-        """Runs on every rank once the fast tier committed: queue the drain to the durable tiers."""
+    def _copy_now(self, plan: Plan, copied: dict[int, torch.Tensor]) -> tuple[int, list[tuple[int, int, int]]] | None:
+        if not copied:
+            return None
+        items = sorted((plan.entries[i].offset, plan.entries[i].nbytes, t) for i, t in copied.items())
+        got = self._copies.copy(items)
+        while got is None:  # every slab still waits for its snapshot
+            self.queue.wait_snapshot()
+            self._copies.release(self.queue.snapshot_taken)
+            got = self._copies.copy(items)
+        return got
+
+    def _retention_ops(self, root: str, options: dict[str, Any], policy: RetentionPolicy | None,
+                       tiers: Tiers | None, tier: int, step: int | None) -> list[RetentionOp]:
+        ops = []
+        if policy is not None and policy.active:
+            ops.append(RetentionOp(root, options, policy, upto_step=step, rank=self.rank))
+        if tiers is not None and tiers.keep[tier] is not None:
+            ops.append(RetentionOp(root, options, RetentionPolicy(keep_last=tiers.keep[tier]), rank=self.rank))
+        return ops
+
+    def _protected(self, op: CommitOp) -> CommitOp:
+        """``op`` with retention told which checkpoints are still draining (decided now, when it starts)."""
+        protect = frozenset(self._draining)
+        return replace(op, retention=[replace(r, protect=r.protect | protect) for r in op.retention])
+
+    def _drain_ops(self, tiers: Tiers, handle: SaveHandle, overwrite: bool, update_latest: bool,
+                   metadata: dict[str, str] | None, retention: RetentionPolicy | None) -> list[Any]:
+        ops: list[Any] = [DrainOp(tiers, handle.name, self.rank, self.io_concurrency)]
+        for i in range(1, len(tiers.uris)):
+            ops.append(CommitOp(
+                tiers.uris[i], handle.name, self.world_size, handle.step, tiers.storage_options[i],
+                overwrite=overwrite, update_latest=update_latest, metadata=dict(metadata or {}), layout=self.layout,
+                retention=self._retention_ops(tiers.uris[i], tiers.storage_options[i], retention, tiers, i, handle.step),
+                milestone="durable" if i == len(tiers.uris) - 1 else None,
+            ))
+        return ops
+
+    def _schedule_drain(self, tiers: Tiers, handle: SaveHandle, overwrite: bool, update_latest: bool,
+                        metadata: dict[str, str] | None, retention: RetentionPolicy | None) -> None:
+        """Every rank, once the fast tier committed: drain to the durable tiers, then commit there."""
+        ops = self._drain_ops(tiers, handle, overwrite, update_latest, metadata, retention)
         self._draining.add(handle.name)
-        if self.rank == self.coordinator_rank and tiers.keep[0] is not None:
-            run_sync(self._prune(tiers, 0))
-        if len(tiers.uris) == 1:
-            handle.durable = True
+
+        def done() -> None:
             self._draining.discard(handle.name)
-            return
-        fns = [functools.partial(self._after_drain, tiers, handle, overwrite, update_latest, metadata)]
-        req = AsyncRequest(drain_rank, (tiers, handle.name, self.rank, self.io_concurrency), finalize_fns=fns)
-        self.queue.schedule_async_request(req)
+            self._mark(handle, "durable")
 
-    def _after_drain(self, tiers: Tiers, handle: SaveHandle, overwrite: bool, update_latest: bool,
-                     metadata: dict[str, str]) -> None:
-        self._draining.discard(handle.name)
-        if self.rank == self.coordinator_rank:
-            for i in range(1, len(tiers.uris)):
-                _commit(tiers.uris[i], handle.name, self.world_size, handle.step, overwrite, update_latest,
-                        metadata, tiers.storage_options[i], handle, self.layout)
-                if tiers.keep[i] is not None:
-                    run_sync(self._prune(tiers, i))
-        handle.durable = True
+        job = Job(
+            [Stage(Kind.CONTROL, ControlPayload(ops[:1])),
+             Stage(Kind.CONTROL, lambda: ControlPayload([self._protected(o) for o in ops[1:]]), [self.coordinator_rank])],
+            [done], label=f"drain of {handle.path}",
+        )
+        self.queue.schedule_job(job, world=self.world_size)
 
-    async def _prune(self, tiers: Tiers, i: int) -> None:
-        storage = tiers.storage(i)
-        try:
-            deleted = await prune_tier(storage, tiers.keep[i] or 0, protect=set(self._draining))
-        finally:
-            await storage.close()
-        for name in deleted:
-            log.info("retention deleted %s/%s", tiers.uris[i], name,
-                     extra={"rank": self.rank, "step": None, "op": "retention", "bytes": 0, "seconds": 0.0})
+    def _mark(self, handle: SaveHandle, label: str) -> None:
+        if label in ("committed", "durable"):
+            self._committed[(handle.root, handle.name)] = None
+            if len(self._committed) > 10_000:
+                del self._committed[next(iter(self._committed))]
+            self._cleanups.pop(handle.call_idx, None)
+        if label == "committed" and not handle.committed:
+            handle.committed = True
+            handle.durable = handle.durable or not handle.tiered
+        elif label == "durable":
+            handle.committed = handle.durable = True
+
+    def _finish(self, handle: SaveHandle) -> None:
+        handle.result = self.queue.call_result(handle.call_idx)
+        self._mark(handle, "committed")
 
     def _wait_for_slot(self) -> bool:
         # Every decision here is global (finalize all-reduces), so all ranks agree on it.
         if self.in_flight < self.max_in_flight:
             return True
-        self.finalize(blocking=False)
+        self._finalize_for_slot()
         if self.when_full == "skip":
             return self.in_flight < self.max_in_flight
         while self.in_flight >= self.max_in_flight:
-            time.sleep(0.005)
-            self.finalize(blocking=False)
+            time.sleep(0.002)
+            self._finalize_for_slot()
         return True
+
+    def _finalize_for_slot(self) -> None:
+        """Finalize to free a slot; an earlier save's failure is kept for the next ``finalize()``,
+        not raised by this unrelated ``save()``."""
+        try:
+            self.finalize(blocking=False)
+        except CheckpointError as exc:
+            self._deferred.append(exc)
 
     def wait_snapshot(self, timeout: float | None = None) -> None:
         """Block until every save's snapshot is taken; after it the state may be mutated."""
         self.queue.wait_snapshot(timeout)
 
     def finalize(self, blocking: bool = False) -> list[SaveHandle]:
-        """Commit the saves every rank has finished (all of them with ``blocking=True``).
+        """Finish the saves every rank has finished (all of them with ``blocking=True``).
 
-        Returns the handles committed by this call. A failed save raises its error here (a
-        dead worker raises WorkerDiedError); later saves are unaffected.
+        Collective when several ranks save. Returns the handles finalized by this call. A
+        failed save raises its error here (a dead worker raises WorkerDiedError, a torn snapshot
+        TornSnapshotError); later saves are unaffected.
         """
         done: list[SaveHandle] = []
+        if self._deferred:
+            raise self._deferred.pop(0)
         try:
             for idx in self.queue.maybe_finalize_async_calls(blocking=blocking, no_dist=self.no_dist):
                 h = self._handles.pop(idx, None)
-                result = self.queue.call_result(idx)
                 if h is not None:  # drains of tiered saves have no handle of their own
-                    h.result = result
                     done.append(h)
         except BaseException as exc:
-            failed = [self._handles.pop(i) for i in [i for i in self._handles if i < self._min_pending_idx()]]
-            for h in failed:
-                h.error = exc
-            if self.rank == self.coordinator_rank:
-                self._drop_torn(failed)
+            for i in [i for i in self._handles if not self.queue.is_pending(i)]:
+                h = self._handles.pop(i)
+                if not h.committed:
+                    h.error = exc
+                    self._clean_up_after(h)
             raise
         return done
 
-    def _drop_torn(self, handles: list[SaveHandle]) -> None:
-        """Best effort: remove what failed saves left (temp files, incomplete multipart uploads).
-
-        A worker killed mid-save cannot abort its own writes; nothing else would ever find an
-        upload whose object never appeared.
-        """
-        for h in handles:
-            where = getattr(h, "_where", None)
-            if h.committed or where is None:
-                continue
-            root, options, prefixes = where
-            try:
-                storage = open_storage(root, **options)
-                try:
-                    run_sync(_drop_stale_writes(storage, prefixes))
-                finally:
-                    run_sync(storage.close())
-            except Exception as exc:  # noqa: BLE001 - cleanup must not hide the save's own error
-                log.warning("could not clean up after the failed save of %s: %s", h.path, exc)
-
-    def _min_pending_idx(self) -> int:
-        calls = self.queue._calls
-        return calls[0].idx if calls else 1 << 62
+    def _clean_up_after(self, h: SaveHandle) -> None:
+        """On the coordinator: remove what a failed multi-rank save (or one whose worker died) left."""
+        cleanup, world = self._cleanups.pop(h.call_idx, (None, 1))
+        if cleanup is None or self.rank != self.coordinator_rank:
+            return
+        if world == 1 and not isinstance(h.error, WorkerDiedError):
+            return  # the worker cleaned up after its own failed save
+        try:
+            self.queue.schedule_job(Job([Stage(Kind.CONTROL, ControlPayload(cleanup))], label=f"cleanup of {h.path}"),
+                                    world=1, detached=True)
+        except CheckpointError as exc:  # cleanup must not hide the save's own error
+            log.warning("could not clean up after the failed save of %s: %s", h.path, exc)
 
     def close(self, *, abort: bool = False) -> None:
-        """Finalize every pending save (blocking) and stop the worker."""
+        """Finish every pending save (blocking) and stop the worker; ``abort`` drops them instead.
+
+        Raises the first failed save's error after every other pending save was finished.
+        """
         if self._closed:
             return
         self._closed = True
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        self._policy.close()
+        errors: list[BaseException] = []
         try:
             if not abort:
-                while self.queue.get_num_unfinalized_calls():
-                    self.finalize(blocking=True)
+                while self.queue.get_num_unfinalized_calls() or self._deferred:
+                    try:
+                        self.finalize(blocking=True)
+                    except CheckpointError as exc:  # finish the others first, then report
+                        errors.append(exc)
         finally:
             self.queue.close(abort=True)
+        if errors:
+            if len(errors) > 1:
+                log.warning("asyncckpt: %d saves failed; raising the first: %s", len(errors),
+                            "; ".join(str(e) for e in errors[1:]))
+            raise errors[0]
 
     def __enter__(self) -> AsyncCheckpointer:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.close(abort=exc_type is not None and not issubclass(exc_type, CheckpointError))
-
-    def __del__(self) -> None:  # best effort: never leave a worker behind
+        if exc_type is None:
+            self.close()
+            return
+        # The block raised: saves whose snapshot is complete are still committed (one writer);
+        # the others are abandoned. Several ranks cannot agree without every rank: abandon all.
+        keep = self.world_size == 1
+        dropped = self.queue.abandon_unsnapshotted(
+            f"abandoned: the with block raised {exc_type.__name__} before its snapshot was taken", all_calls=not keep)
+        if dropped:
+            log.warning("asyncckpt: %d save(s) abandoned because the with block raised", dropped)
         try:
-            if not self._closed:
-                self.queue.close(abort=True, timeout=5)
+            self.close()
+        except CheckpointError as close_exc:  # keep the block's own exception the one that propagates
+            log.warning("asyncckpt: finishing saves after the with block raised: %s", close_exc)
+
+    def __del__(self) -> None:
+        # Pending saves stay with the queue, which finishes them at interpreter exit.
+        try:
+            self._policy.close()
         except Exception:  # noqa: BLE001
             pass

@@ -1,8 +1,10 @@
 """The ``asyncckpt`` command line: ls, inspect, verify, rm, prune, export, pause.
 
 Works on local roots and ``s3://bucket/prefix`` roots (``--endpoint-url`` or the usual AWS
-settings such as ``AWS_ENDPOINT_URL``). Exit status: 0 success, 1 a check failed or an
-operation was refused, 2 bad input (unknown path, bad option), 130 interrupted (Ctrl-C).
+settings such as ``AWS_ENDPOINT_URL``). Exit status, the same for every command, local and S3:
+0 success; 1 a checkpoint failed verification, a delete was refused for safety, or storage
+failed; 2 usage error or nothing there (no such path, directory, bucket or checkpoint; not a
+checkpoint); 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import math
 import os
 import pickle
 import re
 import sys
 import time
 import uuid
+import zipfile
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,28 +33,44 @@ from tqdm import tqdm
 
 from . import __version__
 from ._loop import _get_loop, run_sync
-from .catalog import (
-    CheckpointInfo,
-    delete_checkpoint,
-    read_commit,
-    read_latest,
-    read_manifest,
-    set_latest,
-)
+from .catalog import CheckpointInfo, read_latest, read_manifest
+from .deletion import DeleteReport, delete_async
 from .dtypes import numpy_dtype, torch_dtype
-from .errors import BadInputError, CheckpointError, CheckpointNotFoundError
-from .format import LATEST_FILE, CommitRecord, DictNode, Entry, ListNode, Node, RankManifest, RefNode, checksum
+from .errors import (
+    BadInputError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    NotACheckpointError,
+    StorageError,
+)
+from .format import (
+    LATEST_FILE,
+    BigIntNode,
+    BytesNode,
+    CommitRecord,
+    DictNode,
+    Entry,
+    ListNode,
+    Node,
+    RankManifest,
+    RefNode,
+    ValueNode,
+    checksum,
+)
+from .keypath import format_key, format_path, parse_path
 from .listing import list_checkpoints_async
-from .load import _build
+from .load import build_tree
+from .locate import describe_local, is_missing_bucket, local_path, locate, torch_save_format
 from .logs import enable_logging
 from .manager import RESERVED_KEY
 from .preemption import request_pause
 from .retention import prune_async
-from .storage import LocalStorage, Storage, open_storage, split_uri
+from .storage import Storage, open_storage
 
 __all__ = ["main"]
 
 _READ_AHEAD = 3
+_VALUE_WIDTH = 60
 
 
 # -- small helpers ----------------------------------------------------------------------------
@@ -94,6 +114,13 @@ def _console(stderr: bool = False) -> Any:
     return Console(file=stream, width=width, soft_wrap=False, highlight=False)
 
 
+def _text(s: str) -> Any:
+    """A table cell shown as is (a key like ``[bold]`` is not rich markup)."""
+    from rich.text import Text
+
+    return Text(s)
+
+
 def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     if getattr(args, "endpoint_url", None):
@@ -105,8 +132,22 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+def _opts_for(uri: str, args: argparse.Namespace) -> dict[str, Any]:
+    return _storage_options(args) if local_path(uri) is None else {}
+
+
 def _open(uri: str, args: argparse.Namespace) -> Storage:
-    return open_storage(uri, **(_storage_options(args) if "://" in uri and not uri.startswith("file://") else {}))
+    return open_storage(uri, **_opts_for(uri, args))
+
+
+def _open_root(uri: str, args: argparse.Namespace) -> Storage:
+    """A root that must exist: a missing directory or bucket is 'nothing there' (exit 2), a file is not a root."""
+    lp = local_path(uri)
+    if lp is not None and not lp.is_dir():
+        if lp.exists():
+            raise NotACheckpointError(f"{uri} is not a root of checkpoints: it is {describe_local(lp)}")
+        raise CheckpointNotFoundError(f"{uri}: no such directory")
+    return _open(uri, args)
 
 
 def _progress(args: argparse.Namespace, total: int | None, desc: str) -> tqdm:
@@ -126,45 +167,10 @@ class _Ckpt:
         return f"{self.storage.uri.rstrip('/')}/{self.name}"
 
 
-async def _resolve_async(path: str, args: argparse.Namespace) -> _Ckpt:
-    """``ROOT/NAME`` -> that checkpoint; a root holding ``latest`` -> the checkpoint it points to."""
-    first: CheckpointError | None = None
-    try:
-        root, name = split_uri(path)
-    except BadInputError as exc:
-        first, root, name = exc, "", ""
-    if root:
-        storage = _open(root, args)
-        try:
-            return _Ckpt(storage, name, await read_commit(storage, name))
-        except CheckpointNotFoundError as exc:
-            first = exc
-            await storage.close()
-        except BaseException:
-            await storage.close()
-            raise
-    storage = _open(path, args)
-    try:
-        latest = await read_latest(storage)
-        if latest is not None:
-            return _Ckpt(storage, latest.name, await read_commit(storage, latest.name))
-    except CheckpointNotFoundError:
-        pass
-    except BaseException:
-        await storage.close()
-        raise
-    await storage.close()
-    if isinstance(storage, LocalStorage) and not storage.root.exists() and not Path(path).exists():
-        raise CheckpointNotFoundError(f"{path}: no such file or directory")
-    raise CheckpointNotFoundError(
-        f"{path} is neither a complete checkpoint (no COMMIT record) nor a root with a '{LATEST_FILE}' pointer"
-        f"{f' ({first})' if first is not None and not isinstance(first, CheckpointNotFoundError) else ''}; "
-        "`asyncckpt ls ROOT` lists what is there"
-    )
-
-
 def _resolve(path: str, args: argparse.Namespace) -> _Ckpt:
-    return run_sync(_resolve_async(path, args))
+    """``ROOT/NAME`` -> that checkpoint; a root holding ``latest`` -> the checkpoint it points to."""
+    found = run_sync(locate(path, storage_options=_opts_for(path, args)))
+    return _Ckpt(found.storage, found.name, found.record)
 
 
 def _only_asyncckpt(ck: _Ckpt, verb: str) -> None:
@@ -173,6 +179,28 @@ def _only_asyncckpt(ck: _Ckpt, verb: str) -> None:
             f"{ck.path} is a {ck.rec.kind!r} checkpoint; `asyncckpt {verb}` reads asyncckpt-format checkpoints "
             f"(load it with torch.distributed.checkpoint / asyncckpt.dcp)"
         )
+
+
+def _torch_save_file(path: str) -> tuple[Path, str] | None:
+    """(path, "zip" | "legacy") when ``path`` is a local file torch.save wrote."""
+    lp = local_path(path)
+    if lp is None or not lp.is_file():
+        return None
+    fmt = torch_save_format(lp)
+    return (lp, fmt) if fmt is not None else None
+
+
+def _torch_load(p: Path, fmt: str) -> Any:
+    """``torch.load`` with ``weights_only=True`` (never arbitrary unpickling), memory-mapped when possible."""
+    try:
+        return torch.load(p, weights_only=True, map_location="cpu", mmap=fmt == "zip")
+    except Exception as exc:  # torch raises many kinds; each becomes one clear error
+        raise _Failed(f"{p}: torch.load(path, weights_only=True) cannot read it: {type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+class _Failed(CheckpointError):
+    """A file or checkpoint failed a check (exit status 1)."""
 
 
 # -- reading data files chunk by chunk -----------------------------------------------------------
@@ -225,18 +253,19 @@ def _info_json(i: CheckpointInfo) -> dict[str, Any]:
     }
 
 
+_LS_CHECKS = "records and data sizes checked, no data read; `asyncckpt verify` reads every byte"
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
-    storage = _open(args.root, args)
+    storage = _open_root(args.root, args)
     try:
-        if isinstance(storage, LocalStorage) and not storage.root.is_dir():
-            raise CheckpointNotFoundError(f"{args.root}: no such directory")
-        infos = run_sync(list_checkpoints_async(storage, include_incomplete=True))
+        infos = run_sync(list_checkpoints_async(storage, include_incomplete=True, check=True))
     finally:
         run_sync(storage.close())
     complete = [i for i in infos if i.complete]
     broken = [i for i in infos if not i.complete]
     if args.json:
-        json.dump({"root": storage.uri, "checkpoints": [_info_json(i) for i in complete],
+        json.dump({"root": storage.uri, "checked": _LS_CHECKS, "checkpoints": [_info_json(i) for i in complete],
                    "incomplete": [_info_json(i) for i in broken]}, sys.stdout, indent=2)
         print()
         return 0
@@ -245,13 +274,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
     con = _console()
     table = Table(title=f"{storage.uri}: {len(complete)} complete checkpoint(s), newest first",
-                  box=box.SIMPLE_HEAD, title_justify="left")
+                  caption=f"({_LS_CHECKS})", box=box.SIMPLE_HEAD, title_justify="left", caption_justify="left")
     for col, just in (("step", "right"), ("name", "left"), ("created", "left"), ("size", "right"),
                       ("ranks", "right"), ("kind", "left"), ("tiers", "left"), ("latest", "left")):
         table.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
     for i in complete:
-        table.add_row("-" if i.step is None else str(i.step), i.name, _when(i.created), _size(i.nbytes),
-                      str(i.world_size), i.kind, ", ".join(i.tiers), "<- latest" if i.is_latest else "")
+        table.add_row("-" if i.step is None else str(i.step), _text(i.name), _when(i.created), _size(i.nbytes),
+                      str(i.world_size), i.kind, _text(", ".join(i.tiers)), "<- latest" if i.is_latest else "")
     con.print(table)
     if broken:
         bt = Table(title=f"{len(broken)} incomplete or corrupt (never loaded; `asyncckpt rm` removes them)",
@@ -259,24 +288,141 @@ def cmd_ls(args: argparse.Namespace) -> int:
         bt.add_column("name", no_wrap=True)
         bt.add_column("problem")
         for i in broken:
-            bt.add_row(i.name, i.problem)
+            bt.add_row(_text(i.name), _text(i.problem))
         con.print(bt)
     return 0
 
 
 # -- inspect ------------------------------------------------------------------------------------
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= _VALUE_WIDTH else text[: _VALUE_WIDTH - 3] + "..."
+
+
+def _plain_json(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return repr(v)
+    return v
+
+
+def _row(path: list[Any], kind: str, dtype: str = "", shape: list[int] | None = None, nbytes: int | None = None,
+         value: Any = None, shown: str = "", offset: int | None = None) -> dict[str, Any]:
+    return {"key": format_path(path), "path": [k if isinstance(k, (str, int)) else repr(k) for k in path],
+            "kind": kind, "dtype": dtype, "shape": shape, "nbytes": nbytes, "offset": offset,
+            "value": value, "shown": shown}
+
+
+def _tree_rows(node: Node, path: list[Any], m: RankManifest, out: list[dict[str, Any]], depth: int = 0) -> None:
+    """One row per value of a manifest's tree: stored entries, plain values, empty containers."""
+    if depth > 512:
+        raise _Failed(f"{m.data_file}: value tree nested deeper than 512 levels")
+    if isinstance(node, DictNode):
+        if not node.keys:
+            out.append(_row(path, "dict", value={}, shown="{}"))
+        for k, v in zip(node.keys, node.values):
+            _tree_rows(v, [*path, k], m, out, depth + 1)
+    elif isinstance(node, ListNode):
+        if not node.items:
+            out.append(_row(path, "tuple" if node.tuple else "list", value=[], shown="()" if node.tuple else "[]"))
+        for i, v in enumerate(node.items):
+            _tree_rows(v, [*path, i], m, out, depth + 1)
+    elif isinstance(node, RefNode):
+        if not 0 <= node.index < len(m.entries):
+            raise _Failed(f"{m.data_file}: value tree references entry {node.index}, the manifest has {len(m.entries)}")
+        e = m.entries[node.index]
+        out.append(_row(path, e.kind, e.dtype, list(e.shape), e.nbytes, offset=e.offset))
+    elif isinstance(node, ValueNode):
+        v = node.value
+        out.append(_row(path, "None" if v is None else type(v).__name__, value=_plain_json(v), shown=_short(v)))
+    elif isinstance(node, BigIntNode):
+        out.append(_row(path, "int", value=node.value, shown=_short(int(node.value)) if node.value.lstrip("-").isdigit()
+                        else node.value))
+    elif isinstance(node, BytesNode):
+        out.append(_row(path, "bytes", nbytes=len(node.value), value=node.value.hex(), shown=_short(node.value)))
+
+
+def _object_rows(obj: Any, path: list[Any], out: list[dict[str, Any]], depth: int = 0) -> None:
+    """The same rows for a Python object (what torch.load returned)."""
+    if depth > 512:
+        raise _Failed("the object is nested deeper than 512 levels")
+    if isinstance(obj, dict):
+        if not obj:
+            out.append(_row(path, "dict", value={}, shown="{}"))
+        for k, v in obj.items():
+            _object_rows(v, [*path, k], out, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        if not obj:
+            out.append(_row(path, type(obj).__name__, value=[], shown="()" if isinstance(obj, tuple) else "[]"))
+        for i, v in enumerate(obj):
+            _object_rows(v, [*path, i], out, depth + 1)
+    elif isinstance(obj, torch.Tensor):
+        out.append(_row(path, "tensor", str(obj.dtype).removeprefix("torch."), list(obj.shape),
+                        obj.numel() * obj.element_size()))
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        out.append(_row(path, "None" if obj is None else type(obj).__name__, value=_plain_json(obj), shown=_short(obj)))
+    else:
+        out.append(_row(path, type(obj).__name__, value=_short(obj), shown=_short(obj)))
+
+
+def _shape(shape: list[int] | None) -> str:
+    if shape is None:
+        return ""
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _key_table(title: str, rows: list[dict[str, Any]]) -> Any:
+    from rich import box
+    from rich.table import Table
+
+    kt = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    for col, just in (("key", "left"), ("kind", "left"), ("dtype", "left"), ("shape", "left"), ("bytes", "right"),
+                      ("value", "left")):
+        kt.add_column(col, justify=just, no_wrap=col not in ("key", "value"))  # type: ignore[arg-type]
+    for r in rows:
+        kt.add_row(_text(r["key"] or "<root>"), r["kind"], r["dtype"], _shape(r["shape"]),
+                   "" if r["nbytes"] is None else str(r["nbytes"]), _text(r["shown"]))
+    return kt
+
+
+def _json_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "shown"} for r in rows]
+
+
+def _inspect_torch_save(p: Path, fmt: str, args: argparse.Namespace) -> int:
+    obj = _torch_load(p, fmt)
+    rows: list[dict[str, Any]] = []
+    _object_rows(obj, [], rows)
+    size = p.stat().st_size
+    if args.json:
+        json.dump({"path": str(p), "format": f"torch.save ({fmt})", "nbytes": size, "keys": _json_rows(rows)},
+                  sys.stdout, indent=2)
+        print()
+        return 0
+    con = _console()
+    con.print(_text(f"{p}: a torch.save file ({fmt} format, {_size(size)}), read with torch.load(weights_only=True)"))
+    con.print(_key_table(f"values ({len(rows)})", rows))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    pt = _torch_save_file(args.ckpt)
+    if pt is not None:
+        return _inspect_torch_save(*pt, args)
     ck = _resolve(args.ckpt, args)
     try:
         _only_asyncckpt(ck, "inspect")
+        if not 0 <= args.rank < ck.rec.world_size:
+            raise BadInputError(f"{ck.path} has ranks 0..{ck.rec.world_size - 1}, not {args.rank}")
         manifests = [run_sync(read_manifest(ck.storage, ck.name, ref.rank, ref)) for ref in ck.rec.manifests]
         latest = run_sync(read_latest(ck.storage))
     finally:
         run_sync(ck.storage.close())
     rec = ck.rec
     ranks = range(len(manifests)) if args.all_ranks else [args.rank]
-    if args.rank >= len(manifests):
-        raise BadInputError(f"{ck.path} has ranks 0..{len(manifests) - 1}, not {args.rank}")
+    rows: dict[int, list[dict[str, Any]]] = {}
+    for r in ranks:
+        rows[r] = []
+        _tree_rows(manifests[r].tree, [], manifests[r], rows[r])
     if args.json:
         out = {
             "path": ck.path, "name": ck.name, "step": rec.step, "created": rec.created, "format": rec.format,
@@ -288,8 +434,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                  "chunks": len(m.chunk_checksums), "manifest_nbytes": ref.nbytes, "entries": len(m.entries)}
                 for m, ref in zip(manifests, rec.manifests)
             ],
-            "keys": {str(r): [{"key": e.key, "kind": e.kind, "dtype": e.dtype, "shape": e.shape, "nbytes": e.nbytes,
-                               "offset": e.offset} for e in manifests[r].entries] for r in ranks},
+            "keys": {str(r): _json_rows(rows[r]) for r in ranks},
         }
         json.dump(out, sys.stdout, indent=2)
         print()
@@ -311,24 +456,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ("total", f"{_size(rec.total_nbytes)} ({rec.total_nbytes} bytes)"),
         ("metadata", ", ".join(f"{k}={v}" for k, v in rec.metadata.items()) or "-"),
     ):
-        summary.add_row(k, v)
+        summary.add_row(k, _text(v))
     con.print(summary)
     rt = Table(title="per rank", box=box.SIMPLE_HEAD, title_justify="left")
     for col in ("rank", "data file", "data", "chunks", "chunk size", "manifest", "keys"):
         rt.add_column(col, justify="left" if col == "data file" else "right", no_wrap=True)
     for m, ref in zip(manifests, rec.manifests):
-        rt.add_row(str(m.rank), m.data_file, _size(m.data_nbytes), str(len(m.chunk_checksums)), _size(m.chunk_size),
-                   _size(ref.nbytes), str(len(m.entries)))
+        rt.add_row(str(m.rank), _text(m.data_file), _size(m.data_nbytes), str(len(m.chunk_checksums)),
+                   _size(m.chunk_size), _size(ref.nbytes), str(len(m.entries)))
     con.print(rt)
     for r in ranks:
-        m = manifests[r]
-        kt = Table(title=f"keys of rank {r} ({len(m.entries)})", box=box.SIMPLE_HEAD, title_justify="left")
-        for col, just in (("key", "left"), ("kind", "left"), ("dtype", "left"), ("shape", "left"), ("bytes", "right")):
-            kt.add_column(col, justify=just, no_wrap=col != "key")  # type: ignore[arg-type]
-        for e in m.entries:
-            kt.add_row(e.key, e.kind, e.dtype, "(" + ", ".join(map(str, e.shape)) + ("," if len(e.shape) == 1 else "") + ")",
-                       str(e.nbytes))
-        con.print(kt)
+        con.print(_key_table(f"values of rank {r} ({len(rows[r])}; {len(manifests[r].entries)} stored in the data file)",
+                             rows[r]))
     return 0
 
 
@@ -362,14 +501,54 @@ def _verify_rank(storage: Storage, m: RankManifest, bar: tqdm) -> tuple[int, lis
     return checked, problems
 
 
+def _verify_torch_save(p: Path, fmt: str) -> int:
+    t0 = time.perf_counter()
+    size = p.stat().st_size
+    records = 0
+    if fmt == "zip":
+        try:
+            with zipfile.ZipFile(p) as z:
+                records = len(z.infolist())
+                bad = z.testzip()  # reads every record and checks its CRC-32
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            print(f"FAILED {p}: a torch.save (zip) file whose archive cannot be read: {exc}")
+            return 1
+        if bad is not None:
+            print(f"FAILED {p}: a torch.save (zip) file; record {bad!r} fails its CRC-32 (the bytes changed "
+                  "after torch.save wrote them)")
+            return 1
+    try:
+        _torch_load(p, fmt)
+    except _Failed as exc:
+        print(f"FAILED {exc}")
+        return 1
+    checked = (f"{records} records, every CRC-32 matches, " if fmt == "zip"
+               else "legacy format, which holds no checksums to check; ")
+    print(f"OK {p}: a torch.save file ({fmt}, {_size(size)}): {checked}torch.load(path, weights_only=True) reads it "
+          f"({time.perf_counter() - t0:.2f} s)")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     rc = 0
     for path in args.ckpt:
-        rc = max(rc, _verify_one(path, args))
+        rc = max(rc, _each(args, path, _verify_one))
     return rc
 
 
+def _each(args: argparse.Namespace, path: str, fn: Any) -> int:
+    """Run ``fn(path, args)`` for one of several paths: an error is reported, with its exit status, and the next runs."""
+    try:
+        return int(fn(path, args))
+    except CheckpointError as exc:
+        print(f"asyncckpt {args.verb}: error: {exc}", file=sys.stderr)
+        return _exit_status(exc)
+
+
 def _verify_one(path: str, args: argparse.Namespace) -> int:
+    pt = _torch_save_file(path)
+    if pt is not None:
+        return _verify_torch_save(*pt)
     ck = _resolve(path, args)
     t0 = time.perf_counter()
     problems: list[str] = []
@@ -405,51 +584,37 @@ def _verify_one(path: str, args: argparse.Namespace) -> int:
 
 
 # -- rm / prune -----------------------------------------------------------------------------------
-async def _rm_one(path: str, args: argparse.Namespace) -> tuple[int, str]:
-    root, name = split_uri(path)
-    storage = _open(root, args)
-    try:
-        if not await storage.list(name):
-            return 2, f"{path}: no checkpoint there"
-        latest = await read_latest(storage)
-        is_latest = latest is not None and latest.name == name
-        if is_latest and not args.force:
-            return 1, (f"{path} is what '{LATEST_FILE}' points to; not deleted (--force deletes it and moves "
-                       f"'{LATEST_FILE}' to the newest remaining checkpoint)")
-        await delete_checkpoint(storage, name, force=is_latest)
-        msg = f"deleted {storage.uri.rstrip('/')}/{name}"
-        if is_latest:
-            rest = [i for i in await list_checkpoints_async(storage) if i.name != name]
-            if rest:
-                await set_latest(storage, rest[0].name, rest[0].step)
-                msg += f"; '{LATEST_FILE}' now points to {rest[0].name}"
-            else:
-                await storage.delete(LATEST_FILE)
-                msg += f"; no complete checkpoint left, '{LATEST_FILE}' removed"
-        return 0, msg
-    finally:
-        await storage.close()
+def _rm_message(r: DeleteReport) -> str:
+    msg = f"deleted {r.path} ({r.kind}{'' if r.complete else ', incomplete'}; {len(r.deleted)} file(s))"
+    if r.latest == "":
+        msg += f"; no complete checkpoint left, '{LATEST_FILE}' removed"
+    elif r.latest is not None:
+        msg += f"; '{LATEST_FILE}' now points to {r.latest}"
+    if r.kept:
+        msg += f"; left in place (not the checkpoint's own): {', '.join(r.kept[:5])}{' ...' if len(r.kept) > 5 else ''}"
+    for note in r.notes:
+        msg += f"\n  note: {note}"
+    return msg
+
+
+def _rm_one(path: str, args: argparse.Namespace) -> int:
+    report = run_sync(delete_async(path, force=args.force, storage_options=_opts_for(path, args)))
+    print(_rm_message(report))
+    return 0
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
     rc = 0
     for path in args.ckpt:
-        try:
-            code, msg = run_sync(_rm_one(path, args))
-        except CheckpointError as exc:
-            code, msg = 1, f"{path}: {exc}"
-        print(msg, file=sys.stdout if code == 0 else sys.stderr)
-        rc = max(rc, code)
+        rc = max(rc, _each(args, path, _rm_one))
     return rc
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     if args.keep_last is None and args.keep_every is None and args.max_age is None:
         raise BadInputError("prune needs at least one of --keep-last, --keep-every, --max-age")
-    storage = _open(args.root, args)
+    storage = _open_root(args.root, args)
     try:
-        if isinstance(storage, LocalStorage) and not storage.root.is_dir():
-            raise CheckpointNotFoundError(f"{args.root}: no such directory")
         gone = run_sync(prune_async(storage, keep_last=args.keep_last, keep_every=args.keep_every,
                                     max_age_s=args.max_age, dry_run=args.dry_run))
     finally:
@@ -488,28 +653,36 @@ def _select(tree: Node, key: str | None, include_internal: bool) -> Node:
             return DictNode(keys=[k for k, _ in pairs], values=[v for _, v in pairs], ordered=tree.ordered)
         return tree
     node = tree
-    for part in key.split("/"):
+    try:
+        parts = parse_path(key)
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"--key {key!r}: a %XX escape is not valid UTF-8 ({exc.reason})") from None
+    for part in parts:
         if isinstance(node, DictNode):
-            hits = [v for k, v in zip(node.keys, node.values) if str(k) == part]
+            hits = [v for k, v in zip(node.keys, node.values) if k == part and type(k) is type(part)]
+            if not hits and isinstance(part, int):  # bare digits also name the str key of those digits
+                hits = [v for k, v in zip(node.keys, node.values) if k == str(part)]
             if not hits:
-                raise BadInputError(f"--key {key!r}: no {part!r} here (has: {', '.join(str(k) for k in node.keys[:20])})")
+                raise BadInputError(f"--key {key!r}: no {format_key(part)} here (has: "
+                                    f"{', '.join(format_key(k) for k in node.keys[:20])}); keys are written as "
+                                    "`asyncckpt inspect` shows them")
             node = hits[0]
-        elif isinstance(node, ListNode) and part.isdigit() and int(part) < len(node.items):
-            node = node.items[int(part)]
+        elif isinstance(node, ListNode) and isinstance(part, int) and 0 <= part < len(node.items):
+            node = node.items[part]
         else:
-            raise BadInputError(f"--key {key!r}: {part!r} does not name anything inside a {type(node).__name__}")
+            raise BadInputError(f"--key {key!r}: {format_key(part)} does not name anything inside a {type(node).__name__}")
     return node
 
 
-def _leaves(node: Node, prefix: str, out: list[tuple[str, Node]]) -> None:
+def _leaves(node: Node, path: list[str | int], out: list[tuple[str, Node]]) -> None:
     if isinstance(node, DictNode):
         for k, v in zip(node.keys, node.values):
-            _leaves(v, f"{prefix}/{k}" if prefix else str(k), out)
+            _leaves(v, [*path, k], out)
     elif isinstance(node, ListNode):
         for i, v in enumerate(node.items):
-            _leaves(v, f"{prefix}/{i}" if prefix else str(i), out)
+            _leaves(v, [*path, i], out)
     else:
-        out.append((prefix, node))
+        out.append((format_path(path), node))
 
 
 class _CountingFile:
@@ -554,7 +727,7 @@ def _stream_entries(storage: Storage, m: RankManifest, wanted: list[int], bar: t
 
 def _export_safetensors(ck: _Ckpt, m: RankManifest, node: Node, tmp: Path, args: argparse.Namespace) -> tuple[int, list[str]]:
     leaves: list[tuple[str, Node]] = []
-    _leaves(node, "", leaves)
+    _leaves(node, [], leaves)
     chosen: list[tuple[str, int, str]] = []
     skipped: list[str] = []
     for name, leaf in leaves:
@@ -604,7 +777,7 @@ def _export_safetensors(ck: _Ckpt, m: RankManifest, node: Node, tmp: Path, args:
 
 def _export_pt(ck: _Ckpt, m: RankManifest, node: Node, tmp: Path, args: argparse.Namespace) -> tuple[int, list[str]]:
     leaves: list[tuple[str, Node]] = []
-    _leaves(node, "", leaves)
+    _leaves(node, [], leaves)
     wanted = [leaf.index for _, leaf in leaves if isinstance(leaf, RefNode)]
     for i in wanted:
         if m.entries[i].kind == "pickle" and not args.allow_pickle:
@@ -628,7 +801,7 @@ def _export_pt(ck: _Ckpt, m: RankManifest, node: Node, tmp: Path, args: argparse
             values[i] = torch.from_numpy(raw.view(numpy_dtype(e.dtype, where)).reshape(e.shape).copy())
         else:
             values[i] = pickle.loads(raw.tobytes())
-    obj = _build(node, values, set(), where, 0)
+    obj = build_tree(node, values, where)
     with open(tmp, "xb") as f, _progress(args, None, f"write {args.to}") as bar:
         torch.save(obj, _CountingFile(f, bar))
         f.flush()
@@ -690,7 +863,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # -- pause ----------------------------------------------------------------------------------------
 def cmd_pause(args: argparse.Namespace) -> int:
-    storage = _open(args.root, args)
+    storage = _open_root(args.root, args)
     try:
         request_pause(storage, reason=args.reason)
     finally:
@@ -722,20 +895,24 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_ls)
 
-    s = sub.add_parser("inspect", parents=[common], help="keys, dtypes, shapes and bytes of a checkpoint")
-    s.add_argument("ckpt", metavar="CKPT", help="ROOT/NAME, or a ROOT (its latest checkpoint)")
+    s = sub.add_parser("inspect", parents=[common], help="every value of a checkpoint (or torch.save file)")
+    s.add_argument("ckpt", metavar="CKPT", help="ROOT/NAME, a ROOT (its latest checkpoint), or a torch.save file")
     s.add_argument("--rank", type=int, default=0, help="whose keys to list (default 0)")
     s.add_argument("--all-ranks", action="store_true", help="list the keys of every rank")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("verify", parents=[prog], help="read everything and check every checksum")
-    s.add_argument("ckpt", metavar="CKPT", nargs="+")
+    s.add_argument("ckpt", metavar="CKPT", nargs="+", help="ROOT/NAME, a ROOT (its latest), or a torch.save file")
     s.set_defaults(func=cmd_verify)
 
-    s = sub.add_parser("rm", parents=[common], help="delete checkpoints (commit record first)")
-    s.add_argument("ckpt", metavar="CKPT", nargs="+")
-    s.add_argument("--force", action="store_true", help="also delete the one 'latest' points to")
+    s = sub.add_parser("rm", parents=[common], help="delete checkpoints, and nothing that is not one",
+                       description="Delete checkpoints: only a path whose own records (COMMIT, manifests, DCP "
+                       ".metadata) prove it is one, and only the files they name (COMMIT first). A ROOT means the "
+                       "checkpoint its 'latest' points to, never the root itself.")
+    s.add_argument("ckpt", metavar="CKPT", nargs="+", help="ROOT/NAME, or a ROOT (its latest: needs --force)")
+    s.add_argument("--force", action="store_true",
+                   help="also delete the one 'latest' points to, moving 'latest' to the newest remaining one")
     s.set_defaults(func=cmd_rm)
 
     s = sub.add_parser("prune", parents=[common], help="delete what a retention policy lets go")
@@ -764,6 +941,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _exit_status(exc: BaseException) -> int:
+    """The one exit-status contract (docs/cli.md): 2 usage error or nothing there, 1 a failed check or refusal."""
+    if isinstance(exc, (BadInputError, CheckpointNotFoundError)):
+        return 2
+    if isinstance(exc, StorageError) and is_missing_bucket(exc):
+        return 2
+    return 1  # a checkpoint failed verification (IntegrityError, FormatError), DeleteRefusedError, storage failures
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``asyncckpt`` console script and ``python -m asyncckpt``."""
     args = _parser().parse_args(argv)
@@ -774,12 +960,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("asyncckpt: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
-    except (BadInputError, CheckpointNotFoundError) as exc:
-        print(f"asyncckpt {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
     except CheckpointError as exc:
         print(f"asyncckpt {args.verb}: error: {exc}", file=sys.stderr)
-        return 1
+        return _exit_status(exc)
     except BrokenPipeError:  # `asyncckpt ls ROOT | head`
         with contextlib.suppress(OSError):
             sys.stdout.close()

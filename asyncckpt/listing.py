@@ -34,7 +34,7 @@ def _merge(per_tier: list[list[CheckpointInfo]]) -> list[CheckpointInfo]:
 
 async def list_checkpoints_async(
     root: str | os.PathLike[str] | Storage | Tiers, *, include_incomplete: bool = False,
-    storage_options: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None, check: bool = False,
 ) -> list[CheckpointInfo]:
     """Async form of :func:`list_checkpoints`."""
     if isinstance(root, Tiers):
@@ -42,7 +42,7 @@ async def list_checkpoints_async(
         for i in range(len(root.uris)):
             st = root.storage(i)
             try:
-                per_tier.append(await list_all(st))
+                per_tier.append(await list_all(st, check=check))
             finally:
                 await st.close()
         infos = _merge(per_tier)
@@ -50,7 +50,7 @@ async def list_checkpoints_async(
     own = isinstance(root, (str, os.PathLike))
     storage = open_storage(root, **(storage_options or {})) if own else root
     try:
-        infos = await list_all(storage)
+        infos = await list_all(storage, check=check)
     finally:
         if own:
             await storage.close()
@@ -59,18 +59,22 @@ async def list_checkpoints_async(
 
 def list_checkpoints(
     root: str | os.PathLike[str] | Storage | Tiers, *, include_incomplete: bool = False,
-    storage_options: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None, check: bool = False,
 ) -> list[CheckpointInfo]:
     """Complete checkpoints under ``root``, newest (highest step) first.
 
-    Each item has ``.name``, ``.path``, ``.step``, ``.created`` (Unix time of the commit),
-    ``.nbytes``, ``.tiers``, ``.world_size`` and ``.is_latest``. Only checkpoints with a valid
-    commit record are listed; ``include_incomplete=True`` appends the others (``.complete`` is
-    False and ``.problem`` says why). For :class:`~asyncckpt.Tiers`, each name appears once,
-    ``.tiers`` naming every tier that holds a complete copy.
+    ``root`` is a local directory, ``s3://bucket/prefix`` or :class:`~asyncckpt.Tiers` (the roots
+    :func:`~asyncckpt.load` accepts). Each item has ``.name``, ``.path``, ``.step``, ``.created``
+    (Unix time of the commit), ``.nbytes``, ``.tiers``, ``.world_size`` and ``.is_latest``. Only
+    checkpoints with a valid commit record are listed; ``check=True`` also makes the cheap checks
+    ``asyncckpt ls`` makes (every rank's record matches COMMIT, data files have their recorded
+    sizes; no data is read). ``include_incomplete=True`` appends the others (``.complete`` is
+    False and ``.problem`` says why). For Tiers, each name appears once, ``.tiers`` naming every
+    tier that holds a complete copy.
     """
     return run_sync(
-        list_checkpoints_async(root, include_incomplete=include_incomplete, storage_options=storage_options)
+        list_checkpoints_async(root, include_incomplete=include_incomplete, storage_options=storage_options,
+                               check=check)
     )
 
 

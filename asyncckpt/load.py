@@ -8,22 +8,24 @@ import logging
 import os
 import pickle
 import time
+from collections.abc import Collection, Mapping, MutableMapping
 from typing import Any
 
 import numpy as np
 import torch
 
 from ._loop import gather_or_cancel, run_sync
-from .catalog import read_commit, read_latest, read_manifest, resolve_name
+from .catalog import read_latest, read_manifest
 from .dtypes import numpy_dtype, torch_dtype
 from .errors import BadInputError, CheckpointError, CheckpointNotFoundError, FormatError, IntegrityError, StorageError
 from .format import BigIntNode, BytesNode, DictNode, ListNode, Node, RankManifest, RefNode, ValueNode, checksum
-from .storage import Storage, open_storage, split_uri
+from .locate import locate
+from .storage import Storage
 from .tiers import TieredPath, Tiers
 
 _log = logging.getLogger("asyncckpt")
 
-__all__ = ["load", "load_async", "read_rank", "verify_rank"]
+__all__ = ["build_tree", "load", "load_async", "read_rank", "select_keys", "verify_rank"]
 
 _READ_CONCURRENCY = 4
 
@@ -49,9 +51,11 @@ async def _check_data_size(storage: Storage, m: RankManifest) -> None:
 
 
 async def _read_verified(
-    storage: Storage, m: RankManifest, on_chunk: Any, concurrency: int = _READ_CONCURRENCY
+    storage: Storage, m: RankManifest, on_chunk: Any, concurrency: int = _READ_CONCURRENCY,
+    chunks: Collection[int] | None = None,
 ) -> None:
-    """Read the data file chunk by chunk, verify each CRC32C, hand verified chunks to ``on_chunk``."""
+    """Read the data file chunk by chunk (all, or the indices in ``chunks``), verify each CRC32C,
+    hand verified chunks to ``on_chunk``."""
     where = f"{storage.uri}/{m.data_file}"
     await _check_data_size(storage, m)
     sem = asyncio.Semaphore(concurrency)
@@ -72,7 +76,8 @@ async def _read_verified(
                 )
             await asyncio.to_thread(on_chunk, start, buf)
 
-    await gather_or_cancel(one(i) for i in range(len(m.chunk_checksums)))
+    todo = range(len(m.chunk_checksums)) if chunks is None else sorted(chunks)
+    await gather_or_cancel(one(i) for i in todo)
 
 
 async def verify_rank(storage: Storage, m: RankManifest, progress: Any = None) -> int:
@@ -86,18 +91,63 @@ async def verify_rank(storage: Storage, m: RankManifest, progress: Any = None) -
     return m.data_nbytes
 
 
-async def read_rank(storage: Storage, m: RankManifest, *, allow_pickle: bool = False) -> Any:
-    """Rebuild one rank's state from its manifest and verified data."""
+def select_keys(tree: Node, keys: Collection[str | int] | None, where: str) -> Node:
+    """The part of a manifest's tree that ``keys`` (top-level keys of the saved state) selects."""
+    if keys is None:
+        return tree
+    if isinstance(keys, (str, bytes)) or not isinstance(keys, Collection):
+        raise BadInputError(f"keys must be a list of top-level keys, e.g. keys=['model'], not {keys!r}")
+    if not isinstance(tree, DictNode):
+        raise BadInputError(f"{where}: the saved state is not a mapping, so keys= cannot select from it")
+    have = dict(zip(tree.keys, tree.values))
+    missing = [k for k in keys if k not in have]
+    if missing:
+        raise BadInputError(
+            f"{where}: keys={list(keys)!r}: {missing!r} not in the checkpoint (its top-level keys: "
+            f"{list(have)[:20]!r})"
+        )
+    chosen = list(dict.fromkeys(keys))
+    return DictNode(keys=chosen, values=[have[k] for k in chosen], ordered=tree.ordered)
+
+
+def _refs(node: Node, out: list[int], depth: int = 0) -> None:
+    if depth > 512:
+        return  # build_tree reports it
+    if isinstance(node, RefNode):
+        out.append(node.index)
+    elif isinstance(node, DictNode):
+        for v in node.values:
+            _refs(v, out, depth + 1)
+    elif isinstance(node, ListNode):
+        for v in node.items:
+            _refs(v, out, depth + 1)
+
+
+async def read_rank(storage: Storage, m: RankManifest, *, allow_pickle: bool = False,
+                    keys: Collection[str | int] | None = None) -> Any:
+    """Rebuild one rank's state (or the top-level ``keys`` of it) from its manifest and verified data.
+
+    With ``keys``, only the chunks holding the selected values are read.
+    """
     where = f"{storage.uri}/{m.data_file}"
-    for e in m.entries:
+    tree = select_keys(m.tree, keys, where)
+    wanted: list[int] = []
+    _refs(tree, wanted)
+    wanted = sorted({i for i in wanted if 0 <= i < len(m.entries)})
+    for i in wanted:
+        e = m.entries[i]
         if e.kind == "pickle" and not allow_pickle:
             raise BadInputError(
                 f"{where}: key {e.key!r} holds a pickled object; loading it could run code. "
-                "Pass allow_pickle=True only if you trust this checkpoint."
+                "Pass allow_pickle=True only if you trust this checkpoint"
+                + (" (or leave it out with keys=[...])." if keys is None else ".")
             )
     await _check_data_size(storage, m)  # entries lie inside data_nbytes: now bounded by the real file
-    buffers: list[np.ndarray] = [np.empty(e.nbytes, dtype=np.uint8) for e in m.entries]
-    order = sorted(range(len(m.entries)), key=lambda i: m.entries[i].offset)
+    buffers: dict[int, np.ndarray] = {i: np.empty(m.entries[i].nbytes, dtype=np.uint8) for i in wanted}
+    order = sorted(wanted, key=lambda i: m.entries[i].offset)
+    cs = m.chunk_size
+    chunks = {c for i in wanted if m.entries[i].nbytes
+              for c in range(m.entries[i].offset // cs, (m.entries[i].offset + m.entries[i].nbytes - 1) // cs + 1)}
 
     def on_chunk(start: int, buf: np.ndarray) -> None:
         end = start + len(buf)
@@ -107,23 +157,28 @@ async def read_rank(storage: Storage, m: RankManifest, *, allow_pickle: bool = F
             if lo < hi:
                 buffers[i][lo - e.offset : hi - e.offset] = buf[lo - start : hi - start]
 
-    await _read_verified(storage, m, on_chunk)
-    values: list[Any] = []
-    for e, raw in zip(m.entries, buffers):
+    await _read_verified(storage, m, on_chunk, chunks=chunks if keys is not None else None)
+    values: list[Any] = [None] * len(m.entries)
+    for i, raw in buffers.items():
+        e = m.entries[i]
         ew = f"{where}: key {e.key!r}"
         if e.kind == "tensor":
             dt = torch_dtype(e.dtype, ew)
             t = torch.from_numpy(raw) if raw.size else torch.empty(0, dtype=torch.uint8)
-            values.append(t.view(dt).reshape(e.shape))
+            values[i] = t.view(dt).reshape(e.shape)
         elif e.kind == "ndarray":
-            values.append(raw.view(numpy_dtype(e.dtype, ew)).reshape(e.shape))
+            values[i] = raw.view(numpy_dtype(e.dtype, ew)).reshape(e.shape)
         else:
             try:
-                values.append(pickle.loads(raw.tobytes()))
+                values[i] = pickle.loads(raw.tobytes())
             except Exception as exc:
                 raise IntegrityError(f"{ew}: pickled object cannot be loaded ({exc})") from exc
-    used: set[int] = set()
-    return _build(m.tree, values, used, where, 0)
+    return build_tree(tree, values, where)
+
+
+def build_tree(tree: Node, values: list[Any], where: str) -> Any:
+    """The Python value a manifest's ``tree`` describes, ``values[i]`` standing for entry ``i``."""
+    return _build(tree, values, set(), where, 0)
 
 
 def _build(node: Node, values: list[Any], used: set[int], where: str, depth: int) -> Any:
@@ -172,8 +227,97 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def _merge_into(dst: Any, src: Any, path: str, problems: list[str], apply: bool = True) -> Any:
-    """Copy ``src`` into ``dst`` in place where possible; return the value to store at ``path``."""
+_PARTIAL_HINT = (
+    "To load only part of the checkpoint pass keys=[...] (the top-level keys to read) or strict=False "
+    "(skip keys missing on either side); to restore a module, optimizer or LR scheduler pass the object "
+    "itself (into={'optim': opt}), not its state_dict()"
+)
+
+
+def _is_stateful(obj: Any) -> bool:
+    """An object restored through its own ``load_state_dict`` (module, optimizer, LR scheduler, ...)."""
+    return (not isinstance(obj, (Mapping, list, tuple, torch.Tensor))
+            and callable(getattr(obj, "load_state_dict", None)) and callable(getattr(obj, "state_dict", None)))
+
+
+def _object_problems(dst: Any, src: Any, path: str, strict: bool, problems: list[str]) -> None:
+    """What can be checked before ``dst.load_state_dict(src)`` changes anything."""
+    name = path or "<root>"
+    if not isinstance(src, Mapping):
+        problems.append(f"{name}: the checkpoint holds {type(src).__name__}, not a state dict for a {type(dst).__name__}")
+        return
+    if isinstance(dst, torch.nn.Module):
+        target = dst.state_dict()
+        missing = [k for k in target if k not in src]
+        unexpected = [k for k in src if k not in target]
+        if strict and missing:
+            problems.append(f"{name}: parameters/buffers missing from the checkpoint: {missing[:10]}")
+        if strict and unexpected:
+            problems.append(f"{name}: keys in the checkpoint but not in the module: {unexpected[:10]}")
+        for k, t in target.items():
+            v = src.get(k)
+            if isinstance(t, torch.Tensor) and isinstance(v, torch.Tensor) and tuple(t.shape) != tuple(v.shape):
+                problems.append(f"{name}/{k}: shape {tuple(v.shape)} in the checkpoint, {tuple(t.shape)} in the module")
+    elif isinstance(dst, torch.optim.Optimizer):
+        groups = src.get("param_groups")
+        if not isinstance(groups, (list, tuple)) or not isinstance(src.get("state"), Mapping):
+            problems.append(f"{name}: the checkpoint holds no optimizer state (no 'state' and 'param_groups')")
+            return
+        have = [len(g["params"]) for g in dst.param_groups]
+        saved = [len(g.get("params", ())) if isinstance(g, Mapping) else -1 for g in groups]
+        if have != saved:
+            problems.append(f"{name}: parameter groups of sizes {saved} in the checkpoint, {have} in the optimizer")
+
+
+def _fill(current: Any, src: Any) -> Any:
+    """``src`` with its tensors copied into ``current``'s tensors at the same place where shape and dtype match."""
+    if isinstance(current, torch.Tensor) and isinstance(src, torch.Tensor):
+        if current.shape == src.shape and current.dtype == src.dtype and not current.is_inference():
+            with torch.no_grad():
+                current.copy_(src)
+            return current
+        return src
+    if isinstance(current, Mapping) and isinstance(src, Mapping):
+        out = type(src)() if isinstance(src, dict) else dict()
+        for k, v in src.items():
+            out[k] = _fill(current[k], v) if k in current else v
+        return out
+    if isinstance(current, (list, tuple)) and isinstance(src, (list, tuple)) and len(current) == len(src):
+        items = [_fill(c, v) for c, v in zip(current, src)]
+        return tuple(items) if isinstance(src, tuple) else items
+    return src
+
+
+def _restore_object(dst: Any, src: Any, path: str, strict: bool) -> None:
+    try:
+        if isinstance(dst, torch.nn.Module):
+            dst.load_state_dict(src, strict=strict)  # copies into the parameters in place
+        else:
+            dst.load_state_dict(_fill(dst.state_dict(), src))
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise BadInputError(
+            f"{path or '<root>'}: {type(dst).__name__}.load_state_dict failed: {exc}. Objects loaded before it "
+            "were restored; the checkpoint is unchanged"
+        ) from exc
+
+
+def _merge_into(dst: Any, src: Any, path: str, problems: list[str], apply: bool = True, strict: bool = True) -> Any:
+    """Restore ``src`` into ``dst`` in place where possible; return the value to store at ``path``.
+
+    With ``apply=False`` only collect ``problems`` (nothing changes).
+    """
+    if _is_stateful(dst):
+        if apply:
+            _restore_object(dst, src, path, strict)
+        else:
+            _object_problems(dst, src, path, strict, problems)
+        return dst
+    if isinstance(dst, torch.Generator):
+        if not isinstance(src, torch.Tensor) or src.dtype != torch.uint8:
+            problems.append(f"{path}: the checkpoint holds no generator state ({type(src).__name__})")
+        elif apply:
+            dst.set_state(src.clone())
+        return dst
     if isinstance(dst, torch.Tensor):
         if not isinstance(src, torch.Tensor):
             problems.append(f"{path}: checkpoint holds {type(src).__name__}, target is a tensor")
@@ -188,16 +332,16 @@ def _merge_into(dst: Any, src: Any, path: str, problems: list[str], apply: bool 
             with torch.no_grad():
                 dst.copy_(src)
         return dst
-    if isinstance(dst, dict) and isinstance(src, dict):
+    if isinstance(dst, MutableMapping) and isinstance(src, Mapping):
         missing = [k for k in dst if k not in src]
         unexpected = [k for k in src if k not in dst]
-        if missing:
+        if strict and missing:
             problems.append(f"{path or '<root>'}: keys missing from the checkpoint: {missing[:10]}")
-        if unexpected:
+        if strict and unexpected:
             problems.append(f"{path or '<root>'}: keys in the checkpoint but not in the target: {unexpected[:10]}")
-        for k in dst:
+        for k in list(dst):
             if k in src:
-                v = _merge_into(dst[k], src[k], f"{path}/{k}" if path else str(k), problems, apply)
+                v = _merge_into(dst[k], src[k], f"{path}/{k}" if path else str(k), problems, apply, strict)
                 if apply:
                     dst[k] = v
         return dst
@@ -206,14 +350,15 @@ def _merge_into(dst: Any, src: Any, path: str, problems: list[str], apply: bool 
             problems.append(f"{path}: list of {len(src)} in checkpoint, {len(dst)} in target")
             return dst
         for i in range(len(dst)):
-            v = _merge_into(dst[i], src[i], f"{path}/{i}", problems, apply)
+            v = _merge_into(dst[i], src[i], f"{path}/{i}", problems, apply, strict)
             if apply:
                 dst[i] = v
         return dst
     return src
 
 
-async def _load_tiered(path: Tiers | TieredPath, rank: int | None, allow_pickle: bool) -> Any:
+async def _load_tiered(path: Tiers | TieredPath, rank: int | None, allow_pickle: bool,
+                       keys: Collection[str | int] | None) -> Any:
     """The fastest tier holding a complete, verified copy wins; the others are fallbacks."""
     tiers = path.tiers if isinstance(path, TieredPath) else path
     name = path.name if isinstance(path, TieredPath) else None
@@ -235,7 +380,7 @@ async def _load_tiered(path: Tiers | TieredPath, rank: int | None, allow_pickle:
     for i, uri in enumerate(tiers.uris):
         try:
             return await load_async(f"{uri}/{name}", rank=rank, allow_pickle=allow_pickle,
-                                    storage_options=tiers.storage_options[i])
+                                    storage_options=tiers.storage_options[i], keys=keys)
         except (CheckpointNotFoundError, IntegrityError, StorageError) as exc:
             failures.append(f"tier {i} ({uri}): {exc}")
             _log.warning("tier %d (%s) cannot serve %s, trying the next: %s", i, uri, name, exc)
@@ -248,15 +393,14 @@ async def load_async(
     rank: int | None = None,
     allow_pickle: bool = False,
     storage_options: dict[str, Any] | None = None,
+    keys: Collection[str | int] | None = None,
 ) -> Any:
     """Async core of :func:`load` (no ``into``/``map_location``)."""
     if isinstance(path, (Tiers, TieredPath)):
-        return await _load_tiered(path, rank, allow_pickle)
-    root, name = _split_or_root(path)
-    storage = open_storage(root, **(storage_options or {}))
+        return await _load_tiered(path, rank, allow_pickle, keys)
+    found = await locate(path, storage_options=storage_options)
+    storage, name, rec = found.storage, found.name, found.record
     try:
-        name = await resolve_name(storage, name)
-        rec = await read_commit(storage, name)
         if rec.kind != "asyncckpt":
             raise BadInputError(f"{storage.uri}/{name} is a {rec.kind} checkpoint; load it with its own reader")
         if rank is None:
@@ -270,17 +414,9 @@ async def load_async(
         if not 0 <= rank < rec.world_size:
             raise BadInputError(f"{storage.uri}/{name} has ranks 0..{rec.world_size - 1}, not {rank}")
         m = await read_manifest(storage, name, rank, rec.manifests[rank])
-        return await read_rank(storage, m, allow_pickle=allow_pickle)
+        return await read_rank(storage, m, allow_pickle=allow_pickle, keys=keys)
     finally:
         await storage.close()
-
-
-def _split_or_root(path: str | os.PathLike[str]) -> tuple[str, str | None]:
-    """A checkpoint path -> (root, name); a root directory (holding ``latest``) -> (root, None)."""
-    p = os.fspath(path)
-    if "://" not in p and os.path.isfile(os.path.join(p, "latest")) and not os.path.isfile(os.path.join(p, "COMMIT")):
-        return p, None
-    return split_uri(p)
 
 
 def load(
@@ -291,27 +427,49 @@ def load(
     rank: int | None = None,
     allow_pickle: bool = False,
     strict: bool = True,
+    keys: Collection[str | int] | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> Any:
     """Load a checkpoint saved by asyncckpt, verifying every checksum.
 
-    ``path`` is a checkpoint (``dir/step-100``, ``s3://bucket/run/step-100``) or a local root
-    holding a ``latest`` pointer. With ``into`` (a state dict of tensors), values are copied into
-    it in place and ``into`` is returned; mismatched keys or shapes raise BadInputError naming
-    them. ``map_location`` moves tensors to a device. Pickled objects load only with
-    ``allow_pickle=True``.
+    ``path`` is a checkpoint (``dir/step-100``, ``s3://bucket/run/step-100``, ``tiers / "step-100"``)
+    or a root (a directory, ``s3://bucket/run``, a :class:`~asyncckpt.Tiers`), meaning the
+    checkpoint its ``latest`` points to. ``keys=["model"]`` reads only those top-level keys (and
+    only the chunks holding them). ``map_location`` moves tensors to a device. Pickled objects
+    load only with ``allow_pickle=True``.
+
+    ``into`` restores in place and is returned: a mapping (or a single object) whose values may
+    be objects with ``load_state_dict`` (modules, optimizers, LR schedulers: a fresh optimizer
+    gets its state and every hyperparameter back), tensors (copied into), generators, and plain
+    dicts/lists (filled recursively; other values replaced). Everything is checked before
+    anything changes: with ``strict=True`` (the default) keys missing on either side are an
+    error naming them; ``strict=False`` skips them. Shape and dtype mismatches are always errors.
     """
     t0 = time.perf_counter()
-    state = run_sync(load_async(path, rank=rank, allow_pickle=allow_pickle, storage_options=storage_options))
+    state = run_sync(load_async(path, rank=rank, allow_pickle=allow_pickle, storage_options=storage_options,
+                                keys=keys))
     if map_location is not None:
         state = _to_device(state, torch.device(map_location))
     if into is None:
         return state
+    from .manager import RESERVED_KEY  # the manager's own record (RNG state): restored by the manager, not here
+
+    target = into
+    if isinstance(state, dict) and isinstance(into, Mapping) and RESERVED_KEY in state and RESERVED_KEY not in into:
+        state = {k: v for k, v in state.items() if k != RESERVED_KEY}
+    if keys is not None and isinstance(into, MutableMapping):
+        absent = [k for k in state if k not in into]
+        if absent:
+            raise BadInputError(f"keys={list(keys)!r} selects {absent!r}, which `into` does not have; add them to into")
+        target = {k: into[k] for k in state}
     problems: list[str] = []
-    _merge_into(into, state, "", problems, apply=False)  # check everything before changing anything
-    if problems and strict:
-        raise BadInputError(f"cannot load {os.fspath(path)} into the given state: " + "; ".join(problems))
-    _merge_into(into, state, "", [], apply=True)
+    _merge_into(target, state, "", problems, apply=False, strict=strict)  # check everything before changing anything
+    if problems:
+        hint = f". {_PARTIAL_HINT}" if any("missing" in p or "not in the" in p for p in problems) else ""
+        raise BadInputError(f"cannot load {os.fspath(path)} into the given state: " + "; ".join(problems) + hint)
+    _merge_into(target, state, "", [], apply=True, strict=strict)
+    if target is not into:
+        into.update(target)
     _log.info(
         "loaded", extra={"rank": rank, "step": None, "op": "load", "bytes": 0, "seconds": time.perf_counter() - t0}
     )

@@ -14,13 +14,13 @@ Built on :class:`~asyncckpt.AsyncCheckpointer` (the one save path) and the catal
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -28,14 +28,14 @@ import torch
 
 from ._loop import run_sync
 from .catalog import CheckpointInfo, read_latest
-from .checkpointer import AsyncCheckpointer, SaveHandle
-from .errors import BadInputError, CheckpointError, CheckpointNotFoundError, IntegrityError
+from .checkpointer import AsyncCheckpointer, SaveHandle, check_when_full
+from .errors import BadInputError, CheckpointError, CheckpointNotFoundError, IntegrityError, TornSnapshotError
 from .listing import list_checkpoints_async
 from .load import load_async
 from .logs import log_event
 from .plan import INLINE_MAX
 from .preemption import DEFAULT_SIGNALS, PauseWatcher, SignalWatcher, clear_pause, read_pause
-from .retention import RetentionPolicy, apply_retention
+from .retention import RetentionPolicy
 from .rng import get_rng_state, set_rng_state
 from .storage import LocalStorage, Storage, open_storage
 from .tiers import TieredPath, Tiers
@@ -81,8 +81,12 @@ class CheckpointManager:
             step that is a multiple of K, and those younger than T seconds; never the ``latest``
             target (applied to every tier; a checkpoint still draining is kept). All None keeps
             everything.
-        max_in_flight / on_full: at most this many saves stream at once; when another is due,
-            ``"wait"`` for a slot or ``"skip"`` it (logged).
+        max_in_flight / when_full: at most this many saves stream at once; when another is due,
+            ``"wait"`` for a slot or ``"skip"`` it (logged). ``on_full`` is the deprecated spelling.
+        snapshot: ``"auto"`` (default), ``"blocking"`` or ``"lazy"``: when a save may return before
+            the worker holds its copy (see :class:`~asyncckpt.AsyncCheckpointer`). Optimizers and
+            modules in the state are attached, so ``"auto"`` is lazy for a usual model + optimizer;
+            a save that the state outran in ``"auto"`` is retried at the next ``maybe_save``.
         rng: save Python, NumPy, torch CPU and CUDA RNG state and restore it.
         signals: signals that request a final save and stop (default SIGTERM, SIGUSR1);
             None or () installs no handler.
@@ -104,7 +108,8 @@ class CheckpointManager:
         keep_every: int | None = None,
         max_age_s: float | None = None,
         max_in_flight: int = 2,
-        on_full: Literal["wait", "skip"] = "wait",
+        when_full: Literal["wait", "skip"] | None = None,
+        snapshot: Literal["auto", "blocking", "lazy"] = "auto",
         rng: bool = True,
         signals: Iterable[int] | None = DEFAULT_SIGNALS,
         pause_check_s: float | None = None,
@@ -117,7 +122,9 @@ class CheckpointManager:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         checkpointer_options: dict[str, Any] | None = None,
+        on_full: Literal["wait", "skip"] | None = None,
     ) -> None:
+        when_full = check_when_full(when_full, on_full, "CheckpointManager")
         if every_steps is not None and (isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 1):
             raise BadInputError(f"every_steps must be an integer >= 1 (or None), got {every_steps!r}")
         if every_seconds is not None and not every_seconds > 0:
@@ -145,7 +152,8 @@ class CheckpointManager:
                 except OSError as exc:
                     raise BadInputError(f"cannot create the checkpoint root {st.root}: {exc}") from exc
         self.ckpt = AsyncCheckpointer(
-            max_in_flight=max_in_flight, when_full=on_full, process_group=process_group, no_dist=no_dist,
+            max_in_flight=max_in_flight, when_full=when_full, snapshot=snapshot, process_group=process_group,
+            no_dist=no_dist,
             allow_pickle=allow_pickle, storage_options=self.storage_options, **(checkpointer_options or {}),
         )
         self.group = process_group
@@ -155,13 +163,16 @@ class CheckpointManager:
                          (1.0 if isinstance(st, LocalStorage) else 10.0), clock=clock)
             for st in self._storages
         ]
-        self._retention_pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._retention_futures: deque[concurrent.futures.Future[Any]] = deque()
+        self._retry_torn = False  # an "auto" save was torn: save again at the next maybe_save
         self._pending: dict[int, _Pending] = {}
         self._hooked: set[int] = set()
         self._checked: tuple[int, ...] | None = None  # identity of the last state that passed the checks
         self._multi: bool | None = None  # several ranks? decided at first use (dist may start after us)
         self._looked_at_root = False  # restore() ran, or the first save checked for an earlier run
+        self._newest_at_start: int | None = None
+        self._first_saved_step: int | None = None  # set when this run saves without having restored
+        self._scan = threading.Thread(target=self._look_at_root, name="asyncckpt-root-scan", daemon=True)
+        self._scan.start()
         self._ref_time = clock()
         self._committed_ref_time = self._ref_time
         self.last_step: int | None = None
@@ -312,7 +323,7 @@ class CheckpointManager:
                     break
         # Look at the handles, not at what this finalize returned: the checkpointer may have
         # committed some while it waited for a slot.
-        done = [p for p in self._pending.values() if p.handle.committed]
+        done = [p for p in self._pending.values() if p.handle.committed and not self.ckpt.queue.is_pending(p.handle.call_idx)]
         done.sort(key=lambda p: p.handle.call_idx)
         for p in done:
             h = p.handle
@@ -326,12 +337,10 @@ class CheckpointManager:
                 f"checkpoint {h.path} is complete", op="finalize", rank=self.rank, step=h.step, nbytes=nbytes,
                 seconds=self.wall_clock() - p.wall_start,
             )
-            if self.is_coordinator and self.retention.active:
-                self._schedule_retention(h.step)
         return [p.handle for p in done]
 
     def _free_slot(self) -> bool:
-        """Make room for one more save: wait (``on_full="wait"``) or say no (``"skip"``).
+        """Make room for one more save: wait (``when_full="wait"``) or say no (``"skip"``).
 
         Done here rather than inside the checkpointer so every commit and failure passes
         through :meth:`_collect`. Each check is global (finalize all-reduces), so ranks agree.
@@ -349,67 +358,66 @@ class CheckpointManager:
 
     def _on_failure(self, exc: CheckpointError) -> None:
         failed = [i for i, p in self._pending.items() if p.handle.error is not None]
+        torn_in_auto = isinstance(exc, TornSnapshotError) and self.ckpt.snapshot == "auto"
         for i in failed:
             p = self._pending.pop(i)
-            log_event(f"save of {p.handle.path} failed: {exc}", op="save", rank=self.rank, step=p.handle.step, level=logging.ERROR)
+            if torn_in_auto:
+                log_event(f"the state changed while step {p.handle.step} was being copied; that save is dropped and "
+                          "the next maybe_save saves again (now waiting for the copy)", op="save", rank=self.rank,
+                          step=p.handle.step, level=logging.WARNING)
+            else:
+                log_event(f"save of {p.handle.path} failed: {exc}", op="save", rank=self.rank, step=p.handle.step,
+                          level=logging.ERROR)
+        if torn_in_auto:
+            self._retry_torn = True
+            self._ref_time = max([self._committed_ref_time] + [p.t_start for p in self._pending.values()])
+            return
         self.errors.append(exc)
         # The time policy counts from the newest save that may still commit.
         self._ref_time = max([self._committed_ref_time] + [p.t_start for p in self._pending.values()])
         if self.on_error == "raise":
             raise exc
 
-    def _schedule_retention(self, upto_step: int | None) -> None:
-        while self._retention_futures and self._retention_futures[0].done():
-            self._report_retention(self._retention_futures.popleft())
-        if any(not f.running() and not f.done() for f in self._retention_futures):
-            return  # a pass that has not started yet will see this commit too
-        if self._retention_pool is None:
-            self._retention_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-retention")
-        protect = frozenset(getattr(self.ckpt, "_draining", ()))  # tiered saves still being copied
-        self._retention_futures.append(self._retention_pool.submit(self._retention_pass, upto_step, protect))
+    def _look_at_root(self) -> None:
+        """Background (no storage work in the loop): the newest step the root held when we started."""
+        try:
+            steps = [i.step for i in self._list() if i.step is not None]
+        except Exception:  # noqa: BLE001 - only feeds a warning
+            return
+        self._newest_at_start = max(steps) if steps else None
 
-    def _retention_pass(self, upto_step: int | None, protect: frozenset[str]) -> list[CheckpointInfo]:
-        deleted: list[CheckpointInfo] = []
-        for storage in self._open_storages():
-            try:
-                deleted += run_sync(apply_retention(storage, self.retention, now=self.wall_clock(), upto_step=upto_step,
-                                                    rank=self.rank, protect=protect))
-            finally:
-                run_sync(storage.close())
-        return deleted
-
-    def _report_retention(self, fut: concurrent.futures.Future[Any]) -> None:
-        exc = fut.exception()
-        if exc is not None:
-            log_event(f"retention failed under {self.root}: {exc}", op="delete", rank=self.rank, level=logging.WARNING)
-
-    def _wait_retention(self) -> None:
-        while self._retention_futures:
-            f = self._retention_futures.popleft()
-            concurrent.futures.wait([f])
-            self._report_retention(f)
+    def _warn_if_overwriting(self) -> None:
+        first = self._first_saved_step
+        if first is None or self._scan.is_alive():
+            return
+        self._first_saved_step = None
+        newest = self._newest_at_start
+        if self.is_coordinator and newest is not None and newest >= first:
+            log.warning(
+                "%s already holds checkpoints up to step %d and this run did not call restore(); "
+                "saves replace checkpoints of the same step", self.root, newest,
+                extra={"rank": self.rank, "step": first, "op": "save", "bytes": None, "seconds": None},
+            )
 
     # -- saving --------------------------------------------------------------------------------
     def _start_save(self, step: int, state: Mapping[str, Any], reason: str) -> SaveHandle | None:
         sd = self._state_for_save(step, state)
         if not self._free_slot():
             self.saves_skipped += 1
-            log_event(f"save of step {step} skipped: {self.ckpt.in_flight} saves in flight (on_full='skip')",
+            log_event(f"save of step {step} skipped: {self.ckpt.in_flight} saves in flight (when_full='skip')",
                       op="skip", rank=self.rank, step=step)
             return None
         if not self._looked_at_root:
             self._looked_at_root = True
-            if self.is_coordinator:
-                earlier = [i.step for i in self._list() if i.step is not None and i.step >= step]
-                if earlier:
-                    log.warning(
-                        "%s already holds checkpoints up to step %d and this run did not call restore(); "
-                        "saves replace checkpoints of the same step", self.root, max(earlier),
-                        extra={"rank": self.rank, "step": step, "op": "save", "bytes": None, "seconds": None},
-                    )
+            self._first_saved_step = int(step)
+        self._warn_if_overwriting()
         t, wall = self.clock(), self.wall_clock()
+        policy = None
+        if self.retention.active and self.is_coordinator:
+            policy = self.retention if self.wall_clock is time.time else replace(self.retention, now=self.wall_clock())
         handle = self.ckpt.save(
-            sd, self.path_for(step), step=int(step), overwrite=True, metadata={"manager": "1", "reason": reason}
+            sd, self.path_for(step), step=int(step), overwrite=True, metadata={"manager": "1", "reason": reason},
+            retention=policy,
         )
         if handle is None:
             self.saves_skipped += 1
@@ -443,6 +451,8 @@ class CheckpointManager:
             return None
         self._collect()
         by_steps, by_time = self._due(step)
+        if self._retry_torn:
+            by_steps, self._retry_torn = True, False
         sig, pause, time_due = self._agree([*self._stop_request(), int(by_time)])
         if sig or pause:
             return self._stop_save(int(step), state, self._signals.received or ("signal on another rank" if sig else "pause"), pause=bool(pause))
@@ -496,7 +506,6 @@ class CheckpointManager:
         done: list[SaveHandle] = []
         while self.ckpt.in_flight:
             done.extend(self._collect(blocking=True))
-        self._wait_retention()
         return done
 
     def wait_snapshot(self) -> None:
@@ -677,7 +686,8 @@ class CheckpointManager:
         try:
             while self.ckpt.in_flight:
                 self._collect(blocking=True)
-            self._wait_retention()
+            self._scan.join(5)
+            self._warn_if_overwriting()
         finally:
             self._closed = True
             try:
@@ -686,8 +696,6 @@ class CheckpointManager:
                 self._signals.close()
                 for p in self._pauses:
                     p.close()
-                if self._retention_pool is not None:
-                    self._retention_pool.shutdown(wait=True)
                 for st in self._storages:
                     run_sync(st.close())
 

@@ -19,7 +19,7 @@ from .dtypes import torch_dtype_name
 from .errors import BadInputError
 from .format import ALIGN, BigIntNode, BytesNode, DictNode, Entry, ListNode, Node, RefNode, ValueNode
 
-__all__ = ["INLINE_MAX", "Plan", "plan_state", "validate_key"]
+__all__ = ["INLINE_MAX", "Plan", "plan_state", "tensor_bytes", "validate_key"]
 
 #: Tensors at most this large are copied into the request at ``save()`` time (cheaper than
 #: sharing their memory, and immediately consistent); larger ones are snapshotted by the worker.
@@ -36,6 +36,8 @@ class Plan:
     #: entry index -> bytes already copied (small tensors, NumPy arrays, opt-in pickles)
     inline: dict[int, bytes] = field(default_factory=dict)
     data_nbytes: int = 0
+    #: CPU tensors at most this large are copied into ``inline`` now; 0 lists every tensor in ``tensors``
+    inline_max: int = INLINE_MAX
 
     def add(self, key: str, kind: str, dtype: str, shape: list[int], nbytes: int) -> int:
         offset = -(-self.data_nbytes // ALIGN) * ALIGN
@@ -45,14 +47,30 @@ class Plan:
 
 
 def validate_key(key: Any, path: str) -> str | int:
-    """Dict keys must be str (or int, as in optimizer state) and safe to use as a name."""
+    """The one rule for state-dict keys (docs/format.md, "Keys"), the same for every key.
+
+    A key is a name, never a path: no file or object name is ever made from one, so no
+    string is refused for what it says ('..', '/abs', '../../etc/passwd' are ordinary names).
+    Refused are only keys the format cannot store exactly: types other than str and int (bool
+    included), ints outside the signed 64-bit range, and strings that are not valid Unicode
+    text (lone surrogates, which UTF-8 cannot encode).
+    """
+    where = path or "<root>"
     if isinstance(key, bool) or not isinstance(key, (str, int)):
-        raise BadInputError(f"{path or '<root>'}: dict key {key!r} of type {type(key).__name__} is not supported; use str (or int) keys")
-    if isinstance(key, str):
-        if "\x00" in key:
-            raise BadInputError(f"{path or '<root>'}: dict key {key!r} contains a NUL byte")
-        if key in (".", "..") or key.startswith("/"):
-            raise BadInputError(f"{path or '<root>'}: dict key {key!r} could escape a directory when used as a file name; rename it")
+        raise BadInputError(
+            f"{where}: dict key {key!r} of type {type(key).__name__} is not supported; use str (or int) keys"
+        )
+    if isinstance(key, int):
+        if not _I64[0] <= key <= _I64[1]:
+            raise BadInputError(f"{where}: int dict key {key} does not fit in 64 bits; use a str key")
+        return int(key)
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadInputError(
+            f"{where}: dict key {key!r} is not valid Unicode text ({exc.reason} at position {exc.start}); "
+            "decode it properly or use another key"
+        ) from None
     return key
 
 
@@ -60,7 +78,8 @@ def _join(path: str, key: str | int) -> str:
     return f"{path}/{key}" if path else str(key)
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The bytes of ``t`` (C order, native byte order): a copy taken now."""
     flat = t.detach().contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
@@ -87,8 +106,8 @@ def _plan_tensor(plan: Plan, t: torch.Tensor, path: str) -> Node:
     dtype = torch_dtype_name(t.dtype, path)
     nbytes = t.numel() * t.element_size()
     idx = plan.add(path, "tensor", dtype, list(t.shape), nbytes)
-    if t.device.type == "cpu" and nbytes <= INLINE_MAX:
-        plan.inline[idx] = _tensor_bytes(t)
+    if t.device.type == "cpu" and nbytes <= plan.inline_max:
+        plan.inline[idx] = tensor_bytes(t)
     else:
         plan.tensors[idx] = t
     return RefNode(index=idx)
@@ -155,10 +174,14 @@ def _plan_pickle(plan: Plan, obj: Any, path: str) -> Node:
     return RefNode(index=idx)
 
 
-def plan_state(state: Any, *, allow_pickle: bool = False) -> Plan:
-    """Flatten ``state`` (nested dicts/lists of tensors, arrays and plain values) into a Plan."""
+def plan_state(state: Any, *, allow_pickle: bool = False, inline_max: int = INLINE_MAX) -> Plan:
+    """Flatten ``state`` (nested dicts/lists of tensors, arrays and plain values) into a Plan.
+
+    CPU tensors of at most ``inline_max`` bytes are copied into ``plan.inline`` now; the others are
+    listed in ``plan.tensors`` (``inline_max=0``: every tensor is listed, nothing is copied).
+    """
     if not isinstance(state, Mapping):
         raise BadInputError(f"a state dict must be a mapping, got {type(state).__name__}")
-    plan = Plan(tree=ValueNode(value=None))
+    plan = Plan(tree=ValueNode(value=None), inline_max=inline_max)
     plan.tree = _walk(plan, dict(state) if type(state) not in (dict, collections.OrderedDict) else state, "", allow_pickle, set())
     return plan

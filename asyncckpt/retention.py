@@ -2,7 +2,8 @@
 
 A checkpoint is kept when *any* rule keeps it; the one ``latest`` points to is never deleted,
 nor is anything incomplete (it may be a save in progress). Deletion goes through
-``catalog.delete_checkpoint`` (commit record first), so a checkpoint is never seen half-deleted.
+``catalog.delete_checkpoint`` (the one safe deletion: only what the checkpoint's records name,
+commit record first), so a checkpoint is never seen half-deleted.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 
 from ._loop import run_sync
 from .catalog import CheckpointInfo, delete_checkpoint, list_all, read_latest
-from .errors import BadInputError, CheckpointError
+from .errors import BadInputError, CheckpointError, CheckpointNotFoundError, NotACheckpointError, StorageError
+from .locate import describe_local, is_missing_bucket, local_path
 from .logs import log_event
 from .storage import Storage, open_storage
 
@@ -31,6 +33,7 @@ class RetentionPolicy:
     keep_last: int | None = None
     keep_every: int | None = None
     max_age_s: float | None = None
+    now: float | None = None  # judge ages at this Unix time instead of the applier's clock (replays, tests)
 
     def __post_init__(self) -> None:
         if self.keep_last is not None and (not isinstance(self.keep_last, int) or self.keep_last < 1):
@@ -62,7 +65,7 @@ def select_deletions(
     """
     if not policy.active:
         return []
-    now = time.time() if now is None else now
+    now = (time.time() if policy.now is None else policy.now) if now is None else now
     complete = [i for i in infos if i.complete]
     complete.sort(key=lambda i: (-(i.step if i.step is not None else -1), -i.created))
     out: list[CheckpointInfo] = []
@@ -107,7 +110,12 @@ async def apply_retention(
     deleted: list[CheckpointInfo] = []
     for info in doomed:
         t0 = time.perf_counter()
-        await delete_checkpoint(storage, info.name)  # re-reads `latest` and refuses its target
+        try:
+            await delete_checkpoint(storage, info.name)  # re-reads `latest` and refuses its target
+        except CheckpointError as exc:  # one checkpoint that cannot go must not stop the others
+            log_event(f"retention could not delete {info.path}: {exc}", op="delete", rank=rank, step=info.step,
+                      level=30)
+            continue
         deleted.append(info)
         log_event(
             f"retention deleted {info.path}", op="delete", rank=rank, step=info.step, nbytes=info.nbytes,
@@ -131,9 +139,18 @@ async def prune_async(
     if not policy.active:
         raise BadInputError("prune needs at least one of keep_last, keep_every, max_age_s")
     own = isinstance(root, (str, os.PathLike))
+    lp = local_path(root) if isinstance(root, (str, os.PathLike)) else None
+    if lp is not None and not lp.is_dir():
+        if lp.exists():
+            raise NotACheckpointError(f"{lp} is not a root of checkpoints: it is {describe_local(lp)}")
+        raise CheckpointNotFoundError(f"{lp}: no such directory")
     storage = open_storage(root, **(storage_options or {})) if own else root
     try:
         return await apply_retention(storage, policy, now=now, dry_run=dry_run)
+    except StorageError as exc:
+        if is_missing_bucket(exc):
+            raise CheckpointNotFoundError(f"{storage.uri}: {exc}") from exc
+        raise
     finally:
         if own:
             await storage.close()
@@ -153,7 +170,9 @@ def prune(
 
     Keeps the newest ``keep_last``, steps that are multiples of ``keep_every`` and checkpoints
     younger than ``max_age_s`` (``now`` overrides the wall clock, for tests). Never deletes the
-    ``latest`` target or incomplete checkpoints. ``dry_run`` only reports.
+    ``latest`` target or incomplete checkpoints, and deletes each one as :func:`asyncckpt.delete`
+    does (only the keys its records name; other files stay). ``dry_run`` only reports. A missing
+    root (directory or bucket) raises CheckpointNotFoundError.
     """
     return run_sync(
         prune_async(

@@ -1,23 +1,45 @@
-"""Tensor sharing (trainer side) and the staging pool (worker side).
+"""Tensor sharing and the snapshot guard (trainer side); the staging pool and the copy (worker side).
 
 Trainer: a tensor's whole storage is moved to shared memory once (CPU) or exported as a CUDA IPC
 handle, registered under an id and kept alive; later saves send only the id. Storages not used
-by a save are released on both sides, so the registry never outgrows one state dict.
+by a save are released on both sides, so the registry never outgrows one state dict. A
+:class:`SnapshotGuard` records every shared tensor's in-place version counter at ``save()``; when
+the worker's "snapshot done" ack arrives, a changed counter means the copy may be torn.
 
-Worker: snapshots are copied into a reusable staging pool (pinned host memory when CUDA is
-present, page-aligned anonymous memory otherwise), laid out exactly like the data file.
+Worker: :func:`take_snapshot` copies what a :class:`SnapshotSpec` names into a slot of a reusable
+staging pool (pinned host memory when CUDA is present, page-aligned anonymous memory otherwise),
+laid out exactly as the sink will write it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import itertools
 import mmap
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-__all__ = ["SharedRef", "SharedRegistry", "StagingPool", "StagingSlot"]
+if TYPE_CHECKING:
+    from .runtime.context import WorkerContext
+
+__all__ = [
+    "SharedRef",
+    "SharedRegistry",
+    "SnapshotGuard",
+    "SnapshotSpec",
+    "Staged",
+    "StagingPool",
+    "StagingSlot",
+    "TrainerCopies",
+    "share_in_place",
+    "take_snapshot",
+]
 
 
 @dataclass(frozen=True)
@@ -29,6 +51,141 @@ class SharedRef:
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     storage_offset: int  # in elements of dtype
+
+
+@dataclass
+class SnapshotSpec:
+    """What one snapshot copies into its staging slot, laid out as ``nbytes`` bytes.
+
+    ``copies`` are (slot offset, tensor in a shared storage), ``inline`` are (slot offset, bytes
+    copied at ``save()``). Storages in ``new_storages`` are registered by the worker under their
+    ids (``ephemeral``: only for this snapshot); ids in ``release`` are forgotten first.
+    """
+
+    nbytes: int
+    copies: list[tuple[int, SharedRef]] = field(default_factory=list)
+    inline: list[tuple[int, bytes]] = field(default_factory=list)
+    new_storages: dict[int, torch.Tensor] = field(default_factory=dict)
+    release: list[int] = field(default_factory=list)
+    ephemeral: bool = False
+
+
+class SnapshotGuard:
+    """Records each tensor's in-place version counter (``Tensor._version``) when a save is asked for.
+
+    Views and ``.detach()`` share their base's counter, so any in-place write through the tensor
+    or a view of it bumps it. Writes through ``.data``, NumPy/DLPack views of the storage, or
+    other processes are invisible to it (see docs/snapshot.md).
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self._items: list[tuple[str, torch.Tensor, int]] = [(k, t, t._version) for k, t in named]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def changed(self) -> list[str]:
+        """The keys whose tensor was modified in place since the guard was made."""
+        return [k for k, t, v in self._items if t._version != v]
+
+    def release(self) -> None:
+        """Drop the references to the tensors (after the check)."""
+        self._items = []
+
+
+class TrainerCopies:
+    """Small CPU tensors copied by the trainer at ``save()`` into reusable shared-memory slabs.
+
+    Copying a few MiB takes a fraction of a millisecond, less than any round trip to the worker,
+    and the copy is consistent at once: no guard, no hook wait. Each save uses one slab until the
+    worker has copied it into its staging slot (its ACK); ``runs`` map contiguous stretches of the
+    data file to the slab, so the worker does one copy per stretch, not one per tensor.
+    """
+
+    def __init__(self, max_slabs: int) -> None:
+        self.max_slabs = max(2, max_slabs)
+        self._slabs: list[torch.Tensor] = []
+        self._busy: dict[int, int] = {}  # slab index -> call index that still reads it
+
+    def bases(self) -> dict[int, torch.Tensor]:
+        """Every slab, keyed -1, -2, ... (so the registry keeps them shared across saves)."""
+        return {-(i + 1): t for i, t in enumerate(self._slabs)}
+
+    def release(self, done: Callable[[int], bool]) -> None:
+        """Forget the slabs whose save's snapshot is taken (``done(call_idx)``)."""
+        for i, idx in list(self._busy.items()):
+            if done(idx):
+                del self._busy[i]
+
+    def busy(self, slab: int, call_idx: int) -> None:
+        self._busy[slab] = call_idx
+
+    def _slab_for(self, nbytes: int) -> int | None:
+        free = [i for i in range(len(self._slabs)) if i not in self._busy]
+        fitting = [i for i in free if self._slabs[i].numel() >= nbytes]
+        if fitting:
+            return min(fitting, key=lambda i: self._slabs[i].numel())
+        cap = max(1 << 20, 1 << (max(nbytes, 1) - 1).bit_length())
+        if len(self._slabs) < self.max_slabs:
+            self._slabs.append(torch.empty(cap, dtype=torch.uint8).share_memory_())
+            return len(self._slabs) - 1
+        if free:  # replace the largest free slab by one that fits
+            i = max(free, key=lambda i: self._slabs[i].numel())
+            self._slabs[i] = torch.empty(cap, dtype=torch.uint8).share_memory_()
+            return i
+        return None
+
+    def copy(self, items: list[tuple[int, int, torch.Tensor]]) -> tuple[int, list[tuple[int, int, int]]] | None:
+        """Copy ``items`` ((data-file offset, nbytes, tensor), sorted by offset) into a free slab.
+
+        Returns (slab index, runs as (file offset, slab offset, length)), or None when every slab
+        is still in use (the caller waits for a snapshot and asks again).
+        """
+        runs: list[list[int]] = []
+        for off, n, _ in items:
+            if runs and off - runs[-1][1] < 64:  # adjacent but for alignment padding
+                runs[-1][1] = off + n
+            else:
+                runs.append([off, off + n])
+        spans, pos = [], 0
+        for a, b in runs:
+            pos = -(-pos // 64) * 64  # file offsets are 64-aligned: keep the slab's too (typed views)
+            spans.append((a, pos, b - a))
+            pos += b - a
+        slab_i = self._slab_for(pos)
+        if slab_i is None:
+            return None
+        slab = self._slabs[slab_i]
+        slab[:pos].zero_()  # alignment padding must not carry bytes of an earlier save
+        r, (a, s0, length) = 0, spans[0]
+        for off, n, t in items:
+            while off >= a + length:
+                r += 1
+                a, s0, length = spans[r]
+            if n:
+                dst = slab[s0 + off - a : s0 + off - a + n]
+                src = t.detach().reshape(-1)
+                bits = _BITS.get(src.element_size())
+                if bits is not None and src.dtype != bits:
+                    src = src.view(bits)
+                dst.view(src.dtype).copy_(src)
+        return slab_i, spans
+
+
+def share_in_place(tensors: Iterable[torch.Tensor], min_nbytes: int = 64 * 1024) -> int:
+    """Move the storages of CPU tensors larger than ``min_nbytes`` to shared memory now (a copy;
+    the tensors keep working in place), so a later save need not; returns the bytes moved."""
+    moved = 0
+    for t in tensors:
+        if t.device.type != "cpu" or t.numel() * t.element_size() <= min_nbytes:
+            continue
+        st = t.untyped_storage()
+        if not st.is_shared():
+            st.share_memory_()
+            moved += st.nbytes()
+    return moved
 
 
 class SharedRegistry:
@@ -105,7 +262,6 @@ class StagingPool:
         self._free: list[StagingSlot] = []
         self._used = 0
         self._cond: asyncio.Condition | None = None
-        self._notify_task: asyncio.Future[None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -136,6 +292,13 @@ class StagingPool:
                 self._cond.notify_all()
             raise
 
+    async def reserve(self, nbytes: int) -> None:
+        """Allocate (and touch) every slot at ``nbytes`` now, so the first snapshots fault no pages."""
+        slots = [await self.acquire(nbytes) for _ in range(self.max_slots)]
+        for slot in slots:
+            await asyncio.to_thread(slot.tensor[:nbytes].zero_)
+            await self.release(slot)
+
     async def release(self, slot: StagingSlot) -> None:
         assert self._cond is not None
         async with self._cond:
@@ -143,18 +306,136 @@ class StagingPool:
             self._free.append(slot)
             self._cond.notify_all()
 
-    def discard(self, slot: StagingSlot) -> None:
-        """Give up a slot that may still be in use by a stuck I/O thread (it is not reused)."""
-        self._used -= 1
-        if self._cond is not None:
-            self._notify_task = asyncio.ensure_future(self._notify())
-
-    async def _notify(self) -> None:
+    async def discard(self, slot: StagingSlot) -> None:
+        """Give up a slot that may still be in use by a stuck I/O thread (it is never reused)."""
         assert self._cond is not None
         async with self._cond:
+            self._used -= 1
             self._cond.notify_all()
 
     def clear(self) -> None:
         for s in self._free:
             s.close()
         self._free.clear()
+
+
+# -- the copy (worker side) -----------------------------------------------------------------------
+
+#: Same-size integer dtypes used to copy raw bytes of dtypes without a copy kernel (bits8, ...).
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass
+class Staged:
+    """A snapshot held in a staging slot: what sinks write from."""
+
+    slot: StagingSlot
+    nbytes: int
+    seconds: float
+
+
+def _source(ctx: WorkerContext, ref: SharedRef) -> torch.Tensor:
+    base = ctx.storages[ref.storage_id]
+    itemsize = torch.empty((), dtype=ref.dtype).element_size()
+    usable = base.numel() - base.numel() % itemsize
+    typed = base[:usable].view(ref.dtype)
+    return torch.as_strided(typed, ref.shape, ref.stride, ref.storage_offset)
+
+
+#: Threads that copy contiguous CPU bytes into staging (plain memmove, the GIL released): two
+#: reach the memcpy floor on this machine class without an OpenMP pool fighting the trainer.
+COPY_THREADS = 2
+_PIECE = 16 << 20  # large copies are split so the threads share them evenly
+_memmove = ctypes.memmove
+_copy_pool: ThreadPoolExecutor | None = None
+
+
+def _memmove_all(jobs: list[tuple[int, int, int]]) -> None:
+    for dst, src, n in jobs:
+        _memmove(dst, src, n)
+
+
+def _run_memmoves(moves: list[tuple[int, int, int]]) -> None:
+    """Copy (dst address, src address, nbytes) runs, split over COPY_THREADS threads."""
+    global _copy_pool
+    pieces: list[tuple[int, int, int]] = []
+    for dst, src, n in moves:
+        for o in range(0, n, _PIECE):
+            pieces.append((dst + o, src + o, min(_PIECE, n - o)))
+    total = sum(p[2] for p in pieces)
+    if COPY_THREADS <= 1 or total < (8 << 20):
+        _memmove_all(pieces)
+        return
+    if _copy_pool is None:
+        _copy_pool = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="asyncckpt-copy")
+    shares: list[list[tuple[int, int, int]]] = [[] for _ in range(COPY_THREADS)]
+    loads = [0] * COPY_THREADS
+    for p in sorted(pieces, key=lambda p: -p[2]):
+        i = loads.index(min(loads))
+        shares[i].append(p)
+        loads[i] += p[2]
+    for f in [_copy_pool.submit(_memmove_all, share) for share in shares if share]:
+        f.result()
+
+
+def _copy_in(ctx: WorkerContext, spec: SnapshotSpec, slot: StagingSlot) -> None:
+    dst_all = slot.tensor
+    base = dst_all.data_ptr()
+    stream = None
+    spans: list[tuple[int, int]] = []
+    moves: list[tuple[int, int, int]] = []
+    for off, ref in spec.copies:
+        src = _source(ctx, ref)
+        nbytes = src.numel() * src.element_size()
+        spans.append((off, nbytes))
+        if nbytes == 0:
+            continue
+        if not src.is_cuda and src.is_contiguous():
+            moves.append((base + off, src.data_ptr(), nbytes))  # a plain memmove, no kernel
+            continue
+        dst = dst_all[off : off + nbytes].view(ref.dtype).view(ref.shape)
+        bits = _BITS.get(src.element_size())
+        if bits is not None and src.dtype != bits:
+            src, dst = src.view(bits), dst.view(bits)  # a byte copy works for every dtype
+        if src.is_cuda:
+            stream = ctx.stream_for(src.device)
+            with torch.cuda.stream(stream):
+                dst.copy_(src, non_blocking=slot.pinned)
+        else:
+            dst.copy_(src)
+    _run_memmoves(moves)
+    for off, data in spec.inline:
+        slot.view[off : off + len(data)] = data
+        spans.append((off, len(data)))
+    # Zero the gaps so no stale bytes of an earlier snapshot reach storage.
+    end = 0
+    for off, n in sorted(spans):
+        if off > end:
+            dst_all[end:off].zero_()
+        end = max(end, off + n)
+    if end < spec.nbytes:
+        dst_all[end : spec.nbytes].zero_()
+    if stream is not None:
+        stream.synchronize()
+
+
+async def take_snapshot(ctx: WorkerContext, spec: SnapshotSpec) -> Staged:
+    """Register the spec's storages and copy its bytes into a staging slot (released by the caller)."""
+    t0 = time.perf_counter()
+    for sid in spec.release:
+        ctx.storages.pop(sid, None)
+    ctx.storages.update(spec.new_storages)
+    sent = list(spec.new_storages) if spec.ephemeral else []
+    spec.new_storages = {}
+    try:
+        slot = await ctx.pool.acquire(spec.nbytes)
+        try:
+            await asyncio.to_thread(_copy_in, ctx, spec, slot)
+        except BaseException:
+            await ctx.pool.release(slot)
+            raise
+    finally:
+        for sid in sent:
+            ctx.storages.pop(sid, None)
+    return Staged(slot, spec.nbytes, time.perf_counter() - t0)
+

@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadInputError, CheckpointError, IntegrityError
+from .errors import BadInputError, IntegrityError
 from .format import checksum, manifest_file
 from .storage import Storage, join_key, open_storage
 
-__all__ = ["TieredPath", "Tiers", "drain_rank", "prune_tier"]
+__all__ = ["TieredPath", "Tiers", "drain_rank"]
 
 log = logging.getLogger("asyncckpt")
 
@@ -101,48 +101,24 @@ async def _copy_verified(src: Storage, dst: Storage, src_key: str, dst_key: str,
             crc = await asyncio.to_thread(checksum, memoryview(buf))
             if crc != m.chunk_checksums[i]:
                 raise IntegrityError(f"{src.uri}/{src_key}: chunk {i} fails its checksum while draining; not copied")
-            await writer.write_part(i, start, memoryview(buf))
+            await writer.write_part(i, start, memoryview(buf), crc32c=crc)
 
     await write_parts(writer, len(m.chunk_checksums), one)
 
 
-async def drain_rank(tiers: Tiers, name: str, rank: int, concurrency: int = 4) -> dict[str, Any]:
-    """Worker routine: copy this rank's files of ``name`` from tier 0 to every other tier."""
+async def drain_rank(storages: list[Storage], name: str, rank: int, concurrency: int = 4) -> dict[str, Any]:
+    """Worker routine: copy this rank's files of ``name`` from ``storages[0]`` to every other one."""
     from .catalog import read_manifest
 
     t0 = time.perf_counter()
-    src = tiers.storage(0)
+    src = storages[0]
     copied = 0
-    try:
-        m = await read_manifest(src, name, rank)
-        blob = await src.read(join_key(name, manifest_file(rank)))
-        for i in range(1, len(tiers.uris)):
-            dst = tiers.storage(i)
-            try:
-                await _copy_verified(src, dst, m.data_file, m.data_file, m, concurrency)
-                await dst.put_record(join_key(name, manifest_file(rank)), blob)
-                copied += m.data_nbytes + len(blob)
-            finally:
-                await dst.close()
-    finally:
-        await src.close()
+    m = await read_manifest(src, name, rank)
+    blob = await src.read(join_key(name, manifest_file(rank)))
+    for dst in storages[1:]:
+        await _copy_verified(src, dst, m.data_file, m.data_file, m, concurrency)
+        await dst.put_record(join_key(name, manifest_file(rank)), blob)
+        copied += m.data_nbytes + len(blob)
     dt = time.perf_counter() - t0
     log.info("drained", extra={"rank": rank, "step": m.step, "op": "drain", "bytes": copied, "seconds": dt})
     return {"name": name, "rank": rank, "bytes": copied, "seconds": dt}
-
-
-async def prune_tier(storage: Storage, keep_last: int, protect: set[str]) -> list[str]:
-    """Delete complete checkpoints beyond the newest ``keep_last`` (never ``latest`` or ``protect``)."""
-    from .catalog import delete_checkpoint, list_all
-
-    complete = [c for c in await list_all(storage) if c.complete]
-    deleted = []
-    for c in complete[keep_last:]:
-        if c.is_latest or c.name in protect:
-            continue
-        try:
-            await delete_checkpoint(storage, c.name)
-            deleted.append(c.name)
-        except CheckpointError as exc:
-            log.warning("retention could not delete %s: %s", c.path, exc)
-    return deleted

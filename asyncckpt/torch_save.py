@@ -1,149 +1,420 @@
-"""TorchAsyncCheckpoint: an async ``torch.save`` whose file plain ``torch.load`` reads."""
+"""TorchAsyncCheckpoint: an async ``torch.save``, nvidia-resiliency-ext's names and contract.
+
+``async_save(state_dict, *args, **kwargs)`` takes what ``torch.save`` takes (a path or a
+file-like object, ``pickle_protocol``, ...) and writes what ``torch.save`` would have written
+at the call: the object is pickled in the trainer with every plain tensor replaced by a
+reference, each tensor storage is snapshotted by the worker (whole storages, so tensors that
+share one still share it in the file, with their offsets and strides), and the worker runs
+``torch.save`` on the rebuilt object. A path is written to a temporary file that is fsynced and
+renamed (never a half-written file under the name); a file-like object receives the bytes at
+finalize. Safety lives on the load side: ``torch.load(weights_only=True)`` refuses pickles.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import errno as errno_mod
+import io
 import os
+import pickle
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .engine import _STATE, SaveJob, _Staged, snapshot
+from .checkpointer import check_when_full
 from .errors import BadInputError, StorageError
-from .format import BigIntNode, BytesNode, DictNode, ListNode, Node, RefNode, ValueNode
-from .plan import plan_state
-from .queue import AsyncCallsQueue, AsyncRequest
-from .staging import SharedRegistry
+from .plan import INLINE_MAX
+from .queue import AsyncCallsQueue, Job, Stage
+from .runtime.messages import Kind
+from .runtime.protocol import SavePayload
+from .snapshot import SnapshotMode, SnapshotPolicy
+from .staging import SharedRegistry, SnapshotGuard, SnapshotSpec
 
-__all__ = ["TorchAsyncCheckpoint"]
+if TYPE_CHECKING:
+    from .runtime.context import WorkerContext
+    from .staging import Staged
+
+__all__ = ["TorchAsyncCheckpoint", "TorchSaveSink"]
+
+_TAG = "asyncckpt.tensor"
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_ALIGN = 64
 
 
 @dataclass
-class _TorchSaveResult:
-    path: str
+class _TensorRef:
+    storage: int  # index into TorchSaveJob.storages
+    dtype: torch.dtype
+    offset: int  # storage offset, in elements
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    requires_grad: bool
+    parameter: bool
+
+
+@dataclass
+class TorchSaveJob:
+    """One ``torch.save``: the pickled object with tensor references, and where the storages are staged."""
+
+    path: str | None  # None: return the bytes (the caller passed a file-like object)
+    skeleton: bytes
+    tensors: list[_TensorRef]
+    storages: list[tuple[int, int]]  # (slot offset, nbytes) of each storage
+    save_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"torch.save to {self.path or '<file object>'}"
+
+
+@dataclass
+class TorchSaveResult:
+    path: str | None
     nbytes: int
     seconds: float
+    data: bytes | None = None  # the file's bytes when the target was a file-like object
 
 
-def _rebuild(node: Node, staged: _Staged) -> Any:
-    job = staged.job
-    if isinstance(node, ValueNode):
-        return node.value
-    if isinstance(node, BigIntNode):
-        return int(node.value)
-    if isinstance(node, BytesNode):
-        return node.value
-    if isinstance(node, RefNode):
-        e = job.entries[node.index]
-        raw = staged.slot.tensor[e.offset : e.offset + e.nbytes]
-        if e.kind == "tensor":
-            from .dtypes import torch_dtype
+class _SkeletonPickler(pickle.Pickler):
+    """Pickles the state with each plain CPU/CUDA tensor replaced by a reference to it."""
 
-            # A storage of its own per tensor (a view over the staging slot, no copy), so
-            # torch.save writes each tensor as its own record.
-            if e.nbytes == 0:
-                return torch.empty(e.shape, dtype=torch_dtype(e.dtype))
-            t = torch.frombuffer(staged.slot.view[e.offset : e.offset + e.nbytes], dtype=torch.uint8)
-            return t.view(torch_dtype(e.dtype)).reshape(e.shape)
-        if e.kind == "ndarray":
-            import numpy as np
+    def __init__(self, file: io.BytesIO, found: list[torch.Tensor]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.found = found
+        self._ids: dict[int, int] = {}
 
-            return np.frombuffer(bytes(raw.numpy()), dtype=np.dtype(e.dtype)).reshape(e.shape)
-        import pickle
-
-        return pickle.loads(bytes(raw.numpy()))
-    if isinstance(node, DictNode):
-        return {k: _rebuild(v, staged) for k, v in zip(node.keys, node.values)}
-    if isinstance(node, ListNode):
-        items = [_rebuild(v, staged) for v in node.items]
-        return tuple(items) if node.tuple else items
-    raise TypeError(node)
+    def persistent_id(self, obj: Any) -> Any:
+        if type(obj) not in (torch.Tensor, torch.nn.Parameter):
+            return None
+        t: torch.Tensor = obj
+        if t.layout != torch.strided or t.device.type not in ("cpu", "cuda") or t.is_quantized:
+            return None  # pickled as torch pickles it (a copy, consistent at the call)
+        if t.is_conj() or t.is_neg() or getattr(t, "is_nested", False):
+            return None
+        i = self._ids.get(id(t))
+        if i is None:
+            i = self._ids[id(t)] = len(self.found)
+            self.found.append(t)
+        return (_TAG, i)
 
 
-def _torch_save_sync(staged: _Staged, path: str) -> _TorchSaveResult:
-    t0 = time.perf_counter()
-    obj = _rebuild(staged.job.tree, staged)
+class _SkeletonUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, tensors: list[torch.Tensor]) -> None:
+        super().__init__(file)
+        self.tensors = tensors
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) == 2 and pid[0] == _TAG:
+            return self.tensors[pid[1]]
+        raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+
+
+class _RecordingFile:
+    """A file wrapper that remembers the OSError of a failed write (torch.save turns it into a RuntimeError)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def seek(self, *a: Any) -> int:
+        return self.f.seek(*a)
+
+
+def _rebuild(job: TorchSaveJob, staged: Staged) -> Any:
+    storages = []
+    for off, n in job.storages:
+        buf = staged.slot.view[off : off + n]
+        storages.append(torch.frombuffer(buf, dtype=torch.uint8).untyped_storage() if n else torch.UntypedStorage(0))
+    tensors = []
+    for r in job.tensors:
+        # Built as a plain integer tensor of the same item size, then viewed as the dtype: a tensor
+        # created with a quantized dtype directly would carry an unusable quantizer.
+        base = _BITS.get(torch.empty((), dtype=r.dtype).element_size(), r.dtype)
+        t = torch.empty(0, dtype=base).set_(storages[r.storage], r.offset, r.size, r.stride)
+        if base != r.dtype:
+            t = t.view(r.dtype)
+        if r.parameter:
+            t = torch.nn.Parameter(t, requires_grad=r.requires_grad)
+        elif r.requires_grad:
+            t.requires_grad_(True)
+        tensors.append(t)
+    return _SkeletonUnpickler(io.BytesIO(job.skeleton), tensors).load()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_to_path(obj: Any, path: str, kwargs: dict[str, Any]) -> int:
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    rec: _RecordingFile | None = None
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            rec = _RecordingFile(f)
+            torch.save(obj, rec, **kwargs)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
+        _fsync_dir(os.path.dirname(path) or ".")
+        return os.path.getsize(path)
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise StorageError(exc.errno or 0, f"async torch.save to {path} failed: {exc}") from exc
-    return _TorchSaveResult(path, os.path.getsize(path), time.perf_counter() - t0)
+        cause = rec.error if rec is not None and rec.error is not None else exc
+        if isinstance(cause, OSError):
+            code = cause.errno or 0
+            hint = {errno_mod.ENOSPC: " (the disk is full)", errno_mod.EACCES: " (permission denied)",
+                    errno_mod.EROFS: " (read-only file system)", errno_mod.EDQUOT: " (disk quota exceeded)"}.get(code, "")
+            raise StorageError(code, f"async torch.save to {path} failed: {cause.strerror or cause}{hint}; "
+                               "no file was left behind and an earlier file of that name is intact") from exc
+        raise
 
 
-async def _write_torch(staged: _Staged, path: str) -> _TorchSaveResult:
-    import asyncio
+class TorchSaveSink:
+    """Runs ``torch.save`` in the worker on the object rebuilt over the staged storages."""
 
-    try:
-        return await asyncio.to_thread(_torch_save_sync, staged, path)
-    finally:
-        await _STATE.pool.release(staged.slot)
+    async def write(self, ctx: WorkerContext, job: TorchSaveJob, staged: Staged) -> TorchSaveResult:
+        t0 = time.perf_counter()
+
+        def run() -> TorchSaveResult:
+            obj = _rebuild(job, staged)
+            if job.path is None:
+                buf = io.BytesIO()
+                torch.save(obj, buf, **job.save_kwargs)
+                data = buf.getvalue()
+                return TorchSaveResult(None, len(data), time.perf_counter() - t0, data)
+            n = _save_to_path(obj, job.path, job.save_kwargs)
+            return TorchSaveResult(job.path, n, time.perf_counter() - t0)
+
+        return await asyncio.to_thread(run)
 
 
-async def _torch_job(staged: _Staged) -> _TorchSaveResult:
-    return await _write_torch(staged, staged.job.root)
+_SAVE_ARGS = ("f", "pickle_module", "pickle_protocol", "_use_new_zipfile_serialization", "_disable_byteorder_record")
 
 
 class TorchAsyncCheckpoint:
-    """Async ``torch.save``: ``async_save`` returns at once, ``finalize_async_save`` completes.
+    """Async ``torch.save`` (nvidia-resiliency-ext's ``TorchAsyncCheckpoint``, on asyncckpt's worker).
 
-    The file is written by the persistent worker from a snapshot of the state taken at the
-    call (wait with ``wait_snapshot()`` before mutating it) and is read by plain
-    ``torch.load(path, weights_only=True)``.
+    ``async_save(state_dict, f, ...)`` returns once the snapshot is taken (the NVRx contract; with
+    an attached optimizer, ``snapshot="auto"`` lets it return at once and ``optimizer.step()``
+    wait instead); ``finalize_async_save()`` completes finished saves (``blocking=True`` waits
+    for all); ``close()`` finishes everything. Files are read by ``torch.load``.
+
+    Args:
+        persistent_queue: NVRx's argument; the worker is always persistent.
+        snapshot: ``"auto"`` (default), ``"blocking"`` or ``"lazy"`` (see :mod:`asyncckpt.snapshot`).
+        optimizers / modules: attach their hooks (``optimizer.step()`` waits for the snapshot).
+        max_in_flight / when_full: saves in flight at most; ``"wait"`` or ``"skip"`` beyond.
+        finish_at_exit: saves pending at normal interpreter exit are finished (default).
     """
 
-    def __init__(self, *, max_in_flight: int = 2, allow_pickle: bool = False) -> None:
-        self.queue = AsyncCallsQueue(worker_options={"max_in_flight": max_in_flight})
-        self.allow_pickle = allow_pickle
+    async_fn = None  # NVRx's class attribute (the function its worker runs); unused here
+
+    def __init__(
+        self,
+        persistent_queue: bool = True,
+        *,
+        snapshot: SnapshotMode = "auto",
+        optimizers: Any = None,
+        modules: Any = None,
+        max_in_flight: int = 2,
+        when_full: str | None = None,
+        worker_options: dict[str, Any] | None = None,
+        finish_at_exit: bool = True,
+        allow_pickle: bool | None = None,
+    ) -> None:
+        if allow_pickle is not None:
+            warnings.warn("TorchAsyncCheckpoint(allow_pickle=...) is deprecated and ignored: it writes whatever "
+                          "torch.save writes; torch.load(weights_only=True) refuses pickles on load",
+                          DeprecationWarning, stacklevel=2)
+        if max_in_flight < 1:
+            raise BadInputError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        self.save = torch.save  # NVRx's attribute: the synchronous save
+        self.max_in_flight = max_in_flight
+        self.when_full = check_when_full(when_full, None, "TorchAsyncCheckpoint")
+        self._async_calls_queue = AsyncCallsQueue(
+            persistent_queue, worker_options={"max_in_flight": max_in_flight, **(worker_options or {})},
+            finish_at_exit=finish_at_exit,
+        )
+        self._policy = SnapshotPolicy(snapshot, self, TorchAsyncCheckpoint.wait_snapshot)
         self._registry = SharedRegistry()
         self._gen = -1
+        self._pending_files: dict[int, Any] = {}
+        self.skipped = 0
+        if optimizers is not None or modules is not None:
+            self.attach(optimizers, modules)
 
-    def async_save(self, state_dict: Any, path: str | os.PathLike[str], finalize_fns: list[Any] | None = None) -> int:
-        """Start writing ``state_dict`` to ``path`` in torch.save format; returns the call index."""
-        path = os.path.abspath(os.fspath(path))
-        parent = os.path.dirname(path)
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-            raise BadInputError(f"cannot write {path}: {parent} is not a writable directory")
-        plan = plan_state(state_dict, allow_pickle=self.allow_pickle)
+    @property
+    def queue(self) -> AsyncCallsQueue:
+        return self._async_calls_queue
+
+    def _get_async_calls_queue(self) -> AsyncCallsQueue:  # NVRx's test helper
+        return self._async_calls_queue
+
+    def attach(self, optimizers: Any = None, modules: Any = None) -> None:
+        """Make ``optimizer.step()`` (and module forward) wait for the snapshot, so saves can return at once."""
+        self._policy.attach(optimizers, modules)
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        if len(args) > len(_SAVE_ARGS):
+            raise BadInputError(f"async_save takes at most {len(_SAVE_ARGS)} positional arguments after the state, as torch.save")
+        bound = dict(zip(_SAVE_ARGS, args))
+        for k, v in kwargs.items():
+            if k in bound:
+                raise BadInputError(f"async_save got {k!r} twice")
+            if k not in _SAVE_ARGS:
+                raise BadInputError(f"async_save got an unexpected argument {k!r} (torch.save takes {', '.join(_SAVE_ARGS)})")
+            bound[k] = v
+        if "f" not in bound:
+            raise BadInputError("async_save needs a destination: async_save(state_dict, path_or_file)")
+        f = bound.pop("f")
+        if bound.get("pickle_module") is not None and bound["pickle_module"] is not pickle:
+            mod = bound["pickle_module"]
+            if not getattr(mod, "__name__", None):
+                raise BadInputError("pickle_module must be an importable module")
+        return f, bound
+
+    def async_save(self, state_dict: Any, *args: Any, finalize_fns: list[Any] | None = None, **kwargs: Any) -> int | None:
+        """Schedule ``torch.save(state_dict, *args, **kwargs)`` on the worker; returns its call index.
+
+        Returns None when the save was skipped (``when_full="skip"``). Bad arguments raise
+        BadInputError at once; a storage failure (ENOSPC, EACCES, EROFS) raises StorageError at
+        finalize and leaves no temporary file.
+        """
+        f, save_kwargs = self._bind(args, kwargs)
+        if isinstance(f, (str, os.PathLike)):
+            path: str | None = os.path.abspath(os.fspath(f))
+            parent = os.path.dirname(path)
+            if not os.path.isdir(parent):
+                raise BadInputError(f"cannot write {path}: its directory {parent} does not exist")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise BadInputError(f"cannot write {path}: {parent} is not writable by this process")
+            if os.path.isdir(path):
+                raise BadInputError(f"cannot write {path}: it is a directory")
+        elif callable(getattr(f, "write", None)):
+            path = None
+        else:
+            raise BadInputError(f"async_save: f must be a path or a writable file object, got {type(f).__name__}")
+        found: list[torch.Tensor] = []
+        buf = io.BytesIO()
+        try:
+            _SkeletonPickler(buf, found).dump(state_dict)
+        except Exception as exc:
+            raise BadInputError(f"async_save: the object cannot be pickled ({type(exc).__name__}: {exc})") from exc
+        if not self._slot_free():
+            self.skipped += 1
+            return None
+        job, spec, shared = self._plan(path, buf.getvalue(), found, save_kwargs)
+        mode = self._policy.decide(t for _, t in shared)
+        what = path or "a file object"
+        fns = list(finalize_fns or [])
+        holder: dict[str, int] = {}
+        if path is None:
+            fns.insert(0, lambda: self._deliver(holder["idx"], f))
+        call = Job([Stage(Kind.SAVE, SavePayload(TorchSaveSink(), spec, job))], fns, guard=SnapshotGuard(shared),
+                   label=f"torch.save to {what}", on_torn=lambda keys: self._policy.on_torn(what, keys))
+        holder["idx"] = idx = self.queue.schedule_job(call, snapshot=mode, world=1)
+        return idx
+
+    def _deliver(self, idx: int, f: Any) -> None:
+        res = self.queue.call_result(idx)
+        if isinstance(res, TorchSaveResult) and res.data is not None:
+            f.write(res.data)
+
+    def _slot_free(self) -> bool:
+        if self.queue.get_num_unfinalized_calls() < self.max_in_flight:
+            return True
+        self.finalize_async_save(blocking=False)
+        if self.when_full == "skip":
+            return self.queue.get_num_unfinalized_calls() < self.max_in_flight
+        while self.queue.get_num_unfinalized_calls() >= self.max_in_flight:
+            time.sleep(0.002)
+            self.finalize_async_save(blocking=False)
+        return True
+
+    def _plan(self, path: str | None, skeleton: bytes, found: list[torch.Tensor], save_kwargs: dict[str, Any]
+              ) -> tuple[TorchSaveJob, SnapshotSpec, list[tuple[str, torch.Tensor]]]:
+        """Lay out every distinct storage of ``found`` in the slot; small ones are copied now."""
         self.queue.start_worker()
         if self._gen != self.queue.worker_generation:
             self._registry.reset()
             self._gen = self.queue.worker_generation
-        if any(t.is_cuda for t in plan.tensors.values()):
+        order: dict[tuple[str, int], int] = {}
+        bases: list[torch.Tensor] = []
+        refs: list[_TensorRef] = []
+        for t in found:
+            key = _storage_key(t)
+            si = order.get(key)
+            if si is None:
+                si = order[key] = len(bases)
+                bases.append(torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage()))
+            refs.append(_TensorRef(si, t.dtype, t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+                                   t.requires_grad, type(t) is torch.nn.Parameter))
+        if any(b.is_cuda for b in bases):
             torch.cuda.current_stream().synchronize()
-        refs, new, release = self._registry.prepare(plan.tensors)
-        job = SaveJob(root=path, name=os.path.basename(path), rank=0, world_size=1, step=None,
-                      entries=plan.entries, tree=plan.tree, data_nbytes=plan.data_nbytes, refs=refs,
-                      inline=plan.inline, new_storages=new, release=release)
-        req = AsyncRequest(_torch_job, (job,), finalize_fns=list(finalize_fns or []), preload_fn=snapshot)
-        return self.queue.schedule_async_request(req)
+        layout: list[tuple[int, int]] = []
+        off = 0
+        big: dict[int, torch.Tensor] = {}
+        inline: list[tuple[int, bytes]] = []
+        for si, b in enumerate(bases):
+            off = -(-off // _ALIGN) * _ALIGN
+            n = b.numel()
+            layout.append((off, n))
+            if b.device.type == "cpu" and n <= INLINE_MAX:
+                inline.append((off, b.numpy().tobytes() if n else b""))
+            else:
+                big[si] = b
+            off += n
+        # Decided before prepare(): moving a storage to shared memory changes its address.
+        shared = [(f"tensor {i} {tuple(t.shape)}", t) for i, (t, r) in enumerate(zip(found, refs)) if r.storage in big]
+        sref, new, release = self._registry.prepare(big)
+        if new:
+            self._policy.storages_moved()
+        spec = SnapshotSpec(nbytes=off, copies=[(layout[si][0], r) for si, r in sref.items()], inline=inline,
+                            new_storages=new, release=release)
+        return TorchSaveJob(path, skeleton, refs, layout, save_kwargs), spec, shared
 
     def wait_snapshot(self, timeout: float | None = None) -> None:
+        """Block until every pending save's snapshot is taken (then the state may change)."""
         self.queue.wait_snapshot(timeout)
 
-    def finalize_async_save(self, blocking: bool = False, no_dist: bool = True) -> list[int]:
-        """Finish completed saves (all of them with ``blocking``); returns finalized call indices."""
-        return self.queue.maybe_finalize_async_calls(blocking=blocking, no_dist=no_dist)
+    def finalize_async_save(self, blocking: bool = False, no_dist: bool = True, terminate: bool = False) -> list[int]:
+        """Finish completed saves (all of them with ``blocking``); ``terminate`` closes the queue after.
 
-    def close(self) -> None:
-        if self.queue.get_num_unfinalized_calls():
-            self.finalize_async_save(blocking=True)
-        self.queue.close()
+        Returns the finalized call indices; a failed save raises its error here.
+        """
+        try:
+            return self.queue.maybe_finalize_async_calls(blocking=blocking, no_dist=no_dist)
+        finally:
+            if terminate:
+                self.close()
+
+    def close(self, abort: bool = False) -> None:
+        """Finish every pending save (unless ``abort``) and stop the worker."""
+        self._policy.close()
+        self.queue.close(abort=abort, no_dist=True)
 
     def __enter__(self) -> TorchAsyncCheckpoint:
         return self
@@ -152,3 +423,5 @@ class TorchAsyncCheckpoint:
         self.close()
 
 
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ctypes
 import importlib.util
+import mmap
 import os
 import shutil
 import time
@@ -612,10 +613,18 @@ class MemcpyFloor:
         return {"libc": t1 - t0, "torch": t2 - t1, "floor": min(t1 - t0, t2 - t1)}
 
 
-def raw_disk_write(buf: torch.Tensor, path: str, chunk: int = 16 * MiB, threads: int = 4) -> float:
-    """os.pwrite of ``buf`` in ``chunk`` pieces from a thread pool, fsync file + directory; seconds."""
-    view = memoryview(buf.numpy())
+#: The ways ``raw_disk_write`` writes the bytes; the fastest counts as the disk's limit.
+RAW_DISK_METHODS = (
+    ("pwrite 16 MiB x 4 threads + fsync", False, 16 * MiB, 4, "fsync"),
+    ("pwrite 32 MiB x 2 threads + fdatasync", False, 32 * MiB, 2, "fdatasync"),
+    ("O_DIRECT 32 MiB x 2 threads + fdatasync", True, 32 * MiB, 2, "fdatasync"),
+    ("O_DIRECT 64 MiB x 1 thread + fdatasync", True, 64 * MiB, 1, "fdatasync"),
+)
+
+
+def _raw_write_once(view: memoryview, path: str, direct: bool, chunk: int, threads: int, sync: str) -> float:
     n = len(view)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
 
     def one(i: int) -> None:
         part = view[i : min(n, i + chunk)]
@@ -625,11 +634,18 @@ def raw_disk_write(buf: torch.Tensor, path: str, chunk: int = 16 * MiB, threads:
             part, off = part[w:], off + w
 
     t0 = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(path, flags, 0o644)
     try:
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(one, range(0, n, chunk)))
-        os.fsync(fd)
+            list(pool.map(one, range(0, n - n % 4096 if direct else n, chunk)))
+        if direct and n % 4096:  # an unaligned tail goes through the page cache
+            tail = os.open(path, os.O_WRONLY)
+            try:
+                os.pwrite(tail, view[n - n % 4096 :], n - n % 4096)
+                getattr(os, sync)(tail)
+            finally:
+                os.close(tail)
+        getattr(os, sync)(fd)
     finally:
         os.close(fd)
     dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
@@ -640,6 +656,29 @@ def raw_disk_write(buf: torch.Tensor, path: str, chunk: int = 16 * MiB, threads:
     dt = time.perf_counter() - t0
     os.unlink(path)
     return dt
+
+
+def raw_disk_write(buf: torch.Tensor, path: str) -> tuple[float, str, dict[str, float]]:
+    """Write ``buf`` to ``path`` every way in RAW_DISK_METHODS (file and directory made durable);
+    returns (fastest seconds, its method, seconds of each method)."""
+    n = buf.numel() * buf.element_size()
+    aligned = mmap.mmap(-1, max(n, 1))  # page-aligned, as O_DIRECT needs
+    view = memoryview(aligned)[:n]
+    view[:] = memoryview(buf.numpy()).cast("B")
+    times: dict[str, float] = {}
+    try:
+        for name, direct, chunk, threads, sync in RAW_DISK_METHODS:
+            if direct and not hasattr(os, "O_DIRECT"):
+                continue
+            try:
+                times[name] = _raw_write_once(view, path, direct, chunk, threads, sync)
+            except OSError:  # e.g. O_DIRECT refused by this filesystem
+                continue
+    finally:
+        view.release()
+        aligned.close()
+    best = min(times, key=times.__getitem__)
+    return times[best], best, times
 
 
 def raw_s3_upload(buf: torch.Tensor, uri: str, options: dict[str, Any], part: int = 32 * MiB,

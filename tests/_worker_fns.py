@@ -44,3 +44,16 @@ def sleep(seconds: float) -> float:
 
 def die() -> None:
     os._exit(17)
+
+
+def clone(t):
+    """An NVRx-style preload_fn (bound with functools.partial): the staged copy."""
+    return t.clone()
+
+
+def save_second(path: str, staged) -> str:
+    """An NVRx-style async_fn: its second argument is what the preload_fn returned."""
+    import torch
+
+    torch.save(staged, path)
+    return path

@@ -2,6 +2,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,3 +38,19 @@ def shared_ckpt():
     c = asyncckpt.AsyncCheckpointer()
     yield c
     c.close(abort=True)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs mounted at a fresh directory (root only; CI runs as root); always unmounted."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (the disk-full tests run as root in CI)")
+    mnt = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
+    mnt.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip() or p.returncode}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

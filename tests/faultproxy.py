@@ -1,4 +1,4 @@
-"""An asyncio TCP proxy on 127.0.0.1 that injects S3 faults, for tests.
+"""An asyncio TCP proxy on 127.0.0.1 that injects object-store faults (S3, GCS, Azure Blob), for tests.
 
 It runs its own event loop on a daemon thread, so synchronous and async tests alike can
 switch faults on between (or during) requests. It parses HTTP/1.1 just enough (request
@@ -8,8 +8,8 @@ both directions are pumped at once, so ``Expect: 100-continue`` works.
 Faults, each for the next ``count`` requests whose ``"METHOD target"`` matches the regex
 ``match`` (every request when None):
 
-- `error`: answer ``status`` with an S3 XML error body (503 SlowDown, 500 InternalError...)
-  without forwarding the request;
+- `error`: answer ``status`` with an XML error body ``<Error><Code>code</Code>...`` (the shape
+  S3 and Azure Blob use; GCS clients go by the status) without forwarding the request;
 - `reset_request`: forward ``after`` bytes of the request body, then reset both connections;
 - `reset_response`: forward ``after`` bytes of the response body, then reset both connections;
 - `cut_response`: forward ``after`` bytes of the response body, then close cleanly (FIN)
@@ -94,7 +94,7 @@ def _close(writer: asyncio.StreamWriter | None) -> None:
 
 
 class FaultProxy:
-    """A loopback TCP proxy in front of one S3 endpoint, with switchable faults."""
+    """A loopback TCP proxy in front of one HTTP object-store endpoint, with switchable faults."""
 
     def __init__(self, upstream_url: str, *, max_connections: int = 256) -> None:
         parts = urlsplit(upstream_url)

@@ -1,4 +1,5 @@
-"""Pytest plugin: real S3 servers on 127.0.0.1 (moto, SeaweedFS) and the fault proxy.
+"""Pytest plugin: real object-store servers on 127.0.0.1 (moto, SeaweedFS; Azurite and fake-gcs-server
+from `tests.object_servers`) and the fault proxy.
 
 Loaded from tests/conftest.py with ``pytest_plugins = ["tests.s3_servers"]``. Servers are
 started by the tests on free loopback ports and stopped by PID (SeaweedFS) or by moto's
@@ -26,6 +27,10 @@ from typing import Any
 import pytest
 
 from tests.faultproxy import FaultProxy
+from tests.object_servers import azurite_container, azurite_server, gcs_bucket, gcs_server
+
+# Fixtures of the other emulators, served by this plugin too.
+_EMULATOR_FIXTURES = (azurite_container, azurite_server, gcs_bucket, gcs_server)
 
 __all__ = [
     "MotoServer",

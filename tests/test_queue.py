@@ -64,7 +64,10 @@ def test_error_in_worker_reaches_finalize_with_traceback_and_worker_survives(q, 
     ok = q.schedule_async_request(AsyncRequest(fns.echo, ("after",)))
     with pytest.raises(asyncckpt.WorkerError, match="boom in worker") as ei:
         q.maybe_finalize_async_calls(blocking=True, no_dist=True)
-    assert "worker traceback" in str(ei.value) and "_worker_fns.py" in str(ei.value)
+    msg = str(ei.value)
+    assert "_worker_fns.py" in msg and "in fail" in msg and len(msg.splitlines()) == 1  # one frame line
+    assert "Traceback (most recent call last)" in ei.value.worker_traceback  # the whole traceback, kept aside
+    assert isinstance(ei.value.worker_exception, RuntimeError)
     assert ran == []  # a failed request's finalize callbacks never run
     assert q.maybe_finalize_async_calls(blocking=True, no_dist=True) == [ok]
     assert q.worker_pid == pid  # the same persistent worker served all of it

@@ -8,6 +8,11 @@
 - :func:`async_save`: the one-call helper (like ``dcp.async_save``), returning a handle.
 - :class:`AsyncStorageReader`: parallel ranged reads with checksum verification, any
   asyncckpt storage backend; resharding N -> M ranks through DCP's planner.
+- :class:`DcpCheckpointException`: what a failed save raises on every rank (DCP's
+  ``CheckpointException`` and an asyncckpt ``CheckpointError``).
+
+Both classes take ``FileSystemWriter`` / ``FileSystemReader``'s arguments (stream extensions
+included), so swapping the class is the whole change.
 
 Local checkpoints are read by plain ``torch.distributed.checkpoint.load`` too.
 """
@@ -18,6 +23,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._errors import DcpCheckpointException
+    from .cache import CheckpointMetadataCache, get_metadata_caching_status, init_checkpoint_metadata_cache
     from .reader import AsyncStorageReader
     from .saver import (
         AsyncSaveHandle,
@@ -34,6 +41,10 @@ if TYPE_CHECKING:
 # Imported on first use: the worker process imports this package to unpickle its routines
 # (asyncckpt.dcp._worker) and must not pay for importing torch.distributed.checkpoint.
 _WHERE = {
+    "CheckpointMetadataCache": "cache",
+    "DcpCheckpointException": "_errors",
+    "get_metadata_caching_status": "cache",
+    "init_checkpoint_metadata_cache": "cache",
     "AsyncStorageReader": "reader",
     "AsyncStorageWriter": "writer",
     "AsyncSaveHandle": "saver",
@@ -51,10 +62,14 @@ __all__ = [
     "AsyncSavePlan",
     "AsyncStorageReader",
     "AsyncStorageWriter",
+    "CheckpointMetadataCache",
+    "DcpCheckpointException",
     "async_save",
     "close_async_saves",
     "default_queue",
     "finalize_async_saves",
+    "get_metadata_caching_status",
+    "init_checkpoint_metadata_cache",
     "save_state_dict_async_finalize",
     "save_state_dict_async_plan",
 ]

@@ -11,6 +11,13 @@ plus records that the stock FileSystemReader never opens::
     NAME/__0.checksums      rank 0's items: file, offset, length, CRC32C (msgpack; by rank 0's worker)
     NAME/.checksums         every item plus the CRC32C of .metadata (msgpack; before .metadata)
     NAME/COMMIT             asyncckpt commit record of kind "dcp" (after .metadata)
+
+Saved without collectives (``use_collectives=False``) every rank commits its own part instead:
+``NAME/__R.metadata`` (DCP's per-rank metadata) and ``NAME/__R.metadata.checksums`` (its index);
+there is no ``.metadata`` and no COMMIT record then.
+
+An item written through DCP stream extensions (``_extensions=[ZStandard()]``) records its
+transform descriptors (record version 2); its CRC32C covers the bytes as stored.
 """
 
 from __future__ import annotations
@@ -38,12 +45,16 @@ __all__ = [
     "decode_index",
     "decode_rank_record",
     "encode_record",
+    "item_transforms",
     "load_metadata",
+    "rank_index_file",
+    "rank_metadata_file",
     "rank_record_file",
+    "record_version",
 ]
 
 DCP_FORMAT = "asyncckpt-dcp"
-DCP_FORMAT_VERSION = 1
+DCP_FORMAT_VERSION = 2  # 2: items may carry stream transform descriptors (written only when they do)
 METADATA_FILE = ".metadata"
 CHECKSUMS_FILE = ".checksums"
 _MAX_ITEMS = 50_000_000
@@ -51,6 +62,16 @@ _MAX_ITEMS = 50_000_000
 
 def rank_record_file(rank: int) -> str:
     return f"__{rank}.checksums"
+
+
+def rank_metadata_file(rank: int) -> str:
+    """DCP's per-rank metadata file (saves without collectives)."""
+    return f"__{rank}{METADATA_FILE}"
+
+
+def rank_index_file(rank: int) -> str:
+    """asyncckpt's index of a per-rank metadata file (saves without collectives)."""
+    return f"__{rank}{METADATA_FILE}{CHECKSUMS_FILE}"
 
 
 def data_file_name(prefix: str, index: int) -> str:
@@ -75,7 +96,7 @@ class FileRecord(msgspec.Struct, array_like=True, frozen=True):
     nbytes: int
 
 
-class RankRecord(msgspec.Struct, frozen=True):
+class RankRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     format: str
     version: int
     save_id: str
@@ -84,9 +105,10 @@ class RankRecord(msgspec.Struct, frozen=True):
     files: list[FileRecord]
     items: list[ItemRecord]
     created: float = 0.0
+    transforms: list[list[str] | None] | None = None  # per item: DCP stream transform descriptors (version 2)
 
 
-class IndexRecord(msgspec.Struct, frozen=True):
+class IndexRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     format: str
     version: int
     save_id: str
@@ -97,6 +119,17 @@ class IndexRecord(msgspec.Struct, frozen=True):
     files: list[FileRecord]
     items: list[ItemRecord]
     created: float = 0.0
+    transforms: list[list[str] | None] | None = None  # per item, as in RankRecord
+
+
+def record_version(transforms: list[list[str] | None] | None) -> int:
+    """The lowest record version that holds these per-item transforms (1 when none has any)."""
+    return 2 if transforms and any(transforms) else 1
+
+
+def item_transforms(rec: RankRecord | IndexRecord) -> list[list[str] | None]:
+    """The stream transform descriptors of each of ``rec.items`` (None: stored as is)."""
+    return list(rec.transforms) if rec.transforms is not None else [None] * len(rec.items)
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -108,7 +141,8 @@ def encode_record(rec: RankRecord | IndexRecord) -> bytes:
     return _enc.encode(rec)
 
 
-def _check(fmt: str, version: int, algo: str, files: list[FileRecord], items: list[ItemRecord], where: str) -> None:
+def _check(fmt: str, version: int, algo: str, files: list[FileRecord], items: list[ItemRecord], where: str,
+           transforms: list[list[str] | None] | None = None) -> None:
     if fmt != DCP_FORMAT:
         raise FormatError(f"{where}: not an asyncckpt DCP checksum record (format {fmt!r})")
     if not 1 <= version <= DCP_FORMAT_VERSION:
@@ -119,6 +153,8 @@ def _check(fmt: str, version: int, algo: str, files: list[FileRecord], items: li
         raise FormatError(f"{where}: unknown checksum algorithm {algo!r}")
     if len(items) > _MAX_ITEMS:
         raise FormatError(f"{where}: {len(items)} items is more than this reader accepts")
+    if transforms is not None and len(transforms) != len(items):
+        raise FormatError(f"{where}: {len(transforms)} transform entries for {len(items)} items")
     sizes = {f.name: f.nbytes for f in files}
     for it in items:
         size = sizes.get(it.file)
@@ -136,7 +172,7 @@ def decode_rank_record(data: bytes, where: str) -> RankRecord:
         rec = _rank_dec.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise FormatError(f"{where}: checksum record is malformed ({exc})") from exc
-    _check(rec.format, rec.version, rec.checksum_algo, rec.files, rec.items, where)
+    _check(rec.format, rec.version, rec.checksum_algo, rec.files, rec.items, where, rec.transforms)
     return rec
 
 
@@ -145,7 +181,7 @@ def decode_index(data: bytes, where: str) -> IndexRecord:
         rec = _index_dec.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise FormatError(f"{where}: checksum index is malformed ({exc})") from exc
-    _check(rec.format, rec.version, rec.checksum_algo, rec.files, rec.items, where)
+    _check(rec.format, rec.version, rec.checksum_algo, rec.files, rec.items, where, rec.transforms)
     return rec
 
 

@@ -1,7 +1,9 @@
 """Serializing DCP items into ``.distcp`` files, streamed in checksummed parts to a storage backend.
 
 Each item is written exactly as torch's FileSystemWriter writes it: a tensor as its own
-``torch.save`` archive, a bytes item raw; items follow each other with no gaps. The bytes are
+``torch.save`` archive, a bytes item raw; items follow each other with no gaps. With DCP stream
+extensions (``_extensions=[ZStandard()]``) each item goes through the extensions' ``transform_to``
+streams, as FileSystemWriter does, and its descriptors are recorded. The bytes are
 streamed through :class:`PartSink` (runs on a plain thread) into ``chunk_size`` parts that are
 written by the backend on its event loop, several in flight, so memory stays at
 ``(concurrency + 1) * chunk_size`` per file whatever the checkpoint size.
@@ -13,7 +15,7 @@ import asyncio
 import concurrent.futures
 import io
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +26,7 @@ from ..format import checksum
 from ..storage import ObjectWriter, Storage, join_key
 from ._format import FileRecord, ItemRecord
 
-__all__ = ["FileSpec", "ItemSpec", "PartSink", "exact_cpu_tensor", "write_file"]
+__all__ = ["FileSpec", "ItemSpec", "PartSink", "exact_cpu_tensor", "transform_stream", "write_file"]
 
 
 @dataclass
@@ -181,6 +183,32 @@ class PartSink(io.RawIOBase):
                 pass
 
 
+class _NoClose(io.RawIOBase):
+    """The part sink as an extension's output: closing the transform must not close the file."""
+
+    def __init__(self, sink: PartSink) -> None:
+        super().__init__()
+        self._sink = sink
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        return self._sink.write(b)
+
+    def close(self) -> None:  # the transform closes its output when it ends; the file goes on
+        return None
+
+
+def transform_stream(sink: PartSink, extensions: Sequence[Any]) -> tuple[Any, list[str]]:
+    """Stack ``extensions``' ``transform_to`` over ``sink``; also return the descriptors to record
+    (outermost transform last, the order DCP's readers undo them in)."""
+    out: Any = _NoClose(sink)
+    for ex in extensions:
+        out = ex.transform_to(out)
+    return out, [ex.get_descriptor() for ex in reversed(extensions)]
+
+
 def write_file(
     loop: asyncio.AbstractEventLoop,
     storage: Storage,
@@ -191,11 +219,16 @@ def write_file(
     *,
     chunk_size: int,
     concurrency: int,
-) -> tuple[FileRecord, list[ItemRecord]]:
-    """Serialize ``spec``'s items into ``name/spec.name`` (call from a thread, not ``loop``'s)."""
+    extensions: Sequence[Any] = (),
+) -> tuple[FileRecord, list[ItemRecord], list[list[str] | None]]:
+    """Serialize ``spec``'s items into ``name/spec.name`` (call from a thread, not ``loop``'s).
+
+    Returns the file's record, its items' records and each item's transform descriptors.
+    """
     key = join_key(name, spec.name)
     sink = PartSink(loop, storage, key, chunk_size, concurrency)
     records: list[ItemRecord] = []
+    transforms: list[list[str] | None] = []
     try:
         # Bytes items first, then tensors: the order FileSystemWriter uses.
         order = [i for i in spec.items if items[i].kind == "bytes"] + [i for i in spec.items if items[i].kind != "bytes"]
@@ -203,11 +236,15 @@ def write_file(
             it = items[i]
             start = sink.start_item()
             data = get_data(i)
+            out, descriptors = transform_stream(sink, extensions) if extensions else (sink, [])
             if it.kind == "bytes":
-                sink.write(data)
+                out.write(data)
             else:
-                torch.save(data, sink)
-            del data
+                torch.save(data, out)
+            if extensions:
+                out.close()  # flushes the transforms' last bytes into the sink
+            transforms.append(descriptors or None)
+            del data, out
             records.append(
                 ItemRecord(
                     fqn=it.fqn,
@@ -226,4 +263,4 @@ def write_file(
         if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
             raise StorageError(f"writing {storage.uri}/{key} failed: {type(exc).__name__}: {exc}") from exc
         raise
-    return FileRecord(name=spec.name, nbytes=sink.pos), records
+    return FileRecord(name=spec.name, nbytes=sink.pos), records, transforms

@@ -29,9 +29,22 @@ from .._loop import _get_loop, gather_or_cancel, run_sync
 from ..errors import BadInputError, CheckpointNotFoundError, FormatError, IntegrityError
 from ..format import checksum
 from ..storage import Storage, join_key, open_storage, split_uri
-from ._format import CHECKSUMS_FILE, METADATA_FILE, IndexRecord, decode_index, load_metadata
+from ._format import (
+    CHECKSUMS_FILE,
+    METADATA_FILE,
+    IndexRecord,
+    decode_index,
+    load_metadata,
+    rank_index_file,
+    rank_metadata_file,
+)
 
-__all__ = ["AsyncStorageReader"]
+__all__ = ["SAFE_LEAF_TYPES", "AsyncStorageReader"]
+
+#: Non-tensor values DCP stores as pickled bytes items that load without ``allow_pickle`` (beyond
+#: what torch's weights-only unpickler accepts anyway: numbers, strings, containers, torch.Size,
+#: dtypes): ``io.BytesIO``, a DCP leaf type.
+SAFE_LEAF_TYPES: list[Any] = [io.BytesIO]
 
 
 class _MemReader(io.RawIOBase):
@@ -79,6 +92,8 @@ class AsyncStorageReader(StorageReader):
 
     Args:
         path: the checkpoint (directory or URI).
+        _extension_registry: as ``FileSystemReader``'s: where the stream extensions named in
+            ``.metadata`` (``stream.zstd/1``, your own) are looked up (default: DCP's registry).
         verify: check every item's CRC32C and the metadata's against ``.checksums`` (written by
             :class:`AsyncStorageWriter`). A checkpoint without one (written by another writer)
             needs ``verify=False``.
@@ -98,6 +113,7 @@ class AsyncStorageReader(StorageReader):
     def __init__(
         self,
         path: str | os.PathLike[str],
+        _extension_registry: Any = None,
         *,
         verify: bool = True,
         allow_pickle: bool = False,
@@ -119,6 +135,17 @@ class AsyncStorageReader(StorageReader):
         self.max_inflight_bytes = max_inflight_bytes
         self.storage_options = dict(storage_options or {})
         self._given_storage = storage
+        if _extension_registry is None:
+            from torch.distributed.checkpoint._extension import ExtensionRegistry
+
+            _extension_registry = ExtensionRegistry()
+        elif not callable(getattr(_extension_registry, "from_descriptor_list", None)):
+            raise BadInputError(
+                f"_extension_registry must be a DCP ExtensionRegistry, got {type(_extension_registry).__name__}"
+            )
+        self.extension_registry = _extension_registry
+        self.rank: int | None = None
+        self.use_collectives = True
         self.storage_data: dict[MetadataIndex, Any] = {}
         self._crcs: dict[tuple[str, int, int], int] = {}
         self.load_id = str(uuid.uuid4())
@@ -148,7 +175,9 @@ class AsyncStorageReader(StorageReader):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         p = os.fspath(checkpoint_id)
-        return "://" not in p or p.startswith(("s3://", "file://"))
+        from ..storage import supports_uri  # the registry knows every scheme, plug-ins included
+
+        return supports_uri(p)
 
     # -- StorageReader protocol -------------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -158,8 +187,9 @@ class AsyncStorageReader(StorageReader):
             self._set_path(checkpoint_id)
         self.load_id = str(uuid.uuid4())
 
-    def read_metadata(self) -> Metadata:
-        md, index = run_sync(self._read_metadata())
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        """The checkpoint's Metadata (``rank=R``: rank R's own, of a save without collectives)."""
+        md, index = run_sync(self._read_metadata(kwargs.get("rank")))
         if index is not None:
             self._crcs = {(it.file, it.offset, it.length): it.crc32c for it in index.items}
         if getattr(md, "storage_meta", None) is None:
@@ -167,9 +197,12 @@ class AsyncStorageReader(StorageReader):
         md.storage_meta.load_id = self.load_id
         return md
 
-    async def _read_metadata(self) -> tuple[Metadata, IndexRecord | None]:
+    async def _read_metadata(self, rank: int | None) -> tuple[Metadata, IndexRecord | None]:
         storage = self._storage()
-        mkey, ikey = join_key(self.name, METADATA_FILE), join_key(self.name, CHECKSUMS_FILE)
+        if rank is None:
+            mkey, ikey = join_key(self.name, METADATA_FILE), join_key(self.name, CHECKSUMS_FILE)
+        else:
+            mkey, ikey = join_key(self.name, rank_metadata_file(rank)), join_key(self.name, rank_index_file(rank))
         where = f"{storage.uri}/{mkey}"
         try:
             try:
@@ -204,11 +237,9 @@ class AsyncStorageReader(StorageReader):
         if metadata.storage_data is None:
             raise FormatError(f"{self.uri}: the metadata has no storage_data")
         self.storage_data = metadata.storage_data
-        if self.verify:
-            for sidx, info in self.storage_data.items():
-                if getattr(info, "transform_descriptors", None):
-                    raise FormatError(f"{self.uri}: item {sidx.fqn!r} uses stream transforms {info.transform_descriptors}, "
-                                      "which this reader does not support")
+        rank = kwargs.get("rank")
+        self.rank = int(rank) if rank is not None else None
+        self.use_collectives = bool(kwargs.get("use_collectives", True))
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -303,11 +334,43 @@ class AsyncStorageReader(StorageReader):
             for _, fut in inflight:
                 fut.cancel()
 
+    def _untransform(self, where: str, sidx: MetadataIndex, raw: memoryview) -> Any:
+        """The item's bytes with its stream transforms undone (``raw`` itself when it has none)."""
+        descriptors = getattr(self.storage_data.get(sidx), "transform_descriptors", None)
+        if not descriptors:
+            return raw
+        try:
+            extensions = self.extension_registry.from_descriptor_list(descriptors)
+        except Exception as exc:
+            raise FormatError(
+                f"{where}: item {sidx.fqn!r} was written through the stream transform(s) {list(descriptors)}, which "
+                f"cannot be undone here ({type(exc).__name__}: {exc}). Register the extension's class in a DCP "
+                "ExtensionRegistry and pass it as _extension_registry, or install what it needs (e.g. zstandard)."
+            ) from exc
+        stream: Any = _MemReader(raw)
+        for ex in extensions:
+            if callable(getattr(ex, "transform_from", None)):
+                stream = ex.transform_from(stream)
+        try:
+            chunks = []
+            while True:
+                b = stream.read(1 << 20)
+                if not b:
+                    break
+                chunks.append(b)
+        except Exception as exc:
+            raise IntegrityError(
+                f"{where}: item {sidx.fqn!r} cannot be decoded by its stream transform(s) {list(descriptors)} "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        return memoryview(b"".join(chunks))
+
     def _check_bytes_item(self, where: str, sidx: MetadataIndex, raw: memoryview) -> None:
         if self.allow_pickle:
             return
         try:
-            torch.load(_MemReader(raw), map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(SAFE_LEAF_TYPES):  # DCP's leaf types besides tensors
+                torch.load(_MemReader(raw), map_location="cpu", weights_only=True)
         except Exception as exc:
             raise BadInputError(
                 f"{where}: item {sidx.fqn!r} holds a pickled object that torch's weights-only loader refuses "
@@ -326,7 +389,7 @@ class AsyncStorageReader(StorageReader):
             for r, buf in batches:
                 where = f"{storage.uri}/{join_key(self.name, r.file)}"
                 for sidx, off, length in r.members:
-                    raw = memoryview(buf)[off - r.start : off - r.start + length]
+                    raw = self._untransform(where, sidx, memoryview(buf)[off - r.start : off - r.start + length])
                     items = reqs[sidx]
                     if items[0].type == LoadItemType.BYTE_IO:
                         self._check_bytes_item(where, sidx, raw)

@@ -1,28 +1,58 @@
-"""The storage protocol every backend implements.
+"""The storage seam: the protocol every backend implements, and the capabilities it declares.
 
 A backend moves bytes for keys (``/``-separated, relative to the backend's root).
 Chunking, checksums and concurrency live above it, in the engine, written once.
+Optional behaviour is *declared* in ``Storage.capabilities`` (a `Capabilities`), never probed:
+a caller checks the flag, then calls the matching method of `AbortsIncompleteUploads` or
+`CleansTempFiles`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["ObjectWriter", "Storage"]
+__all__ = ["AbortsIncompleteUploads", "Capabilities", "CleansTempFiles", "ObjectWriter", "Storage"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend offers beyond the protocol's minimum (all off by default).
+
+    - ``conditional_put``: ``put_record(..., if_absent=True)`` is atomic on the store (two racing
+      writers: exactly one gets True). Without it the backend falls back to a check-then-write.
+    - ``abort_incomplete``: the backend has ``abort_incomplete_uploads(prefix)``
+      (`AbortsIncompleteUploads`) that removes what torn uploads left under a prefix.
+    - ``server_checksum``: the name of the checksum the *store* verifies on upload when the
+      caller passes it to ``write_part(..., crc32c=)`` (``"crc32c"``), or None.
+    - ``cleanup_temp``: the backend has ``cleanup_temp(prefix)`` (`CleansTempFiles`) that
+      removes local temporary files of torn writes.
+    """
+
+    conditional_put: bool = False
+    abort_incomplete: bool = False
+    server_checksum: str | None = None
+    cleanup_temp: bool = False
 
 
 @runtime_checkable
 class ObjectWriter(Protocol):
     """A streaming writer for one key; nothing is visible under the key before `commit`."""
 
-    async def write_part(self, index: int, offset: int, data: memoryview) -> None:
+    async def write_part(self, index: int, offset: int, data: memoryview, *, crc32c: int | None = None) -> None:
         """Write part ``index`` (0-based, contiguous, all but the last at least 5 MiB) at ``offset``.
 
-        Calls may run concurrently; ``data`` may be reused by the caller once the call returns.
+        Calls may run concurrently and out of order; ``data`` may be reused by the caller once the
+        call returns. ``crc32c`` is the CRC32C of ``data`` when the caller computed it: a backend
+        whose store verifies checksums sends it (``Capabilities.server_checksum``) instead of
+        computing it again; others ignore it.
         """
 
     async def commit(self) -> None:
-        """Make the object durable and visible under its key (fsync + rename / multipart complete)."""
+        """Make the object visible under its key with its bytes durable (multipart complete; local:
+        fdatasync + rename). Its name is durable no later than the next ``put_record`` on the same
+        storage returns (local: directory fsyncs are batched with the record that names the file,
+        which every format writes after its data)."""
 
     async def abort(self) -> None:
         """Discard everything written; safe to call more than once and after a failed commit."""
@@ -30,9 +60,15 @@ class ObjectWriter(Protocol):
 
 @runtime_checkable
 class Storage(Protocol):
-    """One root (a directory, a bucket prefix, tiers of both) holding checkpoints."""
+    """One root (a directory, a bucket prefix, a container prefix) holding checkpoints.
+
+    Every failure leaves as a `asyncckpt.errors.StorageError` from the error tree
+    (`TransientStorageError` / `PermanentStorageError` and their subclasses), a missing key as
+    `StorageNotFoundError`, a short object or a bad key as `IntegrityError`.
+    """
 
     uri: str
+    capabilities: Capabilities
 
     async def open_writer(self, key: str, size_hint: int | None = None) -> ObjectWriter:
         """Open a streaming writer for ``key``; ``size_hint`` is the total size when known."""
@@ -44,7 +80,7 @@ class Storage(Protocol):
         """Return the whole object (meant for small records: manifests, commit records)."""
 
     async def size(self, key: str) -> int:
-        """Return the object's size; CheckpointNotFoundError when absent."""
+        """Return the object's size; StorageNotFoundError when absent."""
 
     async def exists(self, key: str) -> bool: ...
 
@@ -58,3 +94,19 @@ class Storage(Protocol):
         """Atomically put a small record. With ``if_absent``, return False (and change nothing) if it exists."""
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class AbortsIncompleteUploads(Protocol):
+    """Offered where ``capabilities.abort_incomplete`` is True."""
+
+    async def abort_incomplete_uploads(self, prefix: str = "") -> int:
+        """Remove every unfinished upload for ``prefix`` (a key or a folder); return how many."""
+
+
+@runtime_checkable
+class CleansTempFiles(Protocol):
+    """Offered where ``capabilities.cleanup_temp`` is True."""
+
+    async def cleanup_temp(self, prefix: str = "") -> int:
+        """Remove temporary files of torn writes under ``prefix``; return how many."""

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from ..errors import IntegrityError
 
-__all__ = ["check_key", "join_key"]
+__all__ = ["TEMP_MARK", "check_key", "is_temp_key", "join_key"]
+
+# Names holding this mark are a backend's temporary objects/files (torn writes, upload parts):
+# never listed, removed by cleanup. A key a user saves must not contain it.
+TEMP_MARK = ".tmp-"
 
 
 def check_key(key: str) -> str:
@@ -23,3 +27,8 @@ def check_key(key: str) -> str:
 def join_key(*parts: str) -> str:
     """Join key parts with ``/``, skipping empty ones, and validate the result."""
     return check_key("/".join(p.strip("/") for p in parts if p and p.strip("/")))
+
+
+def is_temp_key(key: str) -> bool:
+    """Whether ``key`` names a backend's temporary object or file (see `TEMP_MARK`)."""
+    return TEMP_MARK in key

@@ -3,27 +3,44 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import os
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..errors import CheckpointNotFoundError, IntegrityError, StorageError
-from .keys import check_key
+from ..errors import (
+    IntegrityError,
+    PermanentStorageError,
+    StorageError,
+    StorageNotFoundError,
+    StoragePermissionError,
+    TransientStorageError,
+)
+from .base import Capabilities
+from .keys import TEMP_MARK, check_key
 
 __all__ = ["LocalStorage"]
 
-_TMP_MARK = ".tmp-"
+_TMP_MARK = TEMP_MARK
+_IO_ALIGN = 4096  # O_DIRECT: buffer address, offset and length must be multiples of this
+_DIRECT_MIN = 16 << 20  # files at least this large write their aligned parts with O_DIRECT
 
 
 def _storage_error(op: str, path: str | os.PathLike[str], exc: OSError) -> StorageError:
     hint = ""
+    cls: type[StorageError] = StorageError
     if exc.errno == errno.ENOSPC:
         hint = " (the disk is full: free space or choose another destination)"
+        cls = PermanentStorageError
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         hint = " (the destination is not writable: check permissions or mount options)"
-    err = StorageError(exc.errno or 0, f"{op} failed for {os.fspath(path)!s}: {exc.strerror or exc}{hint}")
+        cls = StoragePermissionError
+    elif exc.errno in (errno.EINTR, errno.EAGAIN, errno.ETIMEDOUT, errno.ESTALE):
+        cls = TransientStorageError
+    err = cls(exc.errno or 0, f"{op} failed for {os.fspath(path)!s}: {exc.strerror or exc}{hint}")
     err.__cause__ = exc
     return err
 
@@ -59,19 +76,38 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += n
 
 
+def _address(data: memoryview) -> int | None:
+    """The address of a writable buffer's first byte (None for read-only buffers)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(data))
+    except (TypeError, ValueError, BufferError):
+        return None
+
+
 class _LocalWriter:
-    def __init__(self, storage: LocalStorage, final: Path, tmp: Path, fd: int) -> None:
+    """Parts go to a temp file (aligned parts of a large file with O_DIRECT: no page-cache copy),
+    which ``commit`` makes durable (fdatasync) and renames; its directory entry is made durable
+    with the next record put on this storage (the record that names the file)."""
+
+    def __init__(self, storage: LocalStorage, final: Path, tmp: Path, fd: int, direct_fd: int | None) -> None:
         self._storage = storage
         self._final = final
         self._tmp = tmp
         self._fd: int | None = fd
+        self._direct_fd = direct_fd
         self._end = 0
 
-    async def write_part(self, index: int, offset: int, data: memoryview) -> None:
+    async def write_part(self, index: int, offset: int, data: memoryview, *, crc32c: int | None = None) -> None:
         fd = self._fd
         if fd is None:
             raise StorageError(f"write to {self._final} after commit/abort")
         self._end = max(self._end, offset + len(data))
+        direct = self._direct_fd
+        if direct is not None and offset % _IO_ALIGN == 0 and len(data) % _IO_ALIGN == 0:
+            addr = _address(data)
+            if addr is not None and addr % _IO_ALIGN == 0:
+                await self._storage._run(self._pwrite_direct, direct, fd, data, offset)
+                return
         await self._storage._run(self._pwrite, fd, data, offset)
 
     def _pwrite(self, fd: int, data: memoryview, offset: int) -> None:
@@ -80,20 +116,35 @@ class _LocalWriter:
         except OSError as exc:
             raise _storage_error("write", self._tmp, exc) from exc
 
+    def _pwrite_direct(self, direct: int, fd: int, data: memoryview, offset: int) -> None:
+        try:
+            _pwrite_all(direct, data, offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise _storage_error("write", self._tmp, exc) from exc
+            self._direct_fd = None  # this filesystem wants other alignment: buffered from now on
+            self._pwrite(fd, data, offset)
+
     async def commit(self) -> None:
         await self._storage._run(self._commit_sync)
+
+    def _close_direct(self) -> None:
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
 
     def _commit_sync(self) -> None:
         fd = self._fd
         if fd is None:
             raise StorageError(f"commit of {self._final} after abort")
         try:
+            self._close_direct()
             os.ftruncate(fd, self._end)
-            os.fsync(fd)
+            os.fdatasync(fd)  # data and what reading it needs (size, blocks), O_DIRECT parts included
             os.close(fd)
             self._fd = None
             os.replace(self._tmp, self._final)
-            _fsync_dir(self._final.parent)
+            self._storage._dirty_dir(self._final.parent)
         except OSError as exc:
             self._abort_sync()
             raise _storage_error("commit", self._final, exc) from exc
@@ -102,6 +153,7 @@ class _LocalWriter:
         await self._storage._run(self._abort_sync)
 
     def _abort_sync(self) -> None:
+        self._close_direct()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -114,10 +166,31 @@ class _LocalWriter:
 class LocalStorage:
     """A directory on a local (or network-mounted POSIX) filesystem."""
 
-    def __init__(self, root: str | os.PathLike[str], *, threads: int = 8) -> None:
+    capabilities = Capabilities(conditional_put=True, cleanup_temp=True)
+
+    def __init__(self, root: str | os.PathLike[str], *, threads: int = 8, direct_io: bool = True) -> None:
         self.root = Path(root).absolute()
         self.uri = str(self.root)
+        self.direct_io = direct_io and hasattr(os, "O_DIRECT")
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="asyncckpt-io")
+        self._dirty: set[Path] = set()  # directories with renames not yet fsynced
+        self._dirty_lock = threading.Lock()
+
+    def _dirty_dir(self, d: Path) -> None:
+        with self._dirty_lock:
+            self._dirty.add(d)
+
+    def _sync_dirs(self, also: Path) -> None:
+        """fsync ``also`` and every directory a committed file was renamed into since the last call."""
+        with self._dirty_lock:
+            dirs, self._dirty = self._dirty | {also}, set()
+        try:
+            for d in sorted(dirs):
+                _fsync_dir(d)
+        except BaseException:
+            with self._dirty_lock:
+                self._dirty |= dirs
+            raise
 
     def __repr__(self) -> str:
         return f"LocalStorage({self.uri!r})"
@@ -155,7 +228,13 @@ class LocalStorage:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise _storage_error("open", tmp, exc) from exc
-        return _LocalWriter(self, final, tmp, fd)
+        direct = None
+        if self.direct_io and size_hint is not None and size_hint >= _DIRECT_MIN:
+            try:
+                direct = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+            except OSError:
+                direct = None  # tmpfs and some network filesystems refuse O_DIRECT: buffered writes
+        return _LocalWriter(self, final, tmp, fd, direct)
 
     async def read_into(self, key: str, offset: int, buf: memoryview) -> None:
         await self._run(self._read_into_sync, key, offset, buf)
@@ -165,7 +244,7 @@ class LocalStorage:
         try:
             fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError as exc:
-            raise CheckpointNotFoundError(f"{p} does not exist") from exc
+            raise StorageNotFoundError(f"{p} does not exist") from exc
         except OSError as exc:
             raise _storage_error("open", p, exc) from exc
         try:
@@ -191,7 +270,7 @@ class LocalStorage:
         try:
             return p.read_bytes()
         except FileNotFoundError as exc:
-            raise CheckpointNotFoundError(f"{p} does not exist") from exc
+            raise StorageNotFoundError(f"{p} does not exist") from exc
         except IsADirectoryError as exc:
             raise IntegrityError(f"{p} is a directory where a file was expected") from exc
         except OSError as exc:
@@ -205,7 +284,7 @@ class LocalStorage:
         try:
             return p.stat().st_size
         except (FileNotFoundError, NotADirectoryError) as exc:
-            raise CheckpointNotFoundError(f"{p} does not exist") from exc
+            raise StorageNotFoundError(f"{p} does not exist") from exc
         except OSError as exc:
             raise _storage_error("stat", p, exc) from exc
 
@@ -266,7 +345,7 @@ class LocalStorage:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                os.fdatasync(f.fileno())
             if if_absent:
                 try:
                     os.link(tmp, final)  # atomic: fails if the target exists
@@ -276,7 +355,8 @@ class LocalStorage:
                     os.unlink(tmp)
             else:
                 os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            # The record and every file committed before it (the data it names) are durable now.
+            self._sync_dirs(final.parent)
             return True
         except OSError as exc:
             try:
@@ -285,8 +365,11 @@ class LocalStorage:
                 pass
             raise _storage_error("write", final, exc) from exc
 
-    def cleanup_temp(self, prefix: str = "") -> int:
+    async def cleanup_temp(self, prefix: str = "") -> int:
         """Remove temp files left by a crashed save under ``prefix``; returns how many."""
+        return await self._run(self._cleanup_temp_sync, prefix)
+
+    def _cleanup_temp_sync(self, prefix: str) -> int:
         base = self.path(prefix) if prefix else self.root
         self._check_inside(base, "clean")
         n = 0

@@ -202,9 +202,10 @@ def test_handle_of_aborted_save_raises(tmp_path) -> None:
     h = async_save({"w": torch.ones(1000)}, checkpoint_id=str(tmp_path / "dropped"))
     h.wait_snapshot()
     close_async_saves(abort=True)
-    with pytest.raises(CheckpointError, match="dropped"):
+    with pytest.raises(CheckpointException, match="dropped") as ei:
         h.result()
-    assert h.done() and not h.committed and not (tmp_path / "dropped" / ".metadata").exists()
+    assert isinstance(ei.value, CheckpointError)
+    assert h.done() and not h.committed and h.exception() is ei.value
 
 
 def _tensor_item_range(path: str, fqn: str) -> tuple[str, int, int]:
@@ -322,18 +323,28 @@ def test_metadata_with_foreign_class_is_refused(tmp_path, queue) -> None:
 def test_overwrite_false_and_bad_inputs(tmp_path, queue) -> None:
     path = str(tmp_path / "ck")
     async_plan_save({"w": torch.ones(5)}, path, queue)
-    with pytest.raises(CheckpointExistsError, match="overwrite=True"):
-        save_state_dict_async_plan({"w": torch.ones(5)}, AsyncStorageWriter(path, overwrite=False))
-    # Overwriting removes the old commit point at planning time, before any new byte is written.
+    # DCP's contract: overwrite=False on an existing checkpoint is a CheckpointException with DCP's
+    # message, for the async save (at result(), every rank) and the synchronous one alike.
+    h = async_save({"w": torch.zeros(5)}, storage_writer=AsyncStorageWriter(path, overwrite=False), queue=queue)
+    with pytest.raises(CheckpointException, match=r"Checkpoint already exists and self\.overwrite=False") as ei:
+        h.result()
+    assert isinstance(unwrap(ei.value), CheckpointExistsError) and "overwrite=True" in str(ei.value)
+    with pytest.raises(CheckpointException, match="Checkpoint already exists"):
+        dcp.save({"w": torch.zeros(5)}, storage_writer=AsyncStorageWriter(path, overwrite=False))
+    got = {"w": torch.zeros(5)}
+    dcp.load(got, checkpoint_id=path)
+    assert torch.equal(got["w"], torch.ones(5))  # the refused saves left it intact
+    # Planning does no storage work: the old checkpoint is untouched until the worker writes.
     w = AsyncStorageWriter(path)
     save_state_dict_async_plan({"w": torch.full((5,), 2.0)}, w)
-    assert not os.path.exists(os.path.join(path, ".metadata")) and not os.path.exists(os.path.join(path, "COMMIT"))
+    assert os.path.exists(os.path.join(path, ".metadata")) and os.path.exists(os.path.join(path, "COMMIT"))
     fn, pre, args = w.get_save_function_and_args(queue)
     with pytest.raises(BadInputError, match="save_state_dict_async_plan"):
         w.get_save_function_and_args(queue)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(BadInputError, match="not a directory"):
+    with pytest.raises(CheckpointException, match="not a directory") as ei:  # DCP's planning contract
         save_state_dict_async_plan({"w": torch.ones(5)}, AsyncStorageWriter(str(tmp_path / "file" / "ck")))
+    assert isinstance(ei.value, CheckpointError) and isinstance(unwrap(ei.value), BadInputError)
     with pytest.raises(BadInputError, match="AsyncStorageWriter"):
         save_state_dict_async_plan({"w": torch.ones(5)}, dcp.FileSystemWriter(str(tmp_path / "x")))  # type: ignore[arg-type]
     with pytest.raises(BadInputError, match="chunk_size"):

@@ -219,8 +219,8 @@ def test_one_client_per_event_loop(moto_options: Options) -> None:
         await w.write_part(0, 0, memoryview(data)[: 5 * MiB])
         await w.write_part(1, 5 * MiB, memoryview(data)[5 * MiB :])
         await w.commit()
-        client = await st._client()
-        assert await st._client() is client  # reused within a loop
+        client = await st.s3.client()
+        assert await st.s3.client() is client  # reused within a loop
         got = await st.read(key)
         await st.close()  # closes this loop's client only
         return got, client  # kept alive, so ids below cannot be reused
@@ -245,7 +245,7 @@ def test_one_client_per_event_loop(moto_options: Options) -> None:
     assert got1 == got2 == got3 == data
     assert len({id(c1), id(c2), id(c3)}) == 3  # a client per loop, never shared across loops
     assert asyncio.run(listing()) == ["a", "b", "c"]
-    assert len(st._clients) == 0
+    assert st.s3.clients == 0
 
 
 async def test_no_use_after_close_on_the_same_loop(moto_options: Options) -> None:
@@ -257,7 +257,7 @@ async def test_no_use_after_close_on_the_same_loop(moto_options: Options) -> Non
     await st.close()  # idempotent
     with pytest.raises(StorageError, match="after close"):
         await st.read("k")
-    assert not st._clients
+    assert st.s3.clients == 0
 
 
 async def test_parallel_ranges_are_bounded(moto_options: Options) -> None:
@@ -269,7 +269,7 @@ async def test_parallel_ranges_are_bounded(moto_options: Options) -> None:
         await w.write_part(0, 0, memoryview(data)[: 5 * MiB])
         await w.write_part(1, 5 * MiB, memoryview(data)[5 * MiB :])
         await w.commit()
-        lc = await st._loop_client()
+        lc = await st.s3.loop_client()
         peak = 0
         real = lc.client.get_object
         live = 0
@@ -300,6 +300,6 @@ async def test_resume_refuses_a_replaced_object(s3_backend: Backend) -> None:
         etag = s3_backend.server.client().head_object(Bucket=s3_backend.bucket, Key="root/k")["ETag"]
         await st.put_record("k", payload(1000, seed=2))
         with pytest.raises(IntegrityError, match="changed while it was being read"):
-            await st._fetch_into("root/k", 0, memoryview(bytearray(1000)), etag=etag)  # type: ignore[attr-defined]
+            await st.fetch_into("k", 0, memoryview(bytearray(1000)), version=etag)  # type: ignore[attr-defined]
     finally:
         await st.close()

@@ -1,0 +1,423 @@
+"""Safe deletion (invariant 10): only checkpoints, proven by their own records, and only their own keys.
+
+A name under a root is deleted only when one of its records proves it is a checkpoint:
+
+* a ``COMMIT`` record that passes its record checksum (asyncckpt, or asyncckpt's DCP writer);
+* a ``rank-NNNNN.manifest`` that decodes as asyncckpt's manifest of that name (an incomplete save);
+* a DCP checksum record of asyncckpt's DCP writer (``__R.checksums``, ``.checksums``);
+* a DCP ``.metadata`` that unpickles, with DCP's own classes only, as DCP ``Metadata`` (stock DCP);
+* a temp file of one of the names above (``*.tmp-<12 hex>``: a local save torn by a crash).
+
+Then exactly these keys go: the names the format reserves directly under ``NAME/`` (``COMMIT``,
+``rank-NNNNN.manifest``/``.data``, ``.metadata``, ``.checksums``, ``__R.checksums``,
+``__R_I.distcp`` and their temp files) and each rank's data file where its manifest, or the
+key layout recorded in COMMIT, puts it (``HH/NAME/rank-NNNNN.data`` for a spread layout).
+Anything else under ``NAME/`` (a user's ``notes.txt``) stays. Order: ``COMMIT`` first, then
+DCP's ``.metadata`` (both commit points: the checkpoint is never seen complete and half
+deleted), data, then the records that prove ownership last, so an interrupted delete can be
+finished by running it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._loop import run_sync
+from .catalog import list_all, read_commit, read_latest, read_manifest, set_latest
+from .errors import (
+    BadInputError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    DeleteRefusedError,
+    FormatError,
+    IntegrityError,
+    NotACheckpointError,
+    StorageError,
+)
+from .format import COMMIT_FILE, LATEST_FILE, CommitRecord, RankManifest, data_file, manifest_file
+from .locate import describe_local, is_missing_bucket, local_path
+from .storage import AbortsIncompleteUploads, LocalStorage, Storage, join_key, open_storage, split_uri
+from .storage.layouts import data_prefix
+from .tiers import TieredPath, Tiers
+
+__all__ = ["DeleteReport", "delete", "delete_async", "delete_checkpoint"]
+
+log = logging.getLogger("asyncckpt")
+
+_MANIFEST = re.compile(r"rank-(\d{5,})\.manifest")
+_DATA = re.compile(r"rank-(\d{5,})\.data")
+_DCP_DATA = re.compile(r"__\d+_\d+\.distcp")
+_DCP_RANK = re.compile(r"__(\d+)\.checksums")
+_DCP_METADATA = ".metadata"
+_DCP_INDEX = ".checksums"
+_TEMP = re.compile(r"(.+)\.tmp-[0-9a-f]{12}")
+_SPREAD = re.compile(r"[0-9a-f]{2,}|p\d{2,}")
+_MAX_PROBED_RANKS = 1 << 16  # a manifest's world_size is not bounded by anything else
+_RECORDS = "COMMIT, rank-NNNNN.manifest, DCP .metadata or asyncckpt's DCP .checksums"
+
+
+def _reserved(fname: str) -> bool:
+    """A name asyncckpt's formats (native, DCP) give a file directly under a checkpoint's directory."""
+    return (fname in (COMMIT_FILE, _DCP_METADATA, _DCP_INDEX) or bool(_MANIFEST.fullmatch(fname))
+            or bool(_DATA.fullmatch(fname)) or bool(_DCP_DATA.fullmatch(fname)) or bool(_DCP_RANK.fullmatch(fname)))
+
+
+@dataclass
+class DeleteReport:
+    """What :func:`delete` removed (keys relative to the root)."""
+
+    path: str  #: the checkpoint's path (``ROOT/NAME``)
+    kind: str  #: ``"asyncckpt"``, ``"dcp"`` (asyncckpt's DCP writer) or ``"dcp (stock)"``
+    complete: bool  #: it had a valid COMMIT (or, stock DCP, a readable ``.metadata``)
+    deleted: list[str] = field(default_factory=list)  #: keys removed, in the order removed
+    kept: list[str] = field(default_factory=list)  #: keys under ``NAME/`` that were not the checkpoint's
+    latest: str | None = None  #: where ``latest`` points now, when this delete moved it ("" = removed)
+    notes: list[str] = field(default_factory=list)  #: what the records could not establish
+
+
+@dataclass
+class _Plan:
+    kind: str
+    complete: bool
+    commit: list[str] = field(default_factory=list)
+    data: list[str] = field(default_factory=list)
+    records: list[str] = field(default_factory=list)
+    manifests: list[str] = field(default_factory=list)
+    uploads: list[str] = field(default_factory=list)  # keys whose unfinished S3 uploads to abort
+    kept: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def order(self) -> list[str]:
+        return list(dict.fromkeys(self.commit + self.data + self.records + self.manifests))
+
+
+def _local_temps(storage: Storage, prefix: str) -> list[str]:
+    """Temp files of asyncckpt's names directly under ``prefix`` (local roots; listings hide them)."""
+    if not isinstance(storage, LocalStorage):
+        return []
+    d = storage.path(prefix)
+    try:
+        names = os.listdir(d) if d.is_dir() and not d.is_symlink() else []
+    except OSError:
+        return []
+    out = []
+    for n in sorted(names):
+        m = _TEMP.fullmatch(n)
+        if m and _reserved(m.group(1)) and (d / n).is_file():
+            out.append(join_key(prefix, n))
+    return out
+
+
+def _data_key_ok(key: str, name: str) -> bool:
+    """A manifest's data file must be this checkpoint's own: ``NAME/rank-N.data`` or ``SPREAD/NAME/rank-N.data``."""
+    parts = key.split("/")
+    if len(parts) == 2:
+        return parts[0] == name and bool(_DATA.fullmatch(parts[1]))
+    return len(parts) == 3 and bool(_SPREAD.fullmatch(parts[0])) and parts[1] == name and bool(_DATA.fullmatch(parts[2]))
+
+
+async def _dcp_evidence(storage: Storage, name: str, direct: set[str], plan_notes: list[str]) -> tuple[bool, bool]:
+    """(asyncckpt's DCP records readable, stock DCP .metadata readable)."""
+    from .dcp._format import decode_index, decode_rank_record, load_metadata
+
+    ours = stock = False
+    for fname in sorted(direct):
+        if not (_DCP_RANK.fullmatch(fname) or fname == _DCP_INDEX):
+            continue
+        key = join_key(name, fname)
+        try:
+            blob = await storage.read(key)
+            (decode_index if fname == _DCP_INDEX else decode_rank_record)(blob, f"{storage.uri}/{key}")
+            ours = True
+        except (FormatError, IntegrityError, CheckpointNotFoundError) as exc:
+            plan_notes.append(str(exc))
+    if _DCP_METADATA in direct:
+        key = join_key(name, _DCP_METADATA)
+        try:
+            md = load_metadata(await storage.read(key), f"{storage.uri}/{key}")
+            stock = True
+            for info in (getattr(md, "storage_data", None) or {}).values():
+                rel = str(getattr(info, "relative_path", ""))
+                if rel and not _DCP_DATA.fullmatch(rel):
+                    plan_notes.append(f"{storage.uri}/{key} names a data file {rel!r} outside the DCP layout; left in place")
+        except (FormatError, IntegrityError, CheckpointNotFoundError) as exc:
+            plan_notes.append(str(exc))
+    return ours, stock
+
+
+async def _direct_files(storage: Storage, name: str) -> set[str]:
+    """Names of the files directly under ``NAME/`` (a local directory is not walked: it may be anything)."""
+    if isinstance(storage, LocalStorage):
+        d = storage.path(name)
+        if d.is_symlink():
+            await storage.list(name)  # refuses a link leading outside the root
+        if not d.is_dir():
+            return set()
+        try:
+            return {n for n in os.listdir(d) if (d / n).is_file()}
+        except OSError as exc:
+            raise StorageError(exc.errno or 0, f"cannot list {d}: {exc.strerror or exc}") from exc
+    return {k[len(name) + 1 :] for k in await storage.list(name) if "/" not in k[len(name) + 1 :]}
+
+
+async def _examine(storage: Storage, name: str) -> _Plan | str:
+    """The keys of checkpoint ``name`` as its records name them, or (a str) what the name holds instead."""
+    direct = await _direct_files(storage, name)
+    temps = _local_temps(storage, name)
+    problems: list[str] = []
+    rec: CommitRecord | None = None
+    if COMMIT_FILE in direct:
+        try:
+            rec = await read_commit(storage, name)
+        except (FormatError, IntegrityError) as exc:
+            problems.append(str(exc))
+    manifests: dict[int, RankManifest] = {}
+    for fname in sorted(direct):
+        m = _MANIFEST.fullmatch(fname)
+        if m is None or manifest_file(int(m.group(1))) != fname:
+            continue
+        try:
+            manifests[int(m.group(1))] = await read_manifest(storage, name, int(m.group(1)))
+        except (FormatError, IntegrityError) as exc:
+            problems.append(str(exc))
+    dcp_ours, dcp_stock = await _dcp_evidence(storage, name, direct, problems)
+    if rec is None and not manifests and not dcp_ours and not dcp_stock and not temps:
+        return await _why_not(storage, name, problems)
+
+    native = (rec is not None and rec.kind == "asyncckpt") or bool(manifests) or any(
+        _MANIFEST.fullmatch(f) or _DATA.fullmatch(f) for f in direct)
+    kind = rec.kind if rec is not None else ("asyncckpt" if native else "dcp" if dcp_ours else "dcp (stock)")
+    complete = rec is not None or (dcp_stock and not native and not dcp_ours)
+    plan = _Plan(kind=kind, complete=complete, notes=[f"damaged record: {p}" for p in problems])
+    if COMMIT_FILE in direct:
+        plan.commit.append(join_key(name, COMMIT_FILE))
+    if _DCP_METADATA in direct:
+        plan.commit.append(join_key(name, _DCP_METADATA))
+    for fname in sorted(direct):
+        key = join_key(name, fname)
+        if _DATA.fullmatch(fname) or _DCP_DATA.fullmatch(fname):
+            plan.data.append(key)
+        elif _DCP_RANK.fullmatch(fname) or fname == _DCP_INDEX:
+            plan.records.append(key)
+        elif _MANIFEST.fullmatch(fname):
+            plan.manifests.append(key)
+    for m in manifests.values():
+        if _data_key_ok(m.data_file, name):
+            plan.data.append(m.data_file)
+        else:
+            plan.notes.append(f"the manifest of rank {m.rank} names {m.data_file!r} as its data file, which is not "
+                              "this checkpoint's key; left in place")
+    # Ranks without a readable manifest: their data file is where the recorded key layout puts it.
+    layout = (rec.layout, rec.step, rec.world_size) if rec is not None and rec.kind == "asyncckpt" else None
+    if layout is None and manifests:
+        first = next(iter(manifests.values()))
+        layout = (first.layout, first.step, first.world_size)
+    if layout is not None:
+        try:
+            prefix = data_prefix(layout[0], name, layout[1])
+        except BadInputError as exc:
+            plan.notes.append(f"unknown key layout ({exc}): data files of ranks without a readable manifest are left")
+        else:
+            if layout[2] > _MAX_PROBED_RANKS:
+                plan.notes.append(f"the records claim {layout[2]} ranks; data files of ranks without a readable "
+                                  f"manifest were looked for among the first {_MAX_PROBED_RANKS} only")
+            for rank in range(min(layout[2], _MAX_PROBED_RANKS)):
+                key = join_key(prefix, data_file(rank))
+                if rank not in manifests and (await storage.exists(key)):
+                    plan.data.append(key)
+                if not plan.complete:
+                    plan.uploads.append(key)
+            if prefix != name:
+                temps += _local_temps(storage, prefix)
+    plan.data += temps
+    if not plan.complete:
+        plan.uploads += [k for k in plan.order() if not k.endswith(f"/{COMMIT_FILE}")]
+    mine = set(plan.order())
+    plan.kept = [k for k in await storage.list(name) if k not in mine]
+    return plan
+
+
+async def _why_not(storage: Storage, name: str, problems: list[str]) -> str:
+    if problems:
+        return (f"its records are damaged ({'; '.join(problems)}) and no other record ({_RECORDS}) can be read, so "
+                "nothing proves what it holds. If you know it is a checkpoint, delete it by hand")
+    if isinstance(storage, LocalStorage):
+        return f"it is {describe_local(storage.path(name))} and none of asyncckpt's or DCP's records ({_RECORDS})"
+    listed = await storage.list(name)
+    if not listed:
+        if await storage.exists(name):
+            return f"it is an object of {await storage.size(name)} bytes, not a checkpoint prefix"
+        return ""
+    shown = ", ".join(k[len(name) + 1 :] for k in listed[:4]) + (" ..." if len(listed) > 4 else "")
+    return f"it is a prefix holding {len(listed)} object(s) ({shown}) and none of asyncckpt's or DCP's records ({_RECORDS})"
+
+
+async def _remove(storage: Storage, plan: _Plan) -> list[str]:
+    done: list[str] = []
+    for key in plan.order():
+        await storage.delete(key)
+        done.append(key)
+    if storage.capabilities.abort_incomplete and isinstance(storage, AbortsIncompleteUploads):
+        for key in dict.fromkeys(plan.uploads):  # object stores: unfinished uploads of exactly these keys
+            try:
+                await storage.abort_incomplete_uploads(key)
+            except CheckpointError as exc:
+                plan.notes.append(f"could not abort unfinished uploads of {key}: {exc}")
+    return done
+
+
+async def _move_latest_off(storage: Storage, name: str) -> str:
+    """Point ``latest`` at the newest other complete checkpoint (or remove it); returns the new target ("" = removed)."""
+    rest = [i for i in await list_all(storage) if i.complete and i.name != name]
+    if rest:
+        await set_latest(storage, rest[0].name, rest[0].step)
+        return rest[0].name
+    await storage.delete(LATEST_FILE)
+    return ""
+
+
+async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False) -> DeleteReport:
+    """Delete checkpoint ``name`` under ``storage`` as its records prove and name it (see the module docstring).
+
+    Refuses (DeleteRefusedError) the checkpoint ``latest`` points to unless ``force``, which first
+    moves ``latest`` to the newest other complete checkpoint (or removes it). Raises
+    NotACheckpointError when nothing proves ``name`` is a checkpoint, CheckpointNotFoundError when
+    nothing is there.
+    """
+    where = f"{storage.uri.rstrip('/')}/{name}"
+    try:
+        join_key(name)
+    except IntegrityError as exc:
+        raise BadInputError(f"{where}: not a checkpoint name ({exc})") from exc
+    if "/" in name or not name:
+        raise BadInputError(f"{where}: a checkpoint name is one path component")
+    found = await _examine(storage, name)
+    if isinstance(found, str):
+        if not found or not await _exists_at(storage, name):
+            raise CheckpointNotFoundError(f"{where}: no checkpoint there (nothing at that path); nothing was deleted")
+        raise NotACheckpointError(f"{where} is not a checkpoint: {found}; nothing was deleted")
+    try:
+        latest = await read_latest(storage)
+        target = latest.name if latest is not None else None
+    except (FormatError, IntegrityError) as exc:  # cannot tell where it points: as if it pointed here
+        damaged, target = str(exc), name
+    else:
+        damaged = ""
+    report = DeleteReport(path=where, kind=found.kind, complete=found.complete, kept=found.kept)
+    if target == name:
+        if not force:
+            why = (f"'{LATEST_FILE}' is damaged, so it may point to {name} ({damaged})" if damaged
+                   else f"{where} is what '{LATEST_FILE}' points to")
+            raise DeleteRefusedError(
+                f"{why}; not deleted (force=True / --force deletes it and "
+                f"{'rewrites' if damaged else 'moves'} '{LATEST_FILE}' to the newest remaining checkpoint)"
+            )
+        report.latest = await _move_latest_off(storage, name)
+    report.deleted = await _remove(storage, found)
+    report.notes = found.notes
+    log.info("deleted %s (%d keys%s)", where, len(report.deleted),
+             f"; left in place: {', '.join(report.kept[:5])}" if report.kept else "")
+    return report
+
+
+async def _exists_at(storage: Storage, name: str) -> bool:
+    if isinstance(storage, LocalStorage):
+        p = storage.path(name)
+        return p.exists() or p.is_symlink()
+    return await storage.exists(name) or bool(await storage.list(name))
+
+
+async def delete_async(
+    path: str | os.PathLike[str], *, force: bool = False, storage_options: dict[str, Any] | None = None
+) -> DeleteReport:
+    """Async form of :func:`delete`."""
+    if isinstance(path, (Tiers, TieredPath)):
+        raise BadInputError(
+            f"delete takes one root's path, not {path!s}: delete from each tier you mean (tiers.uris), "
+            "e.g. asyncckpt.delete(f'{tiers.uris[1]}/NAME')"
+        )
+    p = os.fspath(path)
+    if not p:
+        raise BadInputError("empty path: give ROOT/NAME, or a ROOT (meaning the checkpoint its 'latest' points to)")
+    opts = dict(storage_options or {})
+    lp = local_path(p)
+    if lp is not None:
+        if lp.is_file() or (lp.is_symlink() and not lp.is_dir()):
+            raise NotACheckpointError(f"{p} is not a checkpoint: it is {describe_local(lp)}; nothing was deleted")
+        if not lp.exists():
+            raise CheckpointNotFoundError(f"{p}: no such file or directory; nothing was deleted")
+    try:
+        return await _delete(p, force, opts)
+    except StorageError as exc:
+        if is_missing_bucket(exc):
+            raise CheckpointNotFoundError(f"{p}: {exc}") from exc
+        raise
+
+
+async def _delete(p: str, force: bool, opts: dict[str, Any]) -> DeleteReport:
+    try:
+        root, name = split_uri(p)
+    except BadInputError:
+        root, name = "", ""
+    refusal: NotACheckpointError | CheckpointNotFoundError | None = None
+    if root:
+        parent = open_storage(root, **opts)
+        try:
+            return await delete_checkpoint(parent, name, force=force)
+        except (NotACheckpointError, CheckpointNotFoundError) as exc:
+            refusal = exc
+        finally:
+            await parent.close()
+    storage = open_storage(p, **opts)  # maybe a root: then it means its `latest`
+    try:
+        latest = await read_latest(storage)
+        if latest is not None:
+            if not force:
+                raise DeleteRefusedError(
+                    f"{p} is a root; as a checkpoint path it means the one '{LATEST_FILE}' points to, {latest.name}, "
+                    f"which is not deleted without force=True / --force (that deletes {latest.name} and moves "
+                    f"'{LATEST_FILE}' to the newest remaining checkpoint). To delete another one, name it: {p}/NAME. "
+                    "The root itself is never deleted"
+                )
+            return await delete_checkpoint(storage, latest.name, force=True)
+        held = await _checkpoints_in(storage)
+    finally:
+        await storage.close()
+    if held:
+        raise NotACheckpointError(
+            f"{p} is a root holding {len(held)} checkpoint(s) ({', '.join(held[:4])}{' ...' if len(held) > 4 else ''}) "
+            f"and no '{LATEST_FILE}' pointer; name the one to delete ({p}/NAME) or use prune. Nothing was deleted"
+        )
+    if refusal is not None:
+        raise refusal
+    raise CheckpointNotFoundError(f"{p}: no checkpoint there; nothing was deleted")
+
+
+async def _checkpoints_in(storage: Storage) -> list[str]:
+    """Names of the checkpoints directly under a root (a local directory is not walked)."""
+    if isinstance(storage, LocalStorage):
+        if not storage.root.is_dir():
+            return []
+        return sorted(d.name for d in storage.root.iterdir()
+                      if d.is_dir() and ((d / COMMIT_FILE).is_file() or any(d.glob("rank-*.manifest"))))
+    return [i.name for i in await list_all(storage)]
+
+
+def delete(path: str | os.PathLike[str], *, force: bool = False,
+           storage_options: dict[str, Any] | None = None) -> DeleteReport:
+    """Delete the checkpoint at ``path`` (``ROOT/NAME``; a ``ROOT`` means the one its ``latest`` points to).
+
+    Only a path whose own records prove it is an asyncckpt or DCP checkpoint (complete, or an
+    incomplete save) is deleted, and only the keys those records and the key layout name: other
+    files under it stay (listed in ``DeleteReport.kept``). ``COMMIT`` goes first, so the
+    checkpoint is never seen half deleted. The ``latest`` target (and so a ROOT) is refused with
+    DeleteRefusedError unless ``force=True``, which moves ``latest`` to the newest remaining
+    complete checkpoint first; ``force`` never widens what counts as a checkpoint. Anything else
+    raises NotACheckpointError saying what the path holds, or CheckpointNotFoundError when
+    nothing is there; in both cases nothing is deleted.
+    """
+    return run_sync(delete_async(path, force=force, storage_options=storage_options))

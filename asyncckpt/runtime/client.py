@@ -1,0 +1,181 @@
+"""The worker seen from the trainer: launch it, send frames, receive frames on a thread.
+
+The worker is started with ``subprocess`` (not ``multiprocessing``): it works from daemonic
+processes (many launchers' ranks are daemonic), never re-imports the user's ``__main__`` and
+needs no ``if __name__ == "__main__"`` guard. Frames go over a socket pair; tensors inside
+payloads travel as shared memory or CUDA IPC handles (torch's reductions).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
+from typing import Any
+
+import torch.multiprocessing  # noqa: F401  (registers tensor reductions: shared memory / CUDA IPC)
+
+from ..errors import WorkerDiedError, WorkerError
+from .context import WorkerConfig
+from .messages import Kind, decode_header, encode_header
+
+__all__ = ["WorkerClient", "dumps_payload"]
+
+log = logging.getLogger("asyncckpt")
+
+_BOOT = (
+    "import json, os, sys; sys.path[:0] = json.loads(os.environ.pop('ASYNCCKPT_WORKER_PATH', '[]')); "
+    "from asyncckpt.runtime.server import main; main()"
+)
+
+_CLIENTS: weakref.WeakSet[WorkerClient] = weakref.WeakSet()
+
+
+def dumps_payload(obj: Any, what: str) -> bytes:
+    """Pickle a request payload for the worker (tensors as shared memory / IPC handles)."""
+    try:
+        return bytes(ForkingPickler.dumps(obj))
+    except Exception as exc:
+        raise WorkerError(
+            f"{what} cannot be sent to the asyncckpt worker: {type(exc).__name__}: {exc}. Everything a request "
+            "carries must be picklable, and functions importable by module name"
+        ) from exc
+
+
+class WorkerClient:
+    """One worker process. ``on_frame(kind, idx, payload)`` runs on the receiver thread for each
+    frame; ``on_dead(error)`` once, when the worker is gone. Sending is thread-safe."""
+
+    def __init__(self, config: dict[str, Any], on_frame: Callable[[Kind, int, bytes], None],
+                 on_dead: Callable[[WorkerDiedError], None]) -> None:
+        self._on_frame = on_frame
+        self._on_dead = on_dead
+        self._send_lock = threading.Lock()
+        self.died: WorkerDiedError | None = None
+        self.stopping = False
+        parent, child = socket.socketpair()
+        env = dict(os.environ)
+        env["ASYNCCKPT_WORKER_PATH"] = json.dumps([p for p in sys.path if p])
+        env["ASYNCCKPT_ROLE"] = "worker"  # lets plug-ins tell the worker from its trainer
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _BOOT, str(child.fileno()), str(os.getpid())],
+                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env, close_fds=True,
+            )
+        finally:
+            child.close()
+        self._conn = Connection(parent.detach())
+        cfg = WorkerConfig(
+            parent_pid=os.getpid(),
+            authkey=bytes(multiprocessing.current_process().authkey),
+            sys_path=[p for p in sys.path if p],
+            **{k: v for k, v in config.items() if k in WorkerConfig.__dataclass_fields__},
+        )
+        cfg.options = {k: v for k, v in config.items() if k not in WorkerConfig.__dataclass_fields__}
+        self.send(Kind.HELLO, 0, pickle.dumps(cfg))
+        self._rx = threading.Thread(target=self._receive, name="asyncckpt-rx", daemon=True)
+        self._rx.start()
+        _CLIENTS.add(self)
+        log.debug("asyncckpt worker %d started", self.proc.pid)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def is_alive(self) -> bool:
+        return self.died is None and self.proc.poll() is None
+
+    def send(self, kind: Kind, idx: int, payload: bytes = b"") -> None:
+        if self.died is not None:
+            raise self.died
+        try:
+            with self._send_lock:
+                self._conn.send_bytes(encode_header(kind, idx))
+                self._conn.send_bytes(payload)
+        except (OSError, EOFError, ValueError) as exc:
+            raise self._mark_dead(f"sending to it failed ({type(exc).__name__})") from exc
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                head = decode_header(self._conn.recv_bytes())
+                payload = self._conn.recv_bytes()
+            except (EOFError, OSError, ValueError):
+                err = self._mark_dead("its pipe closed")
+                self._on_dead(err)
+                return
+            kind = Kind(head.kind)
+            if kind == Kind.STOPPED:
+                continue
+            try:
+                self._on_frame(kind, head.idx, payload)
+            except Exception:
+                log.exception("asyncckpt: handling a frame from the worker failed")
+
+    def _mark_dead(self, why: str) -> WorkerDiedError:
+        if self.died is None:
+            try:
+                code = self.proc.wait(0.5)
+            except subprocess.TimeoutExpired:
+                code = None
+            how = f"exit code {code}" if code is not None and code >= 0 else (f"signal {-code}" if code else "still running")
+            if self.stopping:
+                self.died = WorkerDiedError("the asyncckpt worker was stopped (close() was called)")
+            else:
+                self.died = WorkerDiedError(
+                    f"the asyncckpt worker process (pid {self.proc.pid}) died ({how}; {why}); its pending saves are "
+                    "lost, earlier committed checkpoints are intact. A fresh worker starts with the next save."
+                )
+        return self.died
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask the worker to finish what it has and exit; kill it if it does not within ``timeout``."""
+        self.stopping = True
+        if self.died is None and self.proc.poll() is None:
+            try:
+                self.send(Kind.STOP, 0)
+            except WorkerDiedError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("asyncckpt worker %s did not stop in %.0f s; killing it", self.proc.pid, timeout)
+        self.kill()
+        self._rx.join(5)
+        try:
+            self._conn.close()
+        except OSError:
+            pass
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def forget(self) -> None:
+        """In a forked child: this worker belongs to the parent; never talk to it."""
+        self.died = WorkerDiedError("this asyncckpt worker belongs to the parent process (inherited across fork)")
+
+
+def _after_fork_in_child() -> None:
+    for c in list(_CLIENTS):
+        c.forget()
+    _CLIENTS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+

@@ -1,0 +1,118 @@
+"""WorkerContext: everything a worker keeps between requests (instead of module globals)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..staging import StagingPool
+from ..storage import Storage, open_storage
+
+__all__ = ["WorkerConfig", "WorkerContext", "current_context", "run_sink"]
+
+log = logging.getLogger("asyncckpt.worker")
+
+
+@dataclass
+class WorkerConfig:
+    """What the trainer tells a new worker in its HELLO frame."""
+
+    parent_pid: int
+    authkey: bytes
+    sys_path: list[str]
+    max_in_flight: int = 2
+    pinned: bool | None = None  # staging in pinned memory (default: when CUDA is available)
+    torch_threads: int | None = None
+    log_level: int | str | None = None
+    cpu_priority: int | None = None  # nice value the worker lowers itself to (NVRx's cpu_priority)
+    io_priority: int | None = None  # ionice class (NVRx's io_priority); None leaves it unchanged
+    device: int | None = None  # CUDA device index of the trainer when it uses CUDA
+    preload: list[str] = field(default_factory=list)  # modules the worker imports at start (plug-ins)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class WorkerContext:
+    """The worker's state: shared storages by id, the staging pool, storage sessions, CUDA stream.
+
+    One per worker process; passed to every sink and control operation.
+    """
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.storages: dict[int, torch.Tensor] = {}  # shared storage id -> uint8 tensor over it
+        self.pool = StagingPool(config.max_in_flight, config.pinned)
+        self._sessions: dict[tuple[str, str], Storage] = {}
+        self.cuda_stream: Any = None
+
+    def storage(self, root: str, options: dict[str, Any] | None = None) -> Storage:
+        """The storage session for ``root`` with ``options``, opened once and reused."""
+        opts = dict(options or {})
+        key = (root, repr(sorted(opts.items())))
+        st = self._sessions.get(key)
+        if st is None:
+            st = self._sessions[key] = open_storage(root, **opts)
+        return st
+
+    def stream_for(self, device: torch.device) -> Any:
+        if self.cuda_stream is None:
+            self.cuda_stream = torch.cuda.Stream(device=device)
+        return self.cuda_stream
+
+    async def close(self) -> None:
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for st in sessions:
+            try:
+                await st.close()
+            except Exception as exc:  # noqa: BLE001 - shutting down: log, keep closing the others
+                log.warning("closing %s failed: %s", getattr(st, "uri", st), exc)
+        self.pool.clear()
+        self.storages.clear()
+
+
+_CURRENT: WorkerContext | None = None
+
+
+def set_current_context(ctx: WorkerContext | None) -> None:
+    global _CURRENT
+    _CURRENT = ctx
+
+
+def current_context() -> WorkerContext:
+    """The worker's context, for functions run through an ``AsyncRequest`` (CALL frames).
+
+    Raises RuntimeError outside a worker process.
+    """
+    if _CURRENT is None:
+        raise RuntimeError("not inside an asyncckpt worker process")
+    return _CURRENT
+
+
+async def run_sink(ctx: WorkerContext, sink: Any, job: Any, staged: Any, timeout_s: float | None = None) -> Any:
+    """Run ``sink.write(ctx, job, staged)`` and give the staging slot back afterwards.
+
+    After ``timeout_s`` (a hung storage) or a cancellation the write is abandoned and so is its
+    slot: an I/O thread may still read it, so it is never reused.
+    """
+    import asyncio
+
+    from ..errors import StorageTimeoutError
+
+    task = asyncio.ensure_future(sink.write(ctx, job, staged))
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    except asyncio.CancelledError:
+        task.cancel()
+        await ctx.pool.discard(staged.slot)
+        raise
+    if not done:
+        task.cancel()
+        await ctx.pool.discard(staged.slot)
+        raise StorageTimeoutError(
+            f"{job}: writing did not finish within {timeout_s} s; the storage looks hung. "
+            "The checkpoint is not committed; earlier ones are intact."
+        )
+    await ctx.pool.release(staged.slot)
+    return task.result()

@@ -1,0 +1,165 @@
+"""The GCS upload state machine: one buffered upload for small objects, else parallel parts composed at commit.
+
+GCS has no S3-style multipart upload in its JSON API (nor in the emulators); its parallel
+upload is the composite object: every part is uploaded as a temporary object (its CRC32C
+checked by GCS), and `commit` composes them into the final object in one atomic step (a tree of
+compose requests of at most 32 sources each), then deletes the temporaries. Temporary names
+carry the storage-wide temp mark, so `list` never shows them and `abort_incomplete_uploads`
+finds what a crash left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from ..._loop import gather_or_cancel
+from ...errors import BadInputError, CheckpointError, PermanentStorageError
+from ..keys import TEMP_MARK
+from ..objectstore import WriterState
+from .client import GCSClient
+from .config import MAX_COMPOSE
+
+__all__ = ["GCSWriter", "temp_name"]
+
+logger = logging.getLogger(__name__)
+
+
+def temp_name(full: str, token: str, what: str) -> str:
+    """The name of one temporary object of an upload of ``full`` (a part, or an intermediate compose)."""
+    return f"{full}{TEMP_MARK}{token}.{what}"
+
+
+class GCSWriter:
+    """open --write_part--> open (each part a temporary object) --commit--> committed (compose) | failed + aborted."""
+
+    def __init__(self, gcs: GCSClient, full: str, single_size: int | None) -> None:
+        self._gcs = gcs
+        self._full = full
+        self._where = gcs.where(full)
+        self._buf: bytearray | None = bytearray(single_size) if single_size is not None else None
+        self._end = 0
+        self._token = uuid.uuid4().hex[:12]
+        self._parts: dict[int, str] = {}
+        self._temps: set[str] = set()  # every temporary object that may exist
+        self._inflight = 0
+        self._st = WriterState(self._where)
+
+    def __repr__(self) -> str:
+        return f"<GCS writer {self._where} {self._st.state}>"
+
+    async def write_part(self, index: int, offset: int, data: memoryview, *, crc32c: int | None = None) -> None:
+        self._st.check_open("write_part")
+        view = memoryview(data)
+        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        if index < 0:
+            raise BadInputError(f"write_part {self._where}: negative part index {index}")
+        if self._buf is not None:
+            end = offset + len(view)
+            if end > len(self._buf):
+                self._buf.extend(bytes(end - len(self._buf)))
+            self._buf[offset:end] = view
+            self._end = max(self._end, end)
+            return
+        name = temp_name(self._full, self._token, f"part-{index:06d}")
+        lc = await self._gcs.loop_client()
+        self._inflight += 1
+        try:
+            async with lc.transfers:
+                self._st.check_open("write_part")
+                self._temps.add(name)
+                await self._gcs.call(
+                    f"upload part {index + 1} of", self._full, lambda c: self._gcs.upload(c, name, view, crc32c=crc32c)
+                )
+            self._parts[index] = name
+        except asyncio.CancelledError:
+            raise
+        except CheckpointError as exc:
+            self._st.fail(exc)
+            raise
+        finally:
+            self._inflight -= 1
+            if self._st.failed is not None and self._st.state == "open":
+                await self._abort()
+            elif self._st.state == "aborted" and self._inflight == 0:
+                await self._drop_temps()  # a part that was in flight during abort may have landed after it
+
+    async def commit(self) -> None:
+        self._st.check_open("commit")
+        try:
+            if self._buf is not None or not self._parts:
+                body = memoryview(self._buf)[: self._end] if self._buf is not None else memoryview(b"")
+                await self._gcs.call("put", self._full, lambda c: self._gcs.upload(c, self._full, body))
+            else:
+                await self._compose_all()
+        except asyncio.CancelledError:
+            await self._abort()
+            raise
+        except CheckpointError as exc:
+            self._st.fail(exc)
+            await self._abort()
+            raise
+        self._st.state = "committed"
+        self._buf = None
+        await self._drop_temps()
+
+    async def _compose_all(self) -> None:
+        if self._inflight:
+            raise PermanentStorageError(f"commit {self._where}: {self._inflight} part(s) still uploading; await them first")
+        numbers = sorted(self._parts)
+        if numbers != list(range(len(numbers))):
+            missing = sorted(set(range(numbers[-1] + 1)) - set(numbers))
+            raise PermanentStorageError(f"commit {self._where}: parts {[m + 1 for m in missing[:10]]} were never written")
+        sources = [self._parts[i] for i in numbers]
+        level = 0
+        while len(sources) > MAX_COMPOSE:
+            groups = [sources[i : i + MAX_COMPOSE] for i in range(0, len(sources), MAX_COMPOSE)]
+            names = [temp_name(self._full, self._token, f"c{level}-{j:06d}") for j in range(len(groups))]
+            self._temps.update(names)
+            await gather_or_cancel(self._compose(g, n) for g, n in zip(groups, names))
+            sources, level = names, level + 1
+        await self._compose(sources, self._full)
+
+    async def _compose(self, sources: list[str], dest: str) -> None:
+        body = {
+            "sourceObjects": [{"name": s} for s in sources],
+            "destination": {"contentType": "application/octet-stream"},
+        }
+        url = f"{self._gcs.object_url(dest)}/compose"
+        # Compose is idempotent for the same sources: a retry after a lost reply writes the same object.
+        await self._gcs.call("commit", self._full, lambda c: self._gcs.json_request(c, "POST", url, body=body))
+
+    async def abort(self) -> None:
+        if self._st.state == "committed":
+            return
+        await self._abort()
+
+    async def _abort(self) -> None:
+        first = self._st.state != "aborted"
+        self._st.state = "aborted"
+        self._buf = None
+        if first:
+            await self._drop_temps()
+
+    async def _drop_temps(self) -> None:
+        """Delete this upload's temporary objects; best effort (logged; abort_incomplete_uploads() finds leftovers)."""
+        names = sorted(self._temps)
+        if not names:
+            return
+
+        sem = asyncio.Semaphore(self._gcs.config.part_concurrency)
+
+        async def one(name: str) -> None:
+            async with sem:
+                await self._gcs.call(
+                    "delete temporary part of", self._full, lambda c: self._gcs.delete_object(c, name)
+                )
+            self._temps.discard(name)
+
+        try:
+            await gather_or_cancel(one(n) for n in names)
+        except CheckpointError as exc:
+            logger.warning(
+                "%s (temporary parts left behind: GCSStorage.abort_incomplete_uploads() removes them)", exc
+            )

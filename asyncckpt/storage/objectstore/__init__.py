@@ -1,0 +1,21 @@
+"""Helpers every network object-store backend shares (S3, GCS, Azure Blob).
+
+- `retry`: one retry policy (bounded attempts, jittered exponential backoff) over the storage
+  error tree: only a `TransientStorageError` is retried.
+- `timeouts`: a per-call timeout (``op_timeout``) that tells its own expiry apart from the
+  client's socket timeouts.
+- `loops`: one client per running event loop, created lazily, closed per loop.
+- `reads`: parallel ranged reads straight into the caller's buffer, each range resumed after a
+  cut body from the first byte not yet received, pinned to the first response's version.
+- `writers`: the state every streaming writer shares (open / committed / aborted / failed).
+"""
+
+from __future__ import annotations
+
+from .loops import PerLoop
+from .reads import Progress, read_ranges, resumable_fetch
+from .retry import RetryPolicy, retrying
+from .timeouts import timed
+from .writers import WriterState
+
+__all__ = ["PerLoop", "Progress", "RetryPolicy", "WriterState", "read_ranges", "resumable_fetch", "retrying", "timed"]

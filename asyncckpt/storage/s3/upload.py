@@ -1,0 +1,217 @@
+"""The S3 upload state machine: one buffered PUT for small objects, else a multipart upload."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from ...errors import BadInputError, PermanentStorageError
+from ..objectstore import WriterState
+from .client import S3Client, b64_crc32c
+from .errors import CALL_ERRORS, error_code, is_transient
+
+__all__ = ["S3Writer"]
+
+
+class S3Writer:
+    """A multipart upload (or one buffered PUT for small objects); nothing is visible before `commit`.
+
+    open --write_part--> open (parts uploaded; the upload is created by the first part)
+    open --commit--> committed (CompleteMultipartUpload, verified if its reply is lost) | failed + aborted
+    open --abort / a failed part--> aborted (AbortMultipartUpload; once more if a part lands after it)
+    """
+
+    def __init__(self, s3: S3Client, full: str, single_size: int | None) -> None:
+        self._s3 = s3
+        self._full = full
+        self._where = s3.where(full)
+        self._buf: bytearray | None = bytearray(single_size) if single_size is not None else None
+        self._end = 0
+        self._upload_id: str | None = None
+        self._checksum = s3.checksum  # fixed per upload once it is created
+        self._create_lock: asyncio.Lock | None = None
+        self._parts: dict[int, dict[str, Any]] = {}
+        self._sizes: dict[int, int] = {}
+        self._inflight = 0
+        self._st = WriterState(self._where)
+
+    def __repr__(self) -> str:
+        return f"<S3 writer {self._where} {self._st.state}>"
+
+    async def write_part(self, index: int, offset: int, data: memoryview, *, crc32c: int | None = None) -> None:
+        self._st.check_open("write_part")
+        view = memoryview(data)
+        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        if index < 0:
+            raise BadInputError(f"write_part {self._where}: negative part index {index}")
+        if self._buf is not None:
+            end = offset + len(view)
+            if end > len(self._buf):
+                self._buf.extend(bytes(end - len(self._buf)))
+            self._buf[offset:end] = view
+            self._end = max(self._end, end)
+            return
+        self._inflight += 1
+        try:
+            await self._upload_part(index + 1, view, crc32c)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            err = self._s3.error(f"upload part {index + 1} of", self._full, exc)
+            self._st.fail(err)
+            raise err from exc
+        finally:
+            self._inflight -= 1
+            if self._st.failed is not None and self._st.state == "open":
+                await self._abort()
+            elif self._st.state == "aborted" and self._inflight == 0 and self._upload_id is not None:
+                # A part that was in flight during abort may have landed after it: abort once more.
+                await self._s3.abort_upload(self._full, self._upload_id, quiet=True)
+
+    async def _ensure_upload(self) -> str:
+        if self._upload_id is not None:
+            return self._upload_id
+        if self._create_lock is None:
+            self._create_lock = asyncio.Lock()
+        async with self._create_lock:
+            if self._upload_id is None:
+                self._upload_id = await self._create()
+        return self._upload_id
+
+    async def _create(self) -> str:
+        s3 = self._s3
+        self._checksum = s3.checksum
+        if self._checksum:
+            try:
+                resp = await s3.call("create_multipart_upload", Key=self._full, ChecksumAlgorithm="CRC32C")
+                return str(resp["UploadId"])
+            except ClientError as exc:
+                if not s3.checksum_refused(exc):
+                    raise
+        self._checksum = False
+        resp = await s3.call("create_multipart_upload", Key=self._full)
+        return str(resp["UploadId"])
+
+    async def _upload_part(self, number: int, view: memoryview, crc32c: int | None) -> None:
+        upload_id = await self._ensure_upload()
+        lc = await self._s3.loop_client()
+        async with lc.transfers:  # at most part_concurrency copies in flight
+            self._st.check_open("write_part")
+            body = bytes(view)  # botocore wants bytes; and a retry after we return must not see reused memory
+            extra: dict[str, Any] = {}
+            crc = None
+            if self._checksum:
+                crc = b64_crc32c(value=crc32c) if crc32c is not None else b64_crc32c(body)
+                extra["ChecksumCRC32C"] = crc
+            resp = await self._s3.timed(
+                lc.client.upload_part(
+                    Bucket=self._s3.bucket, Key=self._full, UploadId=upload_id, PartNumber=number, Body=body, **extra
+                )
+            )
+        part: dict[str, Any] = {"PartNumber": number, "ETag": resp["ETag"]}
+        if crc is not None:
+            part["ChecksumCRC32C"] = crc
+        self._parts[number] = part
+        self._sizes[number] = len(body)
+
+    async def commit(self) -> None:
+        self._st.check_open("commit")
+        try:
+            if self._buf is not None:
+                await self._s3.put_object(self._full, bytes(memoryview(self._buf)[: self._end]))
+            elif self._upload_id is None:
+                await self._s3.put_object(self._full, b"")  # nothing was written: an empty object
+            else:
+                await self._complete()
+        except asyncio.CancelledError:
+            await self._abort()
+            raise
+        except Exception as exc:
+            err = self._s3.error("commit", self._full, exc)
+            self._st.fail(err)
+            await self._abort()
+            raise err from exc
+        self._st.state = "committed"
+        self._buf = None
+
+    async def _complete(self) -> None:
+        if self._inflight:
+            raise PermanentStorageError(
+                f"commit {self._where}: {self._inflight} part(s) still uploading; await them first"
+            )
+        numbers = sorted(self._parts)
+        if numbers != list(range(1, len(numbers) + 1)):
+            missing = sorted(set(range(1, (numbers[-1] if numbers else 0) + 1)) - set(numbers))
+            raise PermanentStorageError(f"commit {self._where}: parts {missing[:10]} were never written")
+        parts = [self._parts[i] for i in numbers]
+        total = sum(self._sizes.values())
+        s3 = self._s3
+        policy = s3.config.policy
+        last: BaseException | None = None
+        for attempt in range(policy.max_attempts):
+            try:
+                await s3.call(
+                    "complete_multipart_upload",
+                    Key=self._full,
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+                return
+            except ClientError as exc:
+                code, _ = error_code(exc)
+                if code == "NoSuchUpload" and await self._completed(parts, total):
+                    return  # an earlier attempt did complete; its reply was lost
+                if not is_transient(exc):
+                    raise
+                last = exc
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                last = exc
+            # The reply was lost or the store failed: the upload may have completed anyway.
+            if await self._completed(parts, total):
+                return
+            await policy.backoff(attempt + 1)
+        assert last is not None
+        raise last
+
+    async def _completed(self, parts: list[dict[str, Any]], total: int) -> bool:
+        """Whether CompleteMultipartUpload took effect: upload gone and our object (size, ETag) in place."""
+        s3 = self._s3
+        try:
+            await s3.call("list_parts", Key=self._full, UploadId=self._upload_id, MaxParts=1)
+            return False  # the upload still exists: not completed
+        except ClientError as exc:
+            code, status = error_code(exc)
+            if code != "NoSuchUpload" and status != 404:
+                return False
+        except CALL_ERRORS:
+            return False
+        try:
+            head = await s3.call("head_object", Key=self._full)
+        except CALL_ERRORS:
+            return False
+        if int(head.get("ContentLength", -1)) != total:
+            return False
+        etag = str(head.get("ETag", "")).strip('"')
+        digests = [str(p["ETag"]).strip('"') for p in parts]
+        if re.fullmatch(r"[0-9a-f]{32}-\d+", etag) and all(re.fullmatch(r"[0-9a-f]{32}", d) for d in digests):
+            expect = hashlib.md5(b"".join(bytes.fromhex(d) for d in digests)).hexdigest()
+            return etag == f"{expect}-{len(parts)}"
+        return True
+
+    async def abort(self) -> None:
+        if self._st.state == "committed":
+            return
+        await self._abort()
+
+    async def _abort(self) -> None:
+        first = self._st.state != "aborted"
+        self._st.state = "aborted"
+        self._buf = None
+        if self._upload_id is not None and (first or self._inflight):
+            await self._s3.abort_upload(self._full, self._upload_id, quiet=True)

@@ -1,0 +1,225 @@
+"""What a checkpoint costs the training loop (issue 13): per save, per step, per tensor, first save.
+
+    python bench/loop_cost.py [--quick] [--backends local moto seaweed] [--json OUT]
+
+Four figures, each a ratio or a time measured in this one run (the machine is noisy: read the
+load average printed with them):
+
+1. **loop time per save** for the examples/train.py model (MLP + AdamW + cosine schedule, ~1 MiB
+   state): the same loop runs with a save every ``--every`` steps and without, interleaved; the
+   extra loop time divided by the saves is what one save costs the loop (the call, the snapshot
+   wait in ``optimizer.step``, the finalize calls). Also the distribution of the ``maybe_save`` call
+   itself on save steps (median, p99). Next to it: ``torch.save`` and ``dcp.async_save`` of the same
+   state (the time the loop is blocked per save), local disk.
+2. **step-time inflation** of that loop with a save every 50 steps (target: <= 5 %).
+3. **save() of N small tensors** (1,000 .. 100,000 tensors of 64 bytes): the time ``save`` blocks.
+4. **first save vs later saves** of the same state right after construction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.s3_servers for moto / SeaweedFS
+
+import asyncckpt
+
+
+def _model() -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Dropout(0.1),
+                                torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)
+    return model, opt, sched
+
+
+def _steps(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, n: int, hook: Any = None) -> list[float]:
+    x, y = torch.randn(128, 64), torch.randn(128, 1)
+    times = []
+    for step in range(1, n + 1):
+        t0 = time.perf_counter()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if hook is not None:
+            hook(step)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def loop_per_save(root: str, options: dict[str, Any], steps: int, every: int, repeats: int) -> dict[str, Any]:
+    """Extra loop time per save (interleaved with-save / without-save runs) and the maybe_save call."""
+    extra, calls, base_means = [], [], []
+    for _ in range(repeats):
+        model, opt, sched = _model()
+        _steps(model, opt, sched, 20)
+        base = _steps(model, opt, sched, steps)
+        with asyncckpt.CheckpointManager(root, every_steps=every, keep_last=2, signals=(), storage_options=options) as mgr:
+            state = {"model": model, "optim": opt, "sched": sched}
+            mgr.maybe_save(every, state)  # first save (moves storages to shared memory) not timed
+            mgr.wait()
+            offset = every
+
+            def hook(step: int, mgr: Any = mgr, state: Any = state, offset: int = offset) -> None:
+                t0 = time.perf_counter()
+                h = mgr.maybe_save(offset + step, state)
+                if h is not None:
+                    calls.append(time.perf_counter() - t0)
+
+            timed = _steps(model, opt, sched, steps, hook)
+        n_saves = steps // every
+        extra.append((sum(timed) - sum(base)) / n_saves)
+        base_means.append(statistics.mean(base))
+    return {
+        "loop_s_per_save_median": statistics.median(extra),
+        "loop_s_per_save_runs": extra,
+        "maybe_save_call_median_s": statistics.median(calls),
+        "maybe_save_call_p99_s": _pct(calls, 0.99),
+        "step_s_median": statistics.median(base_means),
+    }
+
+
+def others_per_save(root: str, n: int) -> dict[str, float]:
+    """torch.save and dcp.async_save of the same state: time the loop is blocked per save."""
+    import torch.distributed.checkpoint as dcp
+
+    os.makedirs(root, exist_ok=True)
+    model, opt, sched = _model()
+    _steps(model, opt, sched, 5)
+    out: dict[str, float] = {}
+    ts = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict()},
+                   os.path.join(root, f"ts{i % 2}.pt"))
+        ts.append(time.perf_counter() - t0)
+    out["torch.save_s_median"] = statistics.median(ts)
+    ts = []
+    fut = None
+    for i in range(n):
+        t0 = time.perf_counter()
+        if fut is not None:
+            fut.result()
+        fut = dcp.async_save({"model": model.state_dict(), "optim": opt.state_dict()},
+                             checkpoint_id=os.path.join(root, f"dcp{i % 2}"))
+        ts.append(time.perf_counter() - t0)
+    fut.result()  # type: ignore[union-attr]
+    out["dcp.async_save_s_median"] = statistics.median(ts)
+    return out
+
+
+def inflation(root: str, steps: int, every: int, repeats: int) -> dict[str, Any]:
+    ratios = []
+    for _ in range(repeats):
+        model, opt, sched = _model()
+        _steps(model, opt, sched, 20)
+        base = _steps(model, opt, sched, steps)
+        with asyncckpt.CheckpointManager(root, every_steps=every, keep_last=2, signals=()) as mgr:
+            state = {"model": model, "optim": opt, "sched": sched}
+            mgr.maybe_save(every, state)
+            mgr.wait()
+            timed = _steps(model, opt, sched, steps, lambda s, mgr=mgr, state=state: mgr.maybe_save(every + s, state))
+        ratios.append(sum(timed) / sum(base) - 1)
+    return {"inflation_median": statistics.median(ratios), "inflation_runs": ratios}
+
+
+def many_tensors(root: str, counts: list[int]) -> dict[str, Any]:
+    out = {}
+    for n in counts:
+        state = {f"layer{i}.weight": torch.randn(16) for i in range(n)}
+        with asyncckpt.AsyncCheckpointer(snapshot="lazy") as ck:
+            ck.save(state, os.path.join(root, f"n{n}-warm"))
+            ck.finalize(blocking=True)
+            ts = []
+            for i in range(3):
+                t0 = time.perf_counter()
+                ck.save(state, os.path.join(root, f"n{n}-{i}"))
+                ts.append(time.perf_counter() - t0)
+                ck.finalize(blocking=True)
+        out[str(n)] = statistics.median(ts)
+    return out
+
+
+def first_vs_later(root: str) -> dict[str, Any]:
+    model, opt, sched = _model()
+    _steps(model, opt, sched, 3)
+    state = {"model": model.state_dict(), "optim": opt.state_dict()}
+    with asyncckpt.AsyncCheckpointer(optimizers=opt) as ck:
+        t0 = time.perf_counter()
+        ck.save(state, os.path.join(root, "first"))
+        first = time.perf_counter() - t0
+        ck.finalize(blocking=True)
+        later = []
+        for i in range(5):
+            t0 = time.perf_counter()
+            ck.save({"model": model.state_dict(), "optim": opt.state_dict()}, os.path.join(root, f"later{i}"))
+            later.append(time.perf_counter() - t0)
+            ck.finalize(blocking=True)
+    return {"first_s": first, "later_s_median": statistics.median(later), "ratio": first / statistics.median(later)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer steps and repetitions (a smoke run)")
+    ap.add_argument("--backends", nargs="*", default=["local", "moto", "seaweed"])
+    ap.add_argument("--json", help="write every figure here")
+    args = ap.parse_args()
+    steps, every, reps = (100, 10, 1) if args.quick else (600, 50, 5)
+    torch.set_num_threads(1)
+    res: dict[str, Any] = {"load_average_start": os.getloadavg()}
+    servers: list[Any] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in args.backends:
+            root, options = os.path.join(tmp, backend), {}
+            if backend == "moto":
+                from tests.s3_servers import MotoServer
+
+                srv: Any = MotoServer()
+                srv.start()
+                servers.append(srv)
+                root, options = f"s3://{srv.create_bucket()}/run", srv.options()
+            elif backend == "seaweed":
+                from tests.s3_servers import SeaweedServer
+
+                srv = SeaweedServer(Path(tmp) / "weed")
+                srv.start()
+                servers.append(srv)
+                root, options = f"s3://{srv.create_bucket()}/run", srv.options()
+            res[f"per_save[{backend}]"] = loop_per_save(root, options, steps, every, reps)
+            print(backend, json.dumps(res[f"per_save[{backend}]"]), flush=True)
+        res["others"] = others_per_save(os.path.join(tmp, "others"), 5 if args.quick else 20)
+        print("others", json.dumps(res["others"]), flush=True)
+        res["inflation[every 50]"] = inflation(os.path.join(tmp, "infl"), steps, 50, reps)
+        print("inflation", json.dumps(res["inflation[every 50]"]), flush=True)
+        res["save_s_by_tensor_count"] = many_tensors(os.path.join(tmp, "many"),
+                                                     [1000, 10000] if args.quick else [1000, 10000, 50000, 100000])
+        print("tensors", json.dumps(res["save_s_by_tensor_count"]), flush=True)
+        res["first_vs_later"] = first_vs_later(os.path.join(tmp, "first"))
+        print("first", json.dumps(res["first_vs_later"]), flush=True)
+        for srv in servers:
+            srv.stop() if hasattr(srv, "stop") else srv.kill()
+    res["load_average_end"] = os.getloadavg()
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
