@@ -1,10 +1,12 @@
 """Phase announcements, pauses, faults and a power-loss journal, without hooks in the engine.
 
-The trainer calls :func:`install` before it creates its checkpointer. That swaps the
-``snapshot``/``write`` functions ``AsyncCheckpointer.save`` sends to the worker for the wrappers
-below (pickled by reference, so the worker imports this module and instruments itself on first
-use), wraps ``plan_state``/``commit_checkpoint``/``set_latest`` in the trainer, and routes the
-``os`` calls of ``asyncckpt.storage.local`` through :class:`_OsProxy`. The engine's code runs
+Every process that runs a phase announces it itself. The trainer calls :func:`install` before
+it creates its checkpointer and passes :data:`WORKER_OPTIONS` to it (``worker_options=``): the
+worker then imports this module at start (the runtime's ``preload`` seam) and instruments
+itself. Instrumenting wraps module-level functions the engine calls (``plan_state`` in the
+trainer; ``take_snapshot``, ``write_chunks``, ``commit_checkpoint``, ``set_latest`` and
+``delete_checkpoint`` in the worker), routes the ``os`` calls of ``asyncckpt.storage.local``
+through :class:`_OsProxy` and wraps the S3 backend's requests. The engine's code runs
 unchanged; only the timing (pauses) and the observation (stdout lines, journal) are added.
 
 Environment (read at import; the spawned worker inherits it):
@@ -18,19 +20,21 @@ Environment (read at import; the spawned worker inherits it):
     at the first storage operation ``<op>`` (default: any) of ``<phase>``: ``raise`` a
     ValueError, ``hang`` (block until the process ends), or ``enospc`` (an OSError ENOSPC).
 ``TORTURE_JOURNAL=<file>``
-    append every mutation of local storage (create, write, truncate, fsync, rename, link,
-    unlink, mkdir, rmdir, directory fsync) to ``<file>``, for :mod:`tests.torture.powerloss`.
+    append every mutation of local storage (create, write, truncate, fsync/fdatasync, rename,
+    link, unlink, mkdir, rmdir, directory fsync) to ``<file>``, for :mod:`tests.torture.powerloss`.
 
-Phases: trainer ``planning``, ``commit``, ``latest``, ``retention``; worker ``snapshot``,
-``streaming`` (the data file, up to its rename and directory fsync), ``manifest``.
+Phases: trainer ``planning``; worker ``snapshot``, ``streaming`` (the data file, up to its
+rename), ``manifest``, ``commit`` (on the coordinator's worker), ``latest`` and ``retention``
+(the trainer script's own retention pass announces ``retention`` from the trainer).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import errno
 import functools
-import multiprocessing
 import os
 import pathlib
 import pickle
@@ -39,8 +43,6 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
-
-import asyncckpt.engine as _engine
 
 ANNOUNCE = os.environ.get("TORTURE_ANNOUNCE") == "1"
 SLOW = {p for p in os.environ.get("TORTURE_SLOW", "").split(",") if p}
@@ -63,7 +65,7 @@ current_name = "?"
 
 
 def role() -> str:
-    return "worker" if multiprocessing.current_process().name == "asyncckpt-worker" else "trainer"
+    return "worker" if os.environ.get("ASYNCCKPT_ROLE") == "worker" else "trainer"
 
 
 def say(line: str) -> None:
@@ -76,8 +78,16 @@ def _announce(what: str, phase: str, name: str) -> None:
         say(f"@@ {role()} {os.getpid()} {what} {phase} {name}")
 
 
+#: the phase of the task (or the storage thread working for it) that runs a storage operation: the worker
+#: streams one save while it commits another, and each operation must count for its own phase
+_task_phase: contextvars.ContextVar[str | None] = contextvars.ContextVar("torture_phase", default=None)
+
+
 def current_phase() -> str | None:
-    """The newest phase in progress that does storage operations."""
+    """The phase of the running task; else the newest phase in progress that does storage operations."""
+    mine = _task_phase.get()
+    if mine is not None:
+        return mine
     for ph, _ in reversed(_active):
         if ph not in ("snapshot", "planning"):
             return ph
@@ -89,12 +99,15 @@ def phase(name_of_phase: str, name: str) -> Iterator[None]:
     """Mark a phase: announce it, pause at its start and end when it is slowed."""
     entry = (name_of_phase, name)
     _active.append(entry)
+    token = _task_phase.set(name_of_phase) if name_of_phase not in ("snapshot", "planning") else None
     _announce("BEGIN", name_of_phase, name)
     _pause(name_of_phase)
     try:
         yield
     finally:
         _pause(name_of_phase)
+        if token is not None:
+            _task_phase.reset(token)
         _active.remove(entry)
         _announce("END", name_of_phase, name)
 
@@ -229,11 +242,18 @@ class _OsProxy:
             _journal(("trunc", os.fstat(fd).st_ino, length))
 
     def fsync(self, fd: int) -> None:
+        self._sync(fd, os.fsync)
+
+    def fdatasync(self, fd: int) -> None:
+        # For the power-loss model an fdatasync of a file is an fsync: its data and size are durable.
+        self._sync(fd, os.fdatasync)
+
+    def _sync(self, fd: int, how: Any) -> None:
         st = os.fstat(fd)
         is_dir = (st.st_mode & 0o170000) == 0o040000
         _point("fsyncdir" if is_dir else "fsync")
         with _lock:
-            os.fsync(fd)
+            how(fd)
             _journal(("fsyncdir" if is_dir else "fsync", st.st_ino))
 
     def replace(self, src: Any, dst: Any) -> None:
@@ -306,6 +326,10 @@ class _Path(type(pathlib.Path())):  # type: ignore[misc]
 
 
 # -- installation -----------------------------------------------------------------------------------
+#: what the trainer passes as ``worker_options``: the worker imports this module and instruments itself
+WORKER_OPTIONS: dict[str, Any] = {"preload": [__name__]}
+
+
 def _install_storage() -> None:
     import asyncckpt.storage.local as local
 
@@ -328,14 +352,21 @@ def _install_storage() -> None:
         put_record._torture = True  # type: ignore[attr-defined]
         ls.put_record = put_record  # type: ignore[method-assign]
 
+        async def run_in_context(self: Any, fn: Any, *args: Any) -> Any:
+            # the storage thread runs the operation in the calling task's context, so it knows the phase
+            ctx = contextvars.copy_context()
+            return await asyncio.get_running_loop().run_in_executor(self._pool, ctx.run, fn, *args)
+
+        ls._run = run_in_context  # type: ignore[method-assign]
+
 
 def _install_s3() -> None:
     """S3: a fault/pause point before every part, commit, abort, record put and delete; the manifest phase."""
     try:
-        import asyncckpt.storage.s3 as s3
+        from asyncckpt.storage.s3 import S3Storage, S3Writer
     except ImportError:
         return
-    st, wr = s3.S3Storage, s3._S3Writer
+    st, wr = S3Storage, S3Writer
     if getattr(st.put_record, "_torture", False):
         return
 
@@ -360,52 +391,31 @@ def _install_s3() -> None:
 
 
 def _install_worker() -> None:
-    global _installed
-    if _installed:
-        return
-    _installed = True
-    _install_storage()
-    real_chunks = _engine.write_chunks
-
-    async def write_chunks(storage: Any, key: str, *args: Any, **kwargs: Any) -> list[int]:
-        with phase("streaming", key.split("/")[0]):
-            return await real_chunks(storage, key, *args, **kwargs)
-
-    _engine.write_chunks = write_chunks  # type: ignore[assignment]
-
-
-async def snapshot(job: Any) -> Any:
-    """preload_fn sent to the worker instead of ``engine.snapshot``."""
-    _install_worker()
-    with phase("snapshot", job.name):
-        return await _engine.snapshot(job)
-
-
-async def write(staged: Any) -> Any:
-    """async_fn sent to the worker instead of ``engine.write``."""
-    _install_worker()
-    return await _engine.write(staged)
-
-
-def install() -> None:
-    """Instrument this (trainer) process; call before creating the checkpointer."""
+    """Instrument the worker process (run when it imports this module as a preload)."""
     global _installed
     if _installed:
         return
     _installed = True
     import asyncckpt.catalog as catalog
-    import asyncckpt.checkpointer as ckpt
+    import asyncckpt.control as control
+    import asyncckpt.engine as engine
+    import asyncckpt.retention as retention
+    import asyncckpt.runtime.server as server
 
     _install_storage()
-    ckpt.snapshot = snapshot  # type: ignore[assignment]
-    ckpt.write = write  # type: ignore[assignment]
-    real_plan = ckpt.plan_state
-    real_commit = ckpt.commit_checkpoint
+    real_snapshot = server.take_snapshot
+    real_chunks = engine.write_chunks
+    real_commit = control.commit_checkpoint
     real_latest = catalog.set_latest
+    real_delete = retention.delete_checkpoint
 
-    def plan_state(*args: Any, **kwargs: Any) -> Any:
-        with phase("planning", current_name):
-            return real_plan(*args, **kwargs)
+    async def take_snapshot(ctx: Any, spec: Any) -> Any:
+        with phase("snapshot", current_name):
+            return await real_snapshot(ctx, spec)
+
+    async def write_chunks(storage: Any, key: str, *args: Any, **kwargs: Any) -> list[int]:
+        with phase("streaming", key.split("/")[0]):
+            return await real_chunks(storage, key, *args, **kwargs)
 
     async def commit_checkpoint(storage: Any, name: str, **kwargs: Any) -> Any:
         with phase("commit", name):
@@ -415,16 +425,34 @@ def install() -> None:
         with phase("latest", name):
             return await real_latest(storage, name, step)
 
-    ckpt.plan_state = plan_state  # type: ignore[assignment]
-    ckpt.commit_checkpoint = commit_checkpoint  # type: ignore[assignment]
-    catalog.set_latest = set_latest  # type: ignore[assignment]
-
-    import asyncckpt.retention as retention  # the manager's retention pass deletes through it
-
-    real_delete = retention.delete_checkpoint
-
     async def delete_checkpoint(storage: Any, name: str, *args: Any, **kwargs: Any) -> Any:
         with phase("retention", name):
             return await real_delete(storage, name, *args, **kwargs)
 
+    server.take_snapshot = take_snapshot  # type: ignore[assignment]
+    engine.write_chunks = write_chunks  # type: ignore[assignment]
+    control.commit_checkpoint = commit_checkpoint  # type: ignore[assignment]
+    catalog.set_latest = set_latest  # type: ignore[assignment]
     retention.delete_checkpoint = delete_checkpoint  # type: ignore[assignment]
+
+
+def install() -> None:
+    """Instrument this (trainer) process; call before creating the checkpointer (with ``WORKER_OPTIONS``)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    import asyncckpt.checkpointer as ckpt
+
+    _install_storage()
+    real_plan = ckpt.plan_state
+
+    def plan_state(*args: Any, **kwargs: Any) -> Any:
+        with phase("planning", current_name):
+            return real_plan(*args, **kwargs)
+
+    ckpt.plan_state = plan_state  # type: ignore[assignment]
+
+
+if role() == "worker":
+    _install_worker()

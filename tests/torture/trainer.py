@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         start = int(t.item())
     say(f"READY {start}")
 
-    ck = asyncckpt.AsyncCheckpointer(chunk_size=CHUNK, max_in_flight=2, storage_options=opts)
+    ck = asyncckpt.AsyncCheckpointer(chunk_size=CHUNK, max_in_flight=2, storage_options=opts,
+                                    worker_options=_inject.WORKER_OPTIONS)
     worker_pid = ck.queue.worker_pid
     say(f"PID worker {worker_pid}")
     state = make_state(args.numel)
@@ -164,7 +165,7 @@ def _manager_loop(args: argparse.Namespace, rank: int, world: int, say: Any) -> 
 
     mgr = asyncckpt.CheckpointManager(
         args.root, every_steps=1, keep_last=args.keep, name_format="step-{step:06d}", signals=None, rng=False,
-        storage_options=storage_options(), checkpointer_options={"chunk_size": CHUNK},
+        storage_options=storage_options(), checkpointer_options={"chunk_size": CHUNK, "worker_options": _inject.WORKER_OPTIONS},
     )
     state = make_state(args.numel)
     restored = mgr.restore(state)
