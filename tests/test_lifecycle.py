@@ -82,8 +82,8 @@ def test_trainer_sigkill_leaves_no_worker_and_previous_checkpoint_loads(tmp_path
         assert psutil.pid_exists(worker_pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        took = _wait_gone(worker_pid, 2.0)
-        assert took < 2.0
+        took = _wait_gone(worker_pid, 10.0)
+        assert took < 10.0  # liveness (the worker notices the closed pipe at once), generous for a loaded machine
     finally:
         if proc.poll() is None:
             proc.kill()

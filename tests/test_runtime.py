@@ -51,7 +51,9 @@ def test_a_function_defined_in_main_fails_clearly_and_never_hangs():
     out = _run(script)
     assert out.returncode == 0, out.stderr
     err = next(line for line in out.stdout.splitlines() if line.startswith("ERROR"))
-    assert float(err.split()[1]) < 5
+    # a liveness bound, not a speed goal: without the error frame this waited forever (the worker's start,
+    # spawn + import torch, is most of the time and takes seconds on a loaded 2-core machine)
+    assert float(err.split()[1]) < 60
     assert "cannot unpickle request" in err and "__main__" in err
     assert "NEXT True next" in out.stdout
 
