@@ -190,8 +190,9 @@ class Job:
     Its ``stages`` run one after the other; each starts on every rank once the previous one has
     finished on every rank (decided by the same single-int all-reduce as the finalize). When the
     last stage is done everywhere, ``finalize_fns`` run. ``guard`` is checked the moment the
-    worker acks the snapshot of stage 0; ``on_torn``/``on_progress`` are called on the queue's
-    receiver thread.
+    worker acks the snapshot of stage 0; ``on_torn`` is called with the queue's lock held, before
+    the error can be seen (it must not call back into the queue), ``on_progress`` on the thread
+    that received the milestone.
     """
 
     stages: list[Stage]
@@ -463,6 +464,9 @@ class AsyncCallsQueue:
                 "the state, or use snapshot='blocking'.",
                 changed,
             )
+            if call.on_torn is not None:
+                # before anyone can see the error: whoever catches it finds the policy already switched
+                call.on_torn(changed)
             return (call, changed)
         return (call, None) if call.job.confirm else None
 
@@ -472,8 +476,6 @@ class AsyncCallsQueue:
             call.worker.send(Kind.CANCEL if changed else Kind.CONFIRM, call.idx)
         except WorkerDiedError:
             pass
-        if changed and call.on_torn is not None:
-            call.on_torn(changed)
 
     def verify_snapshots(self) -> None:
         """On the training thread: judge every taken snapshot still unjudged.
