@@ -18,14 +18,26 @@ from ._loop import gather_or_cancel, run_sync
 from .catalog import read_latest, read_manifest
 from .dtypes import numpy_dtype, torch_dtype
 from .errors import BadInputError, CheckpointError, CheckpointNotFoundError, FormatError, IntegrityError, StorageError
-from .format import BigIntNode, BytesNode, DictNode, ListNode, Node, RankManifest, RefNode, ValueNode, checksum
+from .format import (
+    BigIntNode,
+    BytesNode,
+    DictNode,
+    ListNode,
+    Node,
+    RankManifest,
+    RefNode,
+    ValueNode,
+    checksum,
+    keys_in_range,
+)
 from .locate import locate
 from .storage import Storage
 from .tiers import TieredPath, Tiers
 
 _log = logging.getLogger("asyncckpt")
 
-__all__ = ["build_tree", "load", "load_async", "read_rank", "select_keys", "verify_rank"]
+__all__ = ["build_tree", "entry_values", "load", "load_async", "read_rank", "select_keys", "stored_entries",
+           "verify_rank"]
 
 _READ_CONCURRENCY = 4
 
@@ -68,7 +80,7 @@ async def _read_verified(
             await storage.read_into(m.data_file, start, memoryview(buf))
             crc = await asyncio.to_thread(checksum, memoryview(buf))
             if crc != m.chunk_checksums[i]:
-                keys = [e.key for e in m.entries if e.offset < start + n and e.offset + e.nbytes > start] or ["<padding>"]
+                keys = keys_in_range(m, start, start + n)
                 raise IntegrityError(
                     f"{where}: checksum mismatch in bytes [{start}, {start + n}) (crc32c {crc:#010x}, "
                     f"expected {m.chunk_checksums[i]:#010x}); affected keys: {', '.join(keys[:8])}"
@@ -143,10 +155,11 @@ async def read_rank(storage: Storage, m: RankManifest, *, allow_pickle: bool = F
                 + (" (or leave it out with keys=[...])." if keys is None else ".")
             )
     await _check_data_size(storage, m)  # entries lie inside data_nbytes: now bounded by the real file
-    buffers: dict[int, np.ndarray] = {i: np.empty(m.entries[i].nbytes, dtype=np.uint8) for i in wanted}
-    order = sorted(wanted, key=lambda i: m.entries[i].offset)
+    stored = stored_entries(m, wanted)
+    buffers: dict[int, np.ndarray] = {i: np.empty(m.entries[i].nbytes, dtype=np.uint8) for i in stored}
+    order = sorted(stored, key=lambda i: m.entries[i].offset)
     cs = m.chunk_size
-    chunks = {c for i in wanted if m.entries[i].nbytes
+    chunks = {c for i in stored if m.entries[i].nbytes
               for c in range(m.entries[i].offset // cs, (m.entries[i].offset + m.entries[i].nbytes - 1) // cs + 1)}
 
     def on_chunk(start: int, buf: np.ndarray) -> None:
@@ -158,6 +171,22 @@ async def read_rank(storage: Storage, m: RankManifest, *, allow_pickle: bool = F
                 buffers[i][lo - e.offset : hi - e.offset] = buf[lo - start : hi - start]
 
     await _read_verified(storage, m, on_chunk, chunks=chunks if keys is not None else None)
+    return build_tree(tree, entry_values(m, buffers, wanted, where), where)
+
+
+def stored_entries(m: RankManifest, indices: Collection[int]) -> list[int]:
+    """The entries owning the bytes that the entries ``indices`` need (a view needs its storage), sorted."""
+    out = set()
+    for i in indices:
+        v = m.entries[i].view_of
+        out.add(v if v >= 0 else i)
+    return sorted(out)
+
+
+def entry_values(m: RankManifest, buffers: Mapping[int, np.ndarray], indices: Collection[int], where: str,
+                 unpickle: bool = True) -> list[Any]:
+    """The values of the entries ``indices`` (``None`` elsewhere), from the verified bytes of their
+    :func:`stored_entries` in ``buffers``. Views of one stored storage share one torch storage."""
     values: list[Any] = [None] * len(m.entries)
     for i, raw in buffers.items():
         e = m.entries[i]
@@ -168,12 +197,18 @@ async def read_rank(storage: Storage, m: RankManifest, *, allow_pickle: bool = F
             values[i] = t.view(dt).reshape(e.shape)
         elif e.kind == "ndarray":
             values[i] = raw.view(numpy_dtype(e.dtype, ew)).reshape(e.shape)
-        else:
+        elif unpickle:
             try:
                 values[i] = pickle.loads(raw.tobytes())
             except Exception as exc:
                 raise IntegrityError(f"{ew}: pickled object cannot be loaded ({exc})") from exc
-    return build_tree(tree, values, where)
+    for i in indices:
+        e = m.entries[i]
+        if e.view_of >= 0:
+            storage = values[e.view_of].untyped_storage()
+            values[i] = torch.empty(0, dtype=torch_dtype(e.dtype, f"{where}: key {e.key!r}")).set_(
+                storage, e.storage_offset, e.shape, e.stride)
+    return values
 
 
 def build_tree(tree: Node, values: list[Any], where: str) -> Any:
