@@ -816,6 +816,18 @@ def _export_pt(ck: _Ckpt, m: RankManifest, node: Node, tmp: Path, args: argparse
     for i in wanted:  # torch.save writes tensors, not NumPy arrays
         if m.entries[i].kind == "ndarray":
             values[i] = torch.from_numpy(values[i].copy())
+    # torch.save refuses views of one storage with different dtypes: those are written as copies.
+    dtypes: dict[int, set[str]] = {}
+    for i in wanted:
+        if m.entries[i].view_of >= 0:
+            dtypes.setdefault(m.entries[i].view_of, set()).add(m.entries[i].dtype)
+    copied = [i for i in wanted if len(dtypes.get(m.entries[i].view_of, ())) > 1]
+    for i in copied:
+        values[i] = values[i].clone()
+    if copied:
+        print(f"note: {len(copied)} tensor(s) viewed one storage as different dtypes, which torch.save cannot "
+              f"store; each was written as its own copy: {', '.join(m.entries[i].key for i in copied[:8])}"
+              f"{' ...' if len(copied) > 8 else ''}", file=sys.stderr)
     obj = build_tree(node, values, where)
     with open(tmp, "xb") as f, _progress(args, None, f"write {args.to}") as bar:
         torch.save(obj, _CountingFile(f, bar))
