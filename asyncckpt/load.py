@@ -40,6 +40,7 @@ __all__ = ["build_tree", "entry_values", "load", "load_async", "read_rank", "sel
            "verify_rank"]
 
 _READ_CONCURRENCY = 4
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _current_rank() -> int | None:
@@ -365,7 +366,11 @@ def _merge_into(dst: Any, src: Any, path: str, problems: list[str], apply: bool 
             return dst
         if apply:
             with torch.no_grad():
-                dst.copy_(src)
+                bits = _SAME_SIZE_INT.get(dst.element_size())
+                if bits is not None and dst.dtype != bits:  # copy the bit patterns (bool, NaN payloads, bits*)
+                    dst.view(bits).copy_(src.view(bits))
+                else:
+                    dst.copy_(src)
         return dst
     if isinstance(dst, MutableMapping) and isinstance(src, Mapping):
         missing = [k for k in dst if k not in src]

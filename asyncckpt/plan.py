@@ -159,7 +159,8 @@ def _plan_tensor(plan: Plan, t: torch.Tensor, path: str) -> Node:
     if getattr(t, "is_nested", False):
         raise BadInputError(f"{path}: nested tensors are not supported; save their components as separate tensors")
     if t.is_quantized:
-        raise BadInputError(f"{path}: quantized tensors are not supported; save int_repr() and the scale/zero point")
+        raise BadInputError(f"{path}: quantized tensors (dtype {t.dtype}) are not supported; "
+                            "save int_repr() and the scale/zero point")
     if type(t) not in _PLAIN:
         raise BadInputError(
             f"{path}: tensor subclass {type(t).__name__} is not supported by the plain save path; "
