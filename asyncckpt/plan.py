@@ -43,8 +43,10 @@ class Plan:
     members: dict[int, list[tuple[str, torch.Tensor]]] = field(default_factory=dict)
     #: format features the manifest must declare
     features: list[str] = field(default_factory=list)
-    #: storages shared by several tensors of the state -> index of their storage entry (-1: none yet)
-    shared: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    #: id of each tensor of the state sharing its storage with another one -> that storage
+    shared: dict[int, tuple[torch.device, int, int]] = field(default_factory=dict)
+    #: shared storage -> index of the entry holding its bytes
+    storage_entries: dict[tuple[torch.device, int, int], int] = field(default_factory=dict)
 
     def add(self, key: str, kind: str, dtype: str, shape: list[int], nbytes: int) -> int:
         offset = -(-self.data_nbytes // ALIGN) * ALIGN
@@ -99,20 +101,26 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
-def _storage_key(t: torch.Tensor) -> tuple[str, int, int] | None:
-    """What identifies ``t``'s storage among the state's tensors (None: it cannot be shared)."""
-    if type(t) not in _PLAIN or t.layout != torch.strided or t.device.type not in ("cpu", "cuda") \
-            or t.is_quantized or getattr(t, "is_nested", False) or t.is_conj() or t.is_neg():
+def _storage_key(t: torch.Tensor) -> tuple[torch.device, int, int] | None:
+    """What identifies ``t``'s storage among the state's tensors (None: it has none to share).
+
+    Kept lean (it runs for every tensor at ``save()``): tensors that cannot be views are sorted
+    out later, by :func:`_plan_tensor`.
+    """
+    if t.layout is not torch.strided:
         return None
-    st = t.untyped_storage()
-    if st.nbytes() == 0:
+    try:
+        st = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # tensor kinds without a plain storage
         return None
-    return str(t.device), st.data_ptr(), st.nbytes()
+    n = st.nbytes()
+    return (t.device, st.data_ptr(), n) if n else None
 
 
-def _shared_storages(root: Any) -> dict[tuple[str, int, int], int]:
-    """Storages that two or more tensors of the state use (tied weights, views of one buffer)."""
-    count: dict[tuple[str, int, int], int] = {}
+def _shared_storages(root: Any) -> dict[int, tuple[torch.device, int, int]]:
+    """id of each tensor of the state whose storage another tensor of the state uses too -> that storage."""
+    keys: dict[int, tuple[torch.device, int, int]] = {}
+    count: dict[tuple[torch.device, int, int], int] = {}
     active: set[int] = set()  # containers on the current path (a cycle is reported by _walk)
 
     def visit(obj: Any) -> None:
@@ -120,6 +128,7 @@ def _shared_storages(root: Any) -> dict[tuple[str, int, int], int]:
             key = _storage_key(obj)
             if key is not None:
                 count[key] = count.get(key, 0) + 1
+                keys[id(obj)] = key
         elif type(obj) in (dict, collections.OrderedDict, list, tuple) and id(obj) not in active:
             active.add(id(obj))
             for v in obj.values() if isinstance(obj, dict) else obj:
@@ -127,12 +136,12 @@ def _shared_storages(root: Any) -> dict[tuple[str, int, int], int]:
             active.discard(id(obj))
 
     visit(root)
-    return {k: -1 for k, n in count.items() if n > 1}
+    return {i: k for i, k in keys.items() if count[k] > 1}
 
 
-def _plan_view(plan: Plan, t: torch.Tensor, key: tuple[str, int, int], path: str) -> Node:
+def _plan_view(plan: Plan, t: torch.Tensor, key: tuple[torch.device, int, int], path: str) -> Node:
     """``t`` as a view of its storage, which is stored once (at its first tensor)."""
-    sidx = plan.shared[key]
+    sidx = plan.storage_entries.get(key, -1)
     if sidx < 0:
         storage = t.untyped_storage()
         sidx = plan.add(path, "tensor", "uint8", [storage.nbytes()], storage.nbytes())
@@ -141,7 +150,7 @@ def _plan_view(plan: Plan, t: torch.Tensor, key: tuple[str, int, int], path: str
             plan.inline[sidx] = tensor_bytes(base)
         else:
             plan.tensors[sidx] = base
-        plan.shared[key] = sidx
+        plan.storage_entries[key] = sidx
         plan.members[sidx] = []
         if SHARED_STORAGE not in plan.features:
             plan.features.append(SHARED_STORAGE)
@@ -170,9 +179,9 @@ def _plan_tensor(plan: Plan, t: torch.Tensor, path: str) -> Node:
         raise BadInputError(f"{path}: meta tensors hold no data; materialize the module before saving")
     if t.device.type not in ("cpu", "cuda"):
         raise BadInputError(f"{path}: tensors on device {t.device} are not supported (cpu and cuda are)")
+    key = plan.shared.get(id(t)) if plan.shared else None
     t = t.detach()
-    key = _storage_key(t)
-    if key is not None and key in plan.shared:
+    if key is not None and not (t.is_conj() or t.is_neg()):
         torch_dtype_name(t.dtype, path)  # refuse an unsupported dtype before the storage is planned
         return _plan_view(plan, t, key, path)
     if t.is_conj() or t.is_neg():
