@@ -4,9 +4,12 @@ sharing one storage, with their offsets and strides (load, load(into=...), the m
 from __future__ import annotations
 
 import msgspec
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import asyncckpt
 from asyncckpt import cli
@@ -240,3 +243,35 @@ def test_export_to_pt_keeps_ties_and_safetensors_writes_copies(capsys, shared_ck
     st = safetensors.torch.load_file(tmp_path / "m.safetensors")
     assert all(st[k].shape == v.shape and _same_bits(st[k], v) for k, v in state.items())
     assert _ptr(st["emb.weight"]) != _ptr(st["head.weight"])  # documented: copies, not ties
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(view_of=st.integers(0, 6), stride=st.lists(st.integers(-2, 70), max_size=3),
+       shape=st.lists(st.integers(0, 70), max_size=3), storage_offset=st.integers(-2, 5000),
+       which=st.sampled_from(["a", "b"]))
+def test_forged_view_geometry_is_refused_or_read_exactly(shared_ckpt, tmp_path_factory, view_of, stride, shape,
+                                                         storage_offset, which):
+    """Whatever a (re-sealed) manifest claims about a view, load refuses it by name or returns exactly the
+    elements it describes; it never reads outside the stored storage."""
+    d = tmp_path_factory.mktemp("forged")
+    flat = torch.arange(1024, dtype=torch.float32)
+    shared_ckpt.save({"a": flat[:512], "b": flat[512:].view(64, 8), "c": torch.ones(4)}, d / "c")
+    shared_ckpt.finalize(blocking=True)
+    m = decode_manifest((d / "c" / manifest_file(0)).read_bytes(), "m")
+    i = next(i for i, e in enumerate(m.entries) if e.key == which)
+    numel = 1
+    for n in shape:
+        numel *= n
+    entries = list(m.entries)
+    entries[i] = msgspec.structs.replace(entries[i], view_of=view_of, stride=stride, shape=shape,
+                                         storage_offset=storage_offset, nbytes=numel * 4)
+    _rewrite_manifest(d / "c", entries=entries)
+    try:
+        out = asyncckpt.load(d / "c")
+    except asyncckpt.FormatError as exc:
+        assert repr(which) in str(exc) or "entry" in str(exc), exc
+        return
+    v = out[which]
+    base = np.frombuffer(flat.numpy().tobytes(), dtype=np.float32)  # the stored storage, independently
+    want = np.lib.stride_tricks.as_strided(base[storage_offset:], shape=shape, strides=[s * 4 for s in stride])
+    assert list(v.shape) == shape and np.array_equal(v.numpy(), want)
