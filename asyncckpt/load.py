@@ -249,16 +249,25 @@ def _build(node: Node, values: list[Any], used: set[int], where: str, depth: int
     raise FormatError(f"{where}: unknown node {type(node).__name__}")  # pragma: no cover
 
 
-def _to_device(obj: Any, device: torch.device) -> Any:
+def _to_device(obj: Any, device: torch.device, moved: dict[int, torch.UntypedStorage] | None = None) -> Any:
+    """``obj`` with its tensors on ``device``; tensors that share a storage still share one there."""
+    moved = {} if moved is None else moved
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        st = obj.untyped_storage()
+        if obj.device == device or st.nbytes() == 0:
+            return obj.to(device)
+        dst = moved.get(st.data_ptr())
+        if dst is None:  # each storage is moved once, whole
+            dst = torch.empty(0, dtype=torch.uint8).set_(st).to(device).untyped_storage()
+            moved[st.data_ptr()] = dst
+        return torch.empty(0, dtype=obj.dtype, device=device).set_(dst, obj.storage_offset(), obj.shape, obj.stride())
     if isinstance(obj, dict):
         out = type(obj)()
         for k, v in obj.items():
-            out[k] = _to_device(v, device)
+            out[k] = _to_device(v, device, moved)
         return out
     if isinstance(obj, (list, tuple)):
-        items = [_to_device(v, device) for v in obj]
+        items = [_to_device(v, device, moved) for v in obj]
         return tuple(items) if isinstance(obj, tuple) else items
     return obj
 

@@ -98,6 +98,20 @@ def test_shared_storages_are_written_once_and_load_back_shared(shared_ckpt, tmp_
     assert size < separately
 
 
+def test_map_location_moves_each_storage_once_and_keeps_the_sharing(shared_ckpt, tmp_path):
+    state, _ = _state(big=False)
+    shared_ckpt.save(state, tmp_path / "c")
+    shared_ckpt.finalize(blocking=True)
+    out = asyncckpt.load(tmp_path / "c", map_location="meta")  # a device every machine has (CUDA: test_cuda.py)
+    for k, v in state.items():
+        assert out[k].device.type == "meta" and out[k].shape == v.shape and out[k].stride() == v.stride(), k
+        assert out[k].storage_offset() == v.storage_offset(), k
+    # meta storages have no address: torch keeps one Python object per storage, so identity tells
+    assert out["a"].untyped_storage() is out["b"].untyped_storage()
+    assert out["emb.weight"].untyped_storage() is out["head.weight"].untyped_storage()
+    assert out["a"].untyped_storage() is not out["alone"].untyped_storage()
+
+
 def test_only_the_selected_keys_are_read_and_still_share(shared_ckpt, tmp_path):
     state, _ = _state(big=False)
     shared_ckpt.save({"x": state, "y": {"other": torch.zeros(3)}}, tmp_path / "c")
