@@ -184,8 +184,7 @@ def stored_entries(m: RankManifest, indices: Collection[int]) -> list[int]:
     return sorted(out)
 
 
-def entry_values(m: RankManifest, buffers: Mapping[int, np.ndarray], indices: Collection[int], where: str,
-                 unpickle: bool = True) -> list[Any]:
+def entry_values(m: RankManifest, buffers: Mapping[int, np.ndarray], indices: Collection[int], where: str) -> list[Any]:
     """The values of the entries ``indices`` (``None`` elsewhere), from the verified bytes of their
     :func:`stored_entries` in ``buffers``. Views of one stored storage share one torch storage."""
     values: list[Any] = [None] * len(m.entries)
@@ -198,7 +197,7 @@ def entry_values(m: RankManifest, buffers: Mapping[int, np.ndarray], indices: Co
             values[i] = t.view(dt).reshape(e.shape)
         elif e.kind == "ndarray":
             values[i] = raw.view(numpy_dtype(e.dtype, ew)).reshape(e.shape)
-        elif unpickle:
+        else:
             try:
                 values[i] = pickle.loads(raw.tobytes())
             except Exception as exc:
@@ -258,7 +257,7 @@ def _to_device(obj: Any, device: torch.device, moved: dict[int, torch.UntypedSto
             return obj.to(device)
         dst = moved.get(st.data_ptr())
         if dst is None:  # each storage is moved once, whole
-            dst = torch.empty(0, dtype=torch.uint8).set_(st).to(device).untyped_storage()
+            dst = torch.empty(0, dtype=torch.uint8, device=obj.device).set_(st).to(device).untyped_storage()
             moved[st.data_ptr()] = dst
         return torch.empty(0, dtype=obj.dtype, device=device).set_(dst, obj.storage_offset(), obj.shape, obj.stride())
     if isinstance(obj, dict):
