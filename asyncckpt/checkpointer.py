@@ -335,7 +335,7 @@ class AsyncCheckpointer:
         if new:
             self._policy.storages_moved()
         mode = self._policy.decide(shared.values(), snapshot)
-        guard = SnapshotGuard((plan.entries[i].key, t) for i, t in shared.items())
+        guard = SnapshotGuard(plan.watched(shared))
         copies = [(plan.entries[i].offset, refs[i]) for i in shared]
         if runs is not None:
             base = refs[-(runs[0] + 1)]
@@ -353,6 +353,7 @@ class AsyncCheckpointer:
             entries=plan.entries, tree=plan.tree, data_nbytes=plan.data_nbytes, overwrite=overwrite,
             chunk_size=self.chunk_size, io_concurrency=self.io_concurrency,
             storage_options=storage_options, layout=self.layout, data_prefix=data_prefix(self.layout, name, step),
+            features=plan.features,
         )
         handle = SaveHandle(shown, name, step, -1, time.time(), tiered=tiers is not None and len(tiers.uris) > 1,
                             root=root)

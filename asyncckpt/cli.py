@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import os
-import pickle
 import re
 import sys
 import time
@@ -35,7 +34,7 @@ from . import __version__
 from ._loop import _get_loop, run_sync
 from .catalog import CheckpointInfo, read_latest, read_manifest
 from .deletion import DeleteReport, delete_async
-from .dtypes import numpy_dtype, torch_dtype
+from .dtypes import numpy_dtype
 from .errors import (
     BadInputError,
     CheckpointError,
@@ -56,10 +55,11 @@ from .format import (
     RefNode,
     ValueNode,
     checksum,
+    keys_in_range,
 )
 from .keypath import format_key, format_path, parse_path
 from .listing import list_checkpoints_async
-from .load import build_tree
+from .load import build_tree, entry_values, stored_entries
 from .locate import describe_local, is_missing_bucket, local_path, locate, torch_save_format
 from .logs import enable_logging
 from .manager import RESERVED_KEY
@@ -241,7 +241,7 @@ def _chunk_stream(storage: Storage, m: RankManifest, size: int) -> Iterator[tupl
 
 
 def _keys_in(m: RankManifest, start: int, end: int) -> list[str]:
-    return [e.key for e in m.entries if e.nbytes and e.offset < end and e.offset + e.nbytes > start] or ["<padding>"]
+    return keys_in_range(m, start, end)
 
 
 # -- ls -----------------------------------------------------------------------------------------
@@ -330,7 +330,8 @@ def _tree_rows(node: Node, path: list[Any], m: RankManifest, out: list[dict[str,
         if not 0 <= node.index < len(m.entries):
             raise _Failed(f"{m.data_file}: value tree references entry {node.index}, the manifest has {len(m.entries)}")
         e = m.entries[node.index]
-        out.append(_row(path, e.kind, e.dtype, list(e.shape), e.nbytes, offset=e.offset))
+        shown = f"view of the storage shared with {m.entries[e.view_of].key}" if e.view_of >= 0 else ""
+        out.append(_row(path, e.kind, e.dtype, list(e.shape), e.nbytes, offset=e.offset, shown=shown))
     elif isinstance(node, ValueNode):
         v = node.value
         out.append(_row(path, "None" if v is None else type(v).__name__, value=_plain_json(v), shown=_short(v)))
@@ -431,7 +432,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             "is_latest": latest is not None and latest.name == ck.name,
             "ranks": [
                 {"rank": m.rank, "data_file": m.data_file, "data_nbytes": m.data_nbytes, "chunk_size": m.chunk_size,
-                 "chunks": len(m.chunk_checksums), "manifest_nbytes": ref.nbytes, "entries": len(m.entries)}
+                 "chunks": len(m.chunk_checksums), "manifest_nbytes": ref.nbytes, "entries": len(m.entries),
+                 "features": list(m.features)}
                 for m, ref in zip(manifests, rec.manifests)
             ],
             "keys": {str(r): _json_rows(rows[r]) for r in ranks},
@@ -466,7 +468,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                    _size(m.chunk_size), _size(ref.nbytes), str(len(m.entries)))
     con.print(rt)
     for r in ranks:
-        con.print(_key_table(f"values of rank {r} ({len(rows[r])}; {len(manifests[r].entries)} stored in the data file)",
+        stored = sum(1 for e in manifests[r].entries if e.view_of < 0)
+        con.print(_key_table(f"values of rank {r} ({len(rows[r])}; {stored} stored in the data file)",
                              rows[r]))
     return 0
 
@@ -479,7 +482,7 @@ def _verify_rank(storage: Storage, m: RankManifest, bar: tqdm) -> tuple[int, lis
         size = run_sync(storage.size(m.data_file))
     except CheckpointNotFoundError:
         bar.update(m.data_nbytes)
-        keys = [e.key for e in m.entries if e.nbytes]
+        keys = [k for k in keys_in_range(m, 0, m.data_nbytes) if k != "<padding>"]
         return 0, [f"{where}: data file of rank {m.rank} is missing (keys: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''})"]
     if size != m.data_nbytes:
         what = "truncated" if size < m.data_nbytes else "longer than its manifest says"
@@ -752,26 +755,44 @@ def _export_safetensors(ck: _Ckpt, m: RankManifest, node: Node, tmp: Path, args:
         header[name] = {"dtype": st_dtype, "shape": list(e.shape), "data_offsets": [pos, pos + e.nbytes]}
         out_off[idx] = pos
         pos += e.nbytes
+    # safetensors cannot share storage: a view of a shared storage is written as its own copy,
+    # from its storage's bytes held in memory (read and verified like every other byte).
+    views = [c[1] for c in chosen if m.entries[c[1]].view_of >= 0]
+    held: dict[int, np.ndarray] = {i: np.empty(m.entries[i].nbytes, dtype=np.uint8) for i in stored_entries(m, views)}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     base = 8 + len(blob)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+    def write_at(view: memoryview, at: int) -> None:
+        while view:
+            n = os.pwrite(fd, view, at)
+            view, at = view[n:], at + n
+
     try:
         os.write(fd, len(blob).to_bytes(8, "little") + blob)
         os.ftruncate(fd, base + pos)
 
         def put(idx: int, off: int, data: np.ndarray) -> None:
-            view = memoryview(data)
-            at = base + out_off[idx] + off
-            while view:
-                n = os.pwrite(fd, view, at)
-                view, at = view[n:], at + n
+            if idx in held:
+                held[idx][off : off + len(data)] = data
+            if idx in out_off:
+                write_at(memoryview(data), base + out_off[idx] + off)
 
+        direct = [c[1] for c in chosen if m.entries[c[1]].view_of < 0]
         with _progress(args, m.data_nbytes, f"export {ck.name}") as bar:
-            _stream_entries(ck.storage, m, [c[1] for c in chosen], bar, put)
+            _stream_entries(ck.storage, m, sorted(set(direct) | set(held)), bar, put)
+        values = entry_values(m, held, views, f"{ck.path}/{m.data_file}")
+        for idx in views:
+            data = values[idx].contiguous().reshape(-1).view(torch.uint8).numpy()
+            write_at(memoryview(data), base + out_off[idx])
         os.fsync(fd)
     finally:
         os.close(fd)
+    if views:
+        print(f"note: {len(views)} tensor(s) shared a storage with others in the checkpoint; safetensors cannot "
+              "share storage, so each was written as its own copy (tied weights are separate tensors in the file)",
+              file=sys.stderr)
     return len(chosen), skipped
 
 
@@ -783,24 +804,30 @@ def _export_pt(ck: _Ckpt, m: RankManifest, node: Node, tmp: Path, args: argparse
         if m.entries[i].kind == "pickle" and not args.allow_pickle:
             raise BadInputError(f"key {m.entries[i].key!r} holds a pickled object; loading it could run code. "
                                 "Pass --allow-pickle only if you trust this checkpoint (or export a --key without it)")
-    bufs: dict[int, np.ndarray] = {i: np.empty(m.entries[i].nbytes, dtype=np.uint8) for i in wanted}
+    bufs: dict[int, np.ndarray] = {i: np.empty(m.entries[i].nbytes, dtype=np.uint8) for i in stored_entries(m, wanted)}
 
     def put(idx: int, off: int, data: np.ndarray) -> None:
         bufs[idx][off : off + len(data)] = data
 
     with _progress(args, m.data_nbytes, f"read {ck.name}") as bar:
-        _stream_entries(ck.storage, m, wanted, bar, put)
-    values: list[Any] = [None] * len(m.entries)
+        _stream_entries(ck.storage, m, list(bufs), bar, put)
     where = f"{ck.path}/{m.data_file}"
-    for i, raw in bufs.items():
-        e = m.entries[i]
-        if e.kind == "tensor":
-            t = torch.from_numpy(raw) if raw.size else torch.empty(0, dtype=torch.uint8)
-            values[i] = t.view(torch_dtype(e.dtype, where)).reshape(e.shape)
-        elif e.kind == "ndarray":
-            values[i] = torch.from_numpy(raw.view(numpy_dtype(e.dtype, where)).reshape(e.shape).copy())
-        else:
-            values[i] = pickle.loads(raw.tobytes())
+    values = entry_values(m, bufs, wanted, where)
+    for i in wanted:  # torch.save writes tensors, not NumPy arrays
+        if m.entries[i].kind == "ndarray":
+            values[i] = torch.from_numpy(values[i].copy())
+    # torch.save refuses views of one storage with different dtypes: those are written as copies.
+    dtypes: dict[int, set[str]] = {}
+    for i in wanted:
+        if m.entries[i].view_of >= 0:
+            dtypes.setdefault(m.entries[i].view_of, set()).add(m.entries[i].dtype)
+    copied = [i for i in wanted if len(dtypes.get(m.entries[i].view_of, ())) > 1]
+    for i in copied:
+        values[i] = values[i].clone()
+    if copied:
+        print(f"note: {len(copied)} tensor(s) viewed one storage as different dtypes, which torch.save cannot "
+              f"store; each was written as its own copy: {', '.join(m.entries[i].key for i in copied[:8])}"
+              f"{' ...' if len(copied) > 8 else ''}", file=sys.stderr)
     obj = build_tree(node, values, where)
     with open(tmp, "xb") as f, _progress(args, None, f"write {args.to}") as bar:
         torch.save(obj, _CountingFile(f, bar))

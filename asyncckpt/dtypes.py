@@ -23,8 +23,11 @@ _TORCH: dict[str, torch.dtype] = {
     "complex64": torch.complex64,
     "complex128": torch.complex128,
 }
-for _name in ("uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
-    if hasattr(torch, _name):
+# Dtypes of newer torch releases, stored by their name when the installed torch has them. Several
+# have no arithmetic (bits*, float4_e2m1fn_x2): asyncckpt only ever moves their raw bytes.
+for _name in ("uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+              "float8_e8m0fnu", "float4_e2m1fn_x2", "complex32", "bits8", "bits16", "bits1x8", "bits2x4", "bits4x2"):
+    if isinstance(getattr(torch, _name, None), torch.dtype):
         _TORCH[_name] = getattr(torch, _name)
 _TORCH_NAMES = {v: k for k, v in _TORCH.items()}
 _NUMPY_OK = {"b", "i", "u", "f", "c"}
@@ -34,7 +37,11 @@ def torch_dtype_name(dtype: torch.dtype, key: str) -> str:
     try:
         return _TORCH_NAMES[dtype]
     except KeyError:
-        raise BadInputError(f"key {key!r}: tensor dtype {dtype} is not supported by asyncckpt") from None
+        raise BadInputError(
+            f"key {key!r}: tensor dtype {dtype} is not supported by asyncckpt (nothing was written); "
+            f"supported are {', '.join(sorted(_TORCH))}. Convert the tensor (e.g. .view(torch.uint8) or .to(...)) "
+            "before saving"
+        ) from None
 
 
 def torch_dtype(name: str, where: str = "") -> torch.dtype:

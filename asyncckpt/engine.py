@@ -21,7 +21,6 @@ from .format import (
     CHECKSUM_ALGO,
     COMMIT_FILE,
     FORMAT_NAME,
-    FORMAT_VERSION,
     Entry,
     Node,
     RankManifest,
@@ -29,6 +28,7 @@ from .format import (
     data_file,
     encode_manifest,
     manifest_file,
+    manifest_version,
 )
 from .storage import Storage, join_key
 from .storage.base import ObjectWriter
@@ -60,6 +60,7 @@ class SaveJob:
     storage_options: dict[str, Any] = field(default_factory=dict)
     layout: str = "flat"
     data_prefix: str = ""  # key prefix of data files; "" means the checkpoint's own directory
+    features: list[str] = field(default_factory=list)  # format features the entries use (docs/format.md)
 
     def __str__(self) -> str:
         return f"rank {self.rank} of {self.root.rstrip('/')}/{self.name}"
@@ -98,7 +99,7 @@ class NativeSink:
         crcs = await write_chunks(storage, key, staged.slot.view[: job.data_nbytes], job.chunk_size, job.io_concurrency)
         manifest = RankManifest(
             format=FORMAT_NAME,
-            version=FORMAT_VERSION,
+            version=manifest_version(job.features),
             name=job.name,
             rank=job.rank,
             world_size=job.world_size,
@@ -112,6 +113,7 @@ class NativeSink:
             tree=job.tree,
             layout=job.layout,
             created=time.time(),
+            features=list(job.features),
         )
         blob = encode_manifest(manifest)
         await storage.put_record(join_key(job.name, manifest_file(job.rank)), blob)

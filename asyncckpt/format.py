@@ -26,7 +26,10 @@ __all__ = [
     "COMMIT_FILE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "KNOWN_FEATURES",
     "LATEST_FILE",
+    "MANIFEST_VERSION",
+    "SHARED_STORAGE",
     "CommitRecord",
     "DictNode",
     "Entry",
@@ -45,11 +48,19 @@ __all__ = [
     "encode_commit",
     "encode_latest",
     "encode_manifest",
+    "keys_in_range",
     "manifest_file",
+    "manifest_version",
 ]
 
 FORMAT_NAME = "asyncckpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # commit records (and manifests that use no feature)
+#: Newest manifest version this code reads. Version 2 adds the ``features`` list: a reader refuses a
+#: manifest naming a feature it does not know. Writers write 2 only when a feature is used.
+MANIFEST_VERSION = 2
+#: Feature: tensors that shared one storage are views (``Entry.view_of``) of one stored storage.
+SHARED_STORAGE = "shared-storage"
+KNOWN_FEATURES = frozenset({SHARED_STORAGE})
 CHECKSUM_ALGO = "crc32c"
 ALIGN = 64
 COMMIT_FILE = "COMMIT"
@@ -64,15 +75,23 @@ def checksum(data: bytes | memoryview, value: int = 0) -> int:
     return _crc32c.crc32c(data, value=value)
 
 
-class Entry(msgspec.Struct, frozen=True):
-    """One byte range of the data file: a tensor, a NumPy array or (opt-in) a pickled object."""
+class Entry(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One byte range of the data file: a tensor, a NumPy array or (opt-in) a pickled object.
+
+    With the ``shared-storage`` feature a tensor entry may instead be a *view* (``view_of >= 0``):
+    it owns no bytes; it is ``shape``/``stride``/``storage_offset`` (in elements of ``dtype``) over
+    the bytes of entry ``view_of``, a 1-D ``uint8`` tensor entry holding one whole storage.
+    """
 
     key: str  # path in the state dict, for messages and inspect ("optim/state/0/exp_avg")
     kind: Literal["tensor", "ndarray", "pickle"]
     dtype: str  # "float32", "bfloat16", ... ; "bytes" for pickle
     shape: list[int]
-    offset: int
-    nbytes: int
+    offset: int  # a view: its storage entry's offset
+    nbytes: int  # a view: numel * itemsize (its logical size; it owns no bytes)
+    view_of: int = -1  # index of the storage entry this tensor is a view of; -1: owns its bytes
+    stride: list[int] = []  # a view's strides, in elements
+    storage_offset: int = 0  # a view's offset into its storage, in elements
 
 
 class ValueNode(msgspec.Struct, tag="value", frozen=True):
@@ -123,6 +142,7 @@ class RankManifest(msgspec.Struct, frozen=True):
     tree: Node
     layout: str = "flat"
     created: float = 0.0
+    features: list[str] = []  # version 2: format features this manifest uses (see KNOWN_FEATURES)
 
 
 class ManifestRef(msgspec.Struct, frozen=True):
@@ -173,13 +193,29 @@ def encode_manifest(m: RankManifest) -> bytes:
     return _msgpack_encoder.encode(m)
 
 
-def _check_version(fmt: str, version: int, where: str) -> None:
+def manifest_version(features: list[str]) -> int:
+    """The lowest manifest version that holds ``features`` (1 when none is used)."""
+    return 2 if features else 1
+
+
+def _check_version(fmt: str, version: int, where: str, newest: int = FORMAT_VERSION) -> None:
     if fmt != FORMAT_NAME:
         raise FormatError(f"{where}: not an asyncckpt record (format {fmt!r})")
-    if version > FORMAT_VERSION or version < 1:
+    if version > newest or version < 1:
         raise FormatError(
             f"{where}: format version {version} is not supported by this asyncckpt "
-            f"(reads versions 1..{FORMAT_VERSION}); upgrade asyncckpt to read it"
+            f"(reads versions 1..{newest}); upgrade asyncckpt to read it"
+        )
+
+
+def _check_features(m: RankManifest, where: str) -> None:
+    if m.version < 2 and m.features:
+        raise FormatError(f"{where}: a version {m.version} manifest cannot name features ({m.features!r})")
+    unknown = [f for f in m.features if f not in KNOWN_FEATURES]
+    if unknown:
+        raise FormatError(
+            f"{where}: the checkpoint uses format feature(s) {', '.join(map(repr, unknown))} that this asyncckpt "
+            f"does not know (it knows {', '.join(sorted(KNOWN_FEATURES))}); upgrade asyncckpt to read it"
         )
 
 
@@ -189,7 +225,8 @@ def decode_manifest(data: bytes, where: str) -> RankManifest:
         m = _manifest_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as exc:
         raise FormatError(f"{where}: manifest is malformed ({exc})") from exc
-    _check_version(m.format, m.version, where)
+    _check_version(m.format, m.version, where, MANIFEST_VERSION)
+    _check_features(m, where)
     try:
         if not check_key(m.data_file):
             raise IntegrityError("it is empty")
@@ -206,11 +243,17 @@ def decode_manifest(data: bytes, where: str) -> RankManifest:
             f"in chunks of {m.chunk_size} (expected {expect_chunks})"
         )
     end = 0
-    for e in sorted(m.entries, key=lambda e: e.offset):
+    for e in sorted((e for e in m.entries if e.view_of < 0), key=lambda e: e.offset):
         _check_entry(e, m.data_nbytes, where)
         if e.nbytes and e.offset < end:
             raise FormatError(f"{where}: key {e.key!r} overlaps the previous entry (offset {e.offset} < {end})")
         end = max(end, e.offset + e.nbytes)
+    views = [e for e in m.entries if e.view_of >= 0]
+    if views and SHARED_STORAGE not in m.features:
+        raise FormatError(f"{where}: key {views[0].key!r} is a view of a shared storage, but the manifest does not "
+                          f"declare the {SHARED_STORAGE!r} feature")
+    for e in views:
+        _check_view(e, m.entries, where)
     return m
 
 
@@ -234,6 +277,43 @@ def _check_entry(e: Entry, data_nbytes: int, where: str) -> None:
         raise FormatError(
             f"{where}: key {e.key!r}: shape {e.shape} of {e.dtype} needs {numel * size} bytes, manifest says {e.nbytes}"
         )
+
+
+def _check_view(e: Entry, entries: list[Entry], where: str) -> None:
+    """A view lies inside its storage entry, which is a plain 1-D uint8 entry owning its bytes."""
+    from .dtypes import itemsize  # local import: dtypes imports torch
+
+    w = f"{where}: key {e.key!r}"
+    if not 0 <= e.view_of < len(entries):
+        raise FormatError(f"{w} is a view of entry {e.view_of}, the manifest has {len(entries)}")
+    s = entries[e.view_of]
+    if s.view_of >= 0 or s.kind != "tensor" or s.dtype != "uint8" or len(s.shape) != 1:
+        raise FormatError(f"{w} is a view of entry {e.view_of} ({s.key!r}), which is not a stored storage")
+    if e.kind != "tensor":
+        raise FormatError(f"{w}: only tensors can be views of a shared storage, not {e.kind}")
+    if len(e.shape) > MAX_NDIM or any(d < 0 for d in e.shape) or len(e.stride) != len(e.shape) \
+            or any(st < 0 for st in e.stride) or e.storage_offset < 0:
+        raise FormatError(f"{w}: invalid view geometry (shape {e.shape}, stride {e.stride}, "
+                          f"storage offset {e.storage_offset})")
+    size = itemsize(e.dtype, e.kind, where=w)
+    numel = 1
+    for d in e.shape:
+        numel *= d
+    if numel * size != e.nbytes or e.nbytes >= 1 << 63:
+        raise FormatError(f"{w}: shape {e.shape} of {e.dtype} needs {numel * size} bytes, manifest says {e.nbytes}")
+    last = e.storage_offset + (sum((d - 1) * st for d, st in zip(e.shape, e.stride)) + 1 if numel else 0)
+    if last * size > s.nbytes:
+        raise FormatError(f"{w}: the view reaches byte {last * size} of its storage {s.key!r}, "
+                          f"which holds {s.nbytes} bytes")
+
+
+def keys_in_range(m: RankManifest, start: int, end: int) -> list[str]:
+    """The keys whose bytes lie in ``[start, end)`` of the data file (views by their storage), for messages."""
+    hit = {i for i, e in enumerate(m.entries)
+           if e.view_of < 0 and e.nbytes and e.offset < end and e.offset + e.nbytes > start}
+    storages = {e.view_of for e in m.entries if e.view_of >= 0}
+    keys = [e.key for i, e in enumerate(m.entries) if (i in hit and i not in storages) or e.view_of in hit]
+    return keys or ["<padding>"]
 
 
 # COMMIT and latest end with their own CRC32C: `{...,"record_crc32c":N}` where N covers the

@@ -18,16 +18,29 @@ from ._loop import gather_or_cancel, run_sync
 from .catalog import read_latest, read_manifest
 from .dtypes import numpy_dtype, torch_dtype
 from .errors import BadInputError, CheckpointError, CheckpointNotFoundError, FormatError, IntegrityError, StorageError
-from .format import BigIntNode, BytesNode, DictNode, ListNode, Node, RankManifest, RefNode, ValueNode, checksum
+from .format import (
+    BigIntNode,
+    BytesNode,
+    DictNode,
+    ListNode,
+    Node,
+    RankManifest,
+    RefNode,
+    ValueNode,
+    checksum,
+    keys_in_range,
+)
 from .locate import locate
 from .storage import Storage
 from .tiers import TieredPath, Tiers
 
 _log = logging.getLogger("asyncckpt")
 
-__all__ = ["build_tree", "load", "load_async", "read_rank", "select_keys", "verify_rank"]
+__all__ = ["build_tree", "entry_values", "load", "load_async", "read_rank", "select_keys", "stored_entries",
+           "verify_rank"]
 
 _READ_CONCURRENCY = 4
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _current_rank() -> int | None:
@@ -68,7 +81,7 @@ async def _read_verified(
             await storage.read_into(m.data_file, start, memoryview(buf))
             crc = await asyncio.to_thread(checksum, memoryview(buf))
             if crc != m.chunk_checksums[i]:
-                keys = [e.key for e in m.entries if e.offset < start + n and e.offset + e.nbytes > start] or ["<padding>"]
+                keys = keys_in_range(m, start, start + n)
                 raise IntegrityError(
                     f"{where}: checksum mismatch in bytes [{start}, {start + n}) (crc32c {crc:#010x}, "
                     f"expected {m.chunk_checksums[i]:#010x}); affected keys: {', '.join(keys[:8])}"
@@ -143,10 +156,11 @@ async def read_rank(storage: Storage, m: RankManifest, *, allow_pickle: bool = F
                 + (" (or leave it out with keys=[...])." if keys is None else ".")
             )
     await _check_data_size(storage, m)  # entries lie inside data_nbytes: now bounded by the real file
-    buffers: dict[int, np.ndarray] = {i: np.empty(m.entries[i].nbytes, dtype=np.uint8) for i in wanted}
-    order = sorted(wanted, key=lambda i: m.entries[i].offset)
+    stored = stored_entries(m, wanted)
+    buffers: dict[int, np.ndarray] = {i: np.empty(m.entries[i].nbytes, dtype=np.uint8) for i in stored}
+    order = sorted(stored, key=lambda i: m.entries[i].offset)
     cs = m.chunk_size
-    chunks = {c for i in wanted if m.entries[i].nbytes
+    chunks = {c for i in stored if m.entries[i].nbytes
               for c in range(m.entries[i].offset // cs, (m.entries[i].offset + m.entries[i].nbytes - 1) // cs + 1)}
 
     def on_chunk(start: int, buf: np.ndarray) -> None:
@@ -158,6 +172,21 @@ async def read_rank(storage: Storage, m: RankManifest, *, allow_pickle: bool = F
                 buffers[i][lo - e.offset : hi - e.offset] = buf[lo - start : hi - start]
 
     await _read_verified(storage, m, on_chunk, chunks=chunks if keys is not None else None)
+    return build_tree(tree, entry_values(m, buffers, wanted, where), where)
+
+
+def stored_entries(m: RankManifest, indices: Collection[int]) -> list[int]:
+    """The entries owning the bytes that the entries ``indices`` need (a view needs its storage), sorted."""
+    out = set()
+    for i in indices:
+        v = m.entries[i].view_of
+        out.add(v if v >= 0 else i)
+    return sorted(out)
+
+
+def entry_values(m: RankManifest, buffers: Mapping[int, np.ndarray], indices: Collection[int], where: str) -> list[Any]:
+    """The values of the entries ``indices`` (``None`` elsewhere), from the verified bytes of their
+    :func:`stored_entries` in ``buffers``. Views of one stored storage share one torch storage."""
     values: list[Any] = [None] * len(m.entries)
     for i, raw in buffers.items():
         e = m.entries[i]
@@ -173,7 +202,13 @@ async def read_rank(storage: Storage, m: RankManifest, *, allow_pickle: bool = F
                 values[i] = pickle.loads(raw.tobytes())
             except Exception as exc:
                 raise IntegrityError(f"{ew}: pickled object cannot be loaded ({exc})") from exc
-    return build_tree(tree, values, where)
+    for i in indices:
+        e = m.entries[i]
+        if e.view_of >= 0:
+            storage = values[e.view_of].untyped_storage()
+            values[i] = torch.empty(0, dtype=torch_dtype(e.dtype, f"{where}: key {e.key!r}")).set_(
+                storage, e.storage_offset, e.shape, e.stride)
+    return values
 
 
 def build_tree(tree: Node, values: list[Any], where: str) -> Any:
@@ -213,16 +248,25 @@ def _build(node: Node, values: list[Any], used: set[int], where: str, depth: int
     raise FormatError(f"{where}: unknown node {type(node).__name__}")  # pragma: no cover
 
 
-def _to_device(obj: Any, device: torch.device) -> Any:
+def _to_device(obj: Any, device: torch.device, moved: dict[int, torch.UntypedStorage] | None = None) -> Any:
+    """``obj`` with its tensors on ``device``; tensors that share a storage still share one there."""
+    moved = {} if moved is None else moved
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        st = obj.untyped_storage()
+        if obj.device == device or st.nbytes() == 0:
+            return obj.to(device)
+        dst = moved.get(st.data_ptr())
+        if dst is None:  # each storage is moved once, whole
+            dst = torch.empty(0, dtype=torch.uint8, device=obj.device).set_(st).to(device).untyped_storage()
+            moved[st.data_ptr()] = dst
+        return torch.empty(0, dtype=obj.dtype, device=device).set_(dst, obj.storage_offset(), obj.shape, obj.stride())
     if isinstance(obj, dict):
         out = type(obj)()
         for k, v in obj.items():
-            out[k] = _to_device(v, device)
+            out[k] = _to_device(v, device, moved)
         return out
     if isinstance(obj, (list, tuple)):
-        items = [_to_device(v, device) for v in obj]
+        items = [_to_device(v, device, moved) for v in obj]
         return tuple(items) if isinstance(obj, tuple) else items
     return obj
 
@@ -330,7 +374,11 @@ def _merge_into(dst: Any, src: Any, path: str, problems: list[str], apply: bool 
             return dst
         if apply:
             with torch.no_grad():
-                dst.copy_(src)
+                bits = _SAME_SIZE_INT.get(dst.element_size())
+                if bits is not None and dst.dtype != bits:  # copy the bit patterns (bool, NaN payloads, bits*)
+                    dst.view(bits).copy_(src.view(bits))
+                else:
+                    dst.copy_(src)
         return dst
     if isinstance(dst, MutableMapping) and isinstance(src, Mapping):
         missing = [k for k in dst if k not in src]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,7 @@ import torch
 
 from .dtypes import torch_dtype_name
 from .errors import BadInputError
-from .format import ALIGN, BigIntNode, BytesNode, DictNode, Entry, ListNode, Node, RefNode, ValueNode
+from .format import ALIGN, SHARED_STORAGE, BigIntNode, BytesNode, DictNode, Entry, ListNode, Node, RefNode, ValueNode
 
 __all__ = ["INLINE_MAX", "Plan", "plan_state", "tensor_bytes", "validate_key"]
 
@@ -25,6 +25,7 @@ __all__ = ["INLINE_MAX", "Plan", "plan_state", "tensor_bytes", "validate_key"]
 #: sharing their memory, and immediately consistent); larger ones are snapshotted by the worker.
 INLINE_MAX = 64 * 1024
 _I64 = (-(1 << 63), (1 << 63) - 1)
+_PLAIN = (torch.Tensor, torch.nn.Parameter, *((torch.nn.Buffer,) if hasattr(torch.nn, "Buffer") else ()))
 
 
 @dataclass
@@ -38,12 +39,28 @@ class Plan:
     data_nbytes: int = 0
     #: CPU tensors at most this large are copied into ``inline`` now; 0 lists every tensor in ``tensors``
     inline_max: int = INLINE_MAX
+    #: storage entry index -> the state's tensors that are views of it, by key (what the guard watches)
+    members: dict[int, list[tuple[str, torch.Tensor]]] = field(default_factory=dict)
+    #: format features the manifest must declare
+    features: list[str] = field(default_factory=list)
+    #: id of each tensor of the state sharing its storage with another one -> that storage
+    shared: dict[int, tuple[torch.device, int, int]] = field(default_factory=dict)
+    #: shared storage -> index of the entry holding its bytes
+    storage_entries: dict[tuple[torch.device, int, int], int] = field(default_factory=dict)
 
     def add(self, key: str, kind: str, dtype: str, shape: list[int], nbytes: int) -> int:
         offset = -(-self.data_nbytes // ALIGN) * ALIGN
         self.entries.append(Entry(key=key, kind=kind, dtype=dtype, shape=shape, offset=offset, nbytes=nbytes))  # type: ignore[arg-type]
         self.data_nbytes = offset + nbytes
         return len(self.entries) - 1
+
+    def watched(self, indices: Iterable[int]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, tensor) of the state's tensors behind the entries ``indices`` (for the snapshot guard)."""
+        for i in indices:
+            if i in self.members:
+                yield from self.members[i]
+            else:
+                yield self.entries[i].key, self.tensors[i]
 
 
 def validate_key(key: Any, path: str) -> str | int:
@@ -84,14 +101,76 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
+def _storage_key(t: torch.Tensor) -> tuple[torch.device, int, int] | None:
+    """What identifies ``t``'s storage among the state's tensors (None: it has none to share).
+
+    Kept lean (it runs for every tensor at ``save()``): tensors that cannot be views are sorted
+    out later, by :func:`_plan_tensor`.
+    """
+    if t.layout is not torch.strided:
+        return None
+    try:
+        st = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # tensor kinds without a plain storage
+        return None
+    n = st.nbytes()
+    return (t.device, st.data_ptr(), n) if n else None
+
+
+def _shared_storages(root: Any) -> dict[int, tuple[torch.device, int, int]]:
+    """id of each tensor of the state whose storage another tensor of the state uses too -> that storage."""
+    keys: dict[int, tuple[torch.device, int, int]] = {}
+    count: dict[tuple[torch.device, int, int], int] = {}
+    active: set[int] = set()  # containers on the current path (a cycle is reported by _walk)
+
+    def visit(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            key = _storage_key(obj)
+            if key is not None:
+                count[key] = count.get(key, 0) + 1
+                keys[id(obj)] = key
+        elif type(obj) in (dict, collections.OrderedDict, list, tuple) and id(obj) not in active:
+            active.add(id(obj))
+            for v in obj.values() if isinstance(obj, dict) else obj:
+                visit(v)
+            active.discard(id(obj))
+
+    visit(root)
+    return {i: k for i, k in keys.items() if count[k] > 1}
+
+
+def _plan_view(plan: Plan, t: torch.Tensor, key: tuple[torch.device, int, int], path: str) -> Node:
+    """``t`` as a view of its storage, which is stored once (at its first tensor)."""
+    sidx = plan.storage_entries.get(key, -1)
+    if sidx < 0:
+        storage = t.untyped_storage()
+        sidx = plan.add(path, "tensor", "uint8", [storage.nbytes()], storage.nbytes())
+        base = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
+        if t.device.type == "cpu" and storage.nbytes() <= plan.inline_max:
+            plan.inline[sidx] = tensor_bytes(base)
+        else:
+            plan.tensors[sidx] = base
+        plan.storage_entries[key] = sidx
+        plan.members[sidx] = []
+        if SHARED_STORAGE not in plan.features:
+            plan.features.append(SHARED_STORAGE)
+    plan.members[sidx].append((path, t))
+    offset = plan.entries[sidx].offset
+    plan.entries.append(Entry(key=path, kind="tensor", dtype=torch_dtype_name(t.dtype, path), shape=list(t.shape),
+                              offset=offset, nbytes=t.numel() * t.element_size(), view_of=sidx,
+                              stride=list(t.stride()), storage_offset=t.storage_offset()))
+    return RefNode(index=len(plan.entries) - 1)
+
+
 def _plan_tensor(plan: Plan, t: torch.Tensor, path: str) -> Node:
     if t.is_sparse or t.layout != torch.strided:
         raise BadInputError(f"{path}: sparse tensors (layout {t.layout}) are not supported; call .to_dense() first")
     if getattr(t, "is_nested", False):
         raise BadInputError(f"{path}: nested tensors are not supported; save their components as separate tensors")
     if t.is_quantized:
-        raise BadInputError(f"{path}: quantized tensors are not supported; save int_repr() and the scale/zero point")
-    if type(t) not in (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer if hasattr(torch.nn, "Buffer") else torch.Tensor):
+        raise BadInputError(f"{path}: quantized tensors (dtype {t.dtype}) are not supported; "
+                            "save int_repr() and the scale/zero point")
+    if type(t) not in _PLAIN:
         raise BadInputError(
             f"{path}: tensor subclass {type(t).__name__} is not supported by the plain save path; "
             "for DTensor/sharded state use asyncckpt.dcp"
@@ -100,7 +179,11 @@ def _plan_tensor(plan: Plan, t: torch.Tensor, path: str) -> Node:
         raise BadInputError(f"{path}: meta tensors hold no data; materialize the module before saving")
     if t.device.type not in ("cpu", "cuda"):
         raise BadInputError(f"{path}: tensors on device {t.device} are not supported (cpu and cuda are)")
+    key = plan.shared.get(id(t)) if plan.shared else None
     t = t.detach()
+    if key is not None and not (t.is_conj() or t.is_neg()):
+        torch_dtype_name(t.dtype, path)  # refuse an unsupported dtype before the storage is planned
+        return _plan_view(plan, t, key, path)
     if t.is_conj() or t.is_neg():
         t = t.resolve_conj().resolve_neg()
     dtype = torch_dtype_name(t.dtype, path)
@@ -179,9 +262,13 @@ def plan_state(state: Any, *, allow_pickle: bool = False, inline_max: int = INLI
 
     CPU tensors of at most ``inline_max`` bytes are copied into ``plan.inline`` now; the others are
     listed in ``plan.tensors`` (``inline_max=0``: every tensor is listed, nothing is copied).
+    Tensors that share one storage become views of one entry holding that whole storage (written
+    once); ``plan.members`` lists them for the snapshot guard.
     """
     if not isinstance(state, Mapping):
         raise BadInputError(f"a state dict must be a mapping, got {type(state).__name__}")
     plan = Plan(tree=ValueNode(value=None), inline_max=inline_max)
-    plan.tree = _walk(plan, dict(state) if type(state) not in (dict, collections.OrderedDict) else state, "", allow_pickle, set())
+    root = dict(state) if type(state) not in (dict, collections.OrderedDict) else state
+    plan.shared = _shared_storages(root)
+    plan.tree = _walk(plan, root, "", allow_pickle, set())
     return plan

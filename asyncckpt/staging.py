@@ -336,7 +336,7 @@ class Staged:
 
 def _source(ctx: WorkerContext, ref: SharedRef) -> torch.Tensor:
     base = ctx.storages[ref.storage_id]
-    itemsize = torch.empty((), dtype=ref.dtype).element_size()
+    itemsize = ref.dtype.itemsize
     usable = base.numel() - base.numel() % itemsize
     typed = base[:usable].view(ref.dtype)
     return torch.as_strided(typed, ref.shape, ref.stride, ref.storage_offset)

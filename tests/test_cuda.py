@@ -120,3 +120,18 @@ def test_nccl_completion_all_reduce_on_one_rank(tmp_path) -> None:
         assert asyncckpt.load(tmp_path / "c")["step"] == 1
     finally:
         dist.destroy_process_group()
+
+
+def test_cuda_tensors_sharing_a_storage_are_saved_once_and_load_shared_with_map_location(tmp_path):
+    flat = torch.randn(4 << 20, device="cuda")  # 16 MiB: goes as one IPC handle, copied once
+    emb = torch.nn.Embedding(1000, 64).cuda()
+    state = {"emb": emb.weight, "head": emb.weight.detach(), "a": flat[: 1 << 20], "b": flat[1 << 20 :].view(-1, 64).t()}
+    with asyncckpt.AsyncCheckpointer() as ck:
+        ck.save(state, tmp_path / "c")
+    size = (tmp_path / "c" / "rank-00000.data").stat().st_size
+    assert size < (4 << 20) * 4 + 1000 * 64 * 4 + 4096
+    out = asyncckpt.load(tmp_path / "c", map_location="cuda")
+    for k, v in state.items():
+        assert out[k].is_cuda and torch.equal(out[k], v) and out[k].stride() == v.stride(), k
+    ptr = {k: v.untyped_storage().data_ptr() for k, v in out.items()}
+    assert ptr["emb"] == ptr["head"] and ptr["a"] == ptr["b"] and ptr["a"] != ptr["emb"]

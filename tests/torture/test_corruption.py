@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 import asyncckpt
 from asyncckpt.errors import BadInputError, CheckpointError, IntegrityError
-from asyncckpt.format import checksum, decode_commit, encode_commit
+from asyncckpt.format import MANIFEST_VERSION, SHARED_STORAGE, checksum, decode_commit, encode_commit
 
 from ._fuzz import count, fuzz
 from .common import CHUNK, ckpt_name, expected_state
@@ -382,6 +382,10 @@ def _edit_entry(m: dict[str, Any], key: str, **changes: Any) -> None:
     raise AssertionError(key)
 
 
+def _index(m: dict[str, Any], key: str) -> int:
+    return next(i for i, e in enumerate(m["entries"]) if e["key"] == key)
+
+
 HUGE = 10**15
 TARGETED = {
     "shape with more elements": lambda m: _edit_entry(m, "model/w", shape=[SMALL + 1]),
@@ -403,7 +407,13 @@ TARGETED = {
     "negative dimension": lambda m: _edit_entry(m, "model/w", shape=[-SMALL], nbytes=4 * SMALL),
     "chunk checksum changed": lambda m: m["chunk_checksums"].__setitem__(0, m["chunk_checksums"][0] ^ 1),
     "chunk checksum missing": lambda m: m.update(chunk_checksums=[]),
-    "version 2": lambda m: m.update(version=2),
+    "version newer than known": lambda m: m.update(version=MANIFEST_VERSION + 1),
+    "unknown feature": lambda m: m.update(version=MANIFEST_VERSION, features=["zstd-chunks"]),
+    "feature in a version 1 manifest": lambda m: m.update(version=1, features=[SHARED_STORAGE]),
+    "view without its feature": lambda m: _edit_entry(m, "model/b", view_of=0, stride=[1], storage_offset=0),
+    "view of an entry that is no storage": lambda m: (
+        m.update(version=MANIFEST_VERSION, features=[SHARED_STORAGE]),
+        _edit_entry(m, "model/b", view_of=_index(m, "model/w"), stride=[1], storage_offset=0)),
     "version 0": lambda m: m.update(version=0),
     "other format": lambda m: m.update(format="safetensors"),
     "checksum algorithm": lambda m: m.update(checksum_algo="md5"),
