@@ -421,7 +421,8 @@ class AsyncCallsQueue:
                 # Already changed: torn for sure, stop the worker now. Unchanged proves nothing yet:
                 # an in-place op still running bumps the counter only when it ends, so the verdict
                 # waits for the training thread (verify_snapshots).
-                if call.guard is not None and call.guard.changed():
+                # An empty guard (everything was copied inside save()) has nothing to wait for.
+                if call.guard is not None and (not len(call.guard) or call.guard.changed()):
                     verdict = self._judge(call)
             elif kind == Kind.DONE:
                 if call.error is None:
