@@ -24,7 +24,7 @@ from ..errors import BadInputError, CheckpointNotFoundError
 from ..snapshot import SnapshotMode
 from ..torch_save import TorchAsyncCheckpoint
 
-__all__ = ["RNG_KEY", "CheckpointIOMethods", "capture_rng", "restore_rng"]
+__all__ = ["RNG_KEY", "CheckpointIOMethods", "capture_rng", "restore_rng", "world_size"]
 
 log = logging.getLogger("asyncckpt")
 
@@ -60,13 +60,21 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def world_size() -> int:
+    """The default process group's size, 1 without torch.distributed."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class CheckpointIOMethods:
     """``save_checkpoint`` / ``load_checkpoint`` / ``remove_checkpoint`` / ``teardown`` through asyncckpt.
 
     Args:
         rng: also save the process's RNG state in the checkpoint (under :data:`RNG_KEY`) and
             restore it when a checkpoint is loaded, so a resumed run draws what the
-            uninterrupted one would have (Lightning itself saves no RNG state).
+            uninterrupted one would have (Lightning itself saves no RNG state). With several
+            ranks only rank 0 saves, so the state is not restored there (each rank keeps its own).
         snapshot: ``"blocking"`` (default) returns from ``save_checkpoint`` once the snapshot is
             taken; see :class:`~asyncckpt.TorchAsyncCheckpoint` for ``"auto"``/``"lazy"``.
         max_in_flight: saves being written at most; one more waits for a slot.
@@ -133,7 +141,10 @@ class CheckpointIOMethods:
         ckpt = torch.load(target, map_location=map_location, weights_only=True if weights_only is None else weights_only)
         rng = ckpt.pop(RNG_KEY, None) if isinstance(ckpt, dict) else None
         if rng is not None and self.rng:
-            restore_rng(rng)
+            if world_size() == 1:
+                restore_rng(rng)
+            else:  # the state is rank 0's: putting it on every rank would make their streams equal
+                log.info("not restoring the RNG state saved in %s: it is rank 0's and %d ranks run", target, world_size())
         return ckpt
 
     def remove_checkpoint(self, path: Any) -> None:
