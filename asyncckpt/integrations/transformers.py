@@ -36,11 +36,16 @@ try:
         TRAINING_ARGS_NAME,
     )
     from transformers.trainer_callback import ExportableState
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
     from transformers.utils import WEIGHTS_NAME
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("asyncckpt.integrations.transformers needs the 'transformers' package: "
                       "pip install 'asyncckpt[transformers]'") from exc
+
+try:
+    from transformers.trainer_utils import rotate_checkpoints
+except ImportError:  # pragma: no cover - transformers 4.x prunes with a Trainer method
+    rotate_checkpoints = None
 
 __all__ = ["PARTIAL_SUFFIX", "AsyncckptTrainerMixin"]
 
@@ -135,10 +140,11 @@ class AsyncckptTrainerMixin:
         inner = t.accelerator.unwrap_model(t.model, keep_torch_compile=False)
         if hasattr(inner, "config") and hasattr(inner.config, "save_pretrained"):
             inner.config.save_pretrained(staging)
-        if t.processing_class is not None and hasattr(t.processing_class, "save_pretrained"):
-            t.processing_class.save_pretrained(staging)
+        processor = getattr(t, "processing_class", None) or getattr(t, "tokenizer", None)
+        if processor is not None and hasattr(processor, "save_pretrained"):
+            processor.save_pretrained(staging)
         torch.save(t.args, os.path.join(staging, TRAINING_ARGS_NAME))
-        if not t.args.save_only_model:
+        if not getattr(t.args, "save_only_model", False):
             saver.async_save(t.optimizer.state_dict(), os.path.join(staging, OPTIMIZER_NAME))
             saver.async_save(t.lr_scheduler.state_dict(), os.path.join(staging, SCHEDULER_NAME))
             scaler = getattr(t.accelerator, "scaler", None)
@@ -158,7 +164,7 @@ class AsyncckptTrainerMixin:
                 t.state.stateful_callbacks[cb_name] = cb.state()
         # Inside the staging directory: it becomes visible with the rest, at the commit.
         t.state.save_to_json(os.path.join(staging, TRAINER_STATE_NAME))
-        best_step = t.state.best_global_step
+        best_step = getattr(t.state, "best_global_step", None)
         if best_step:
             best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best_step}")
             if os.path.exists(best) or best == final:
@@ -178,7 +184,10 @@ class AsyncckptTrainerMixin:
             if os.path.isdir(old):
                 shutil.rmtree(old)
             log.info("checkpoint %s committed", final)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit, best_model_checkpoint=best_ckpt, use_mtime=True)
+            if rotate_checkpoints is not None:
+                rotate_checkpoints(output_dir=run_dir, save_total_limit=limit, best_model_checkpoint=best_ckpt, use_mtime=True)
+            else:  # pragma: no cover - transformers 4.x
+                t._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
 
         # A marker save whose finalize commits: saves finalize in order, so every file above is written.
         saver.async_save({"checkpoint": name}, os.path.join(staging, ".asyncckpt-written"), finalize_fns=[commit])

@@ -11,6 +11,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 
 import torch
 from accelerate import Accelerator
@@ -40,7 +41,10 @@ g = torch.Generator().manual_seed(1)
 xs, ys = torch.randn(args.steps, 8, 16, generator=g), torch.randn(args.steps, 8, 4, generator=g)
 for step in range(start, args.steps):
     if step == args.kill_at and mgr is not None:
-        mgr.wait()  # die once a checkpoint is committed
+        # Die once a checkpoint is committed: with one writer the worker commits it without any call from here.
+        deadline = time.monotonic() + 60
+        while not asyncckpt.list_checkpoints(os.path.join(args.out, "ckpts")) and time.monotonic() < deadline:
+            time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGKILL)
     loss = torch.nn.functional.mse_loss(model(xs[step] + torch.randn(8, 16) * 0.01), ys[step])
     accelerator.backward(loss)
