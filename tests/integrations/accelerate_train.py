@@ -41,9 +41,12 @@ g = torch.Generator().manual_seed(1)
 xs, ys = torch.randn(args.steps, 8, 16, generator=g), torch.randn(args.steps, 8, 4, generator=g)
 for step in range(start, args.steps):
     if step == args.kill_at and mgr is not None:
-        # Die once a checkpoint is committed: with one writer the worker commits it without any call from here.
+        # Die once a checkpoint is committed. With one writer the worker commits by itself, without
+        # finalize, once the trainer has confirmed the snapshot (the attached optimizer's next step
+        # does that; here, not stepping any more, wait_snapshot() stands in for it).
         deadline = time.monotonic() + 60
         while not asyncckpt.list_checkpoints(os.path.join(args.out, "ckpts")) and time.monotonic() < deadline:
+            mgr.wait_snapshot()
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGKILL)
     loss = torch.nn.functional.mse_loss(model(xs[step] + torch.randn(8, 16) * 0.01), ys[step])
