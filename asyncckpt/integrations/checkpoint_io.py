@@ -134,6 +134,11 @@ class CheckpointIOMethods:
         """``torch.load`` of ``path`` once any pending save of it is written; restores the RNG state it holds."""
         target = os.fspath(path)
         self.wait_for(target)
+        if os.path.islink(target) and not os.path.exists(target):
+            raise CheckpointNotFoundError(
+                f"checkpoint {target} is a link to {os.readlink(target)}, which was never written (the process "
+                "stopped while writing it, e.g. with save_last='link'); resume from the newest complete file "
+                f"in {os.path.dirname(target)} instead")
         if not os.path.exists(target):
             raise CheckpointNotFoundError(f"checkpoint file not found: {target}")
         if map_location is None:

@@ -102,6 +102,10 @@ def test_plugin_contract_and_rng_from_the_strategy_side(tmp_path: Path) -> None:
         assert_same(io.load_checkpoint(path, map_location="cpu"), state2, "ckpt2")
         with pytest.raises(FileNotFoundError, match="not found"):
             io.load_checkpoint(tmp_path / "missing.ckpt")
+        os.symlink("never-written.ckpt", tmp_path / "a" / "dangling.ckpt")
+        with pytest.raises(FileNotFoundError, match="never written"):
+            io.load_checkpoint(tmp_path / "a" / "dangling.ckpt")
+        os.remove(tmp_path / "a" / "dangling.ckpt")
         with pytest.raises(TypeError, match="storage_options"):
             io.save_checkpoint(state, path, storage_options={"x": 1})
     finally:
