@@ -15,7 +15,7 @@ ROOT = HERE.parent.parent
 def run_script(script: str, *args: str, timeout: float = 240, expect_kill: bool = False) -> subprocess.CompletedProcess[str]:
     """Run one of this folder's training scripts in a fresh interpreter; fail with its output if it fails."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "PL_DISABLE_FORK": "1"}
+           "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=str(ROOT))
     if expect_kill:
