@@ -1,0 +1,14 @@
+"""Framework plug-ins: each module imports its framework lazily (only when the module itself is imported).
+
+* :mod:`asyncckpt.integrations.lightning` — ``AsyncckptCheckpointIO`` for ``lightning`` (Trainer and Fabric);
+* :mod:`asyncckpt.integrations.pytorch_lightning` — the same for ``pytorch_lightning`` / ``lightning_fabric``;
+* :mod:`asyncckpt.integrations.transformers` — ``AsyncckptTrainerMixin`` for the Hugging Face ``Trainer``;
+* :mod:`asyncckpt.integrations.checkpoint_io` — the framework-free body the Lightning plug-ins share.
+
+Accelerate needs no plug-in: pass what ``accelerator.prepare`` returns to
+:class:`asyncckpt.CheckpointManager` (see docs/integrations.md).
+"""
+
+from __future__ import annotations
+
+__all__: list[str] = []
