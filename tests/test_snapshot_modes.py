@@ -245,3 +245,25 @@ def test_wrapped_optimizers_are_attached_through_their_wrappers(tmp_path):
             ck.finalize(blocking=True)
             assert torch.equal(asyncckpt.load(tmp_path / f"s{i}")["p"], expected)
         assert ck.torn == 0
+
+
+@pytest.mark.parametrize("nbytes", [1 << 20, 32 << 20], ids=["copied-in-save", "copied-by-worker"])
+def test_a_single_writer_commits_with_no_further_call(tmp_path, nbytes):
+    """One process saves and then does nothing asyncckpt-related: the checkpoint still commits.
+
+    A small state is copied inside ``save()`` (confirmed at the worker's ack); a large one is
+    copied by the worker and, with ``snapshot="blocking"``, confirmed before ``save()`` returns.
+    """
+    import time
+
+    w = torch.arange(nbytes // 4, dtype=torch.float32)
+    ck = asyncckpt.AsyncCheckpointer(snapshot="blocking" if nbytes > 4 << 20 else "auto")
+    try:
+        ck.save({"w": w}, tmp_path / "a", step=1)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not asyncckpt.list_checkpoints(tmp_path):
+            time.sleep(0.05)  # only the read side is called: no finalize, no wait, no save
+        assert [i.name for i in asyncckpt.list_checkpoints(tmp_path)] == ["a"]
+        assert torch.equal(asyncckpt.load(tmp_path / "a")["w"], w)
+    finally:
+        ck.close()
