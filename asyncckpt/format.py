@@ -12,6 +12,7 @@ and the root holds ``latest`` (JSON LatestRecord), moved atomically after a comm
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Literal, Union
 
 import crc32c as _crc32c
@@ -39,6 +40,7 @@ __all__ = [
     "ValueNode",
     "checksum",
     "data_file",
+    "data_file_rank",
     "decode_commit",
     "decode_latest",
     "decode_manifest",
@@ -46,6 +48,8 @@ __all__ = [
     "encode_latest",
     "encode_manifest",
     "manifest_file",
+    "manifest_file_rank",
+    "new_save_id",
 ]
 
 FORMAT_NAME = "asyncckpt"
@@ -123,6 +127,7 @@ class RankManifest(msgspec.Struct, frozen=True):
     tree: Node
     layout: str = "flat"
     created: float = 0.0
+    save_id: str = ""  # random per rank and save; COMMIT records it (binds the two without the name)
 
 
 class ManifestRef(msgspec.Struct, frozen=True):
@@ -131,6 +136,7 @@ class ManifestRef(msgspec.Struct, frozen=True):
     nbytes: int
     checksum: int
     data_nbytes: int
+    save_id: str = ""  # the manifest's own save_id ("" in checkpoints written before it existed)
 
 
 class CommitRecord(msgspec.Struct, frozen=True):
@@ -146,6 +152,7 @@ class CommitRecord(msgspec.Struct, frozen=True):
     layout: str = "flat"
     kind: str = "asyncckpt"  # "asyncckpt" or "dcp"
     metadata: dict[str, str] = {}
+    generation: int = 0  # which file names hold this checkpoint's ranks (see manifest_file); bumped by overwrites
 
 
 class LatestRecord(msgspec.Struct, frozen=True):
@@ -154,12 +161,44 @@ class LatestRecord(msgspec.Struct, frozen=True):
     created: float
 
 
-def data_file(rank: int) -> str:
-    return f"rank-{rank:05d}.data"
+def _gen(generation: int) -> str:
+    return f".g{generation}" if generation else ""
 
 
-def manifest_file(rank: int) -> str:
-    return f"rank-{rank:05d}.manifest"
+def data_file(rank: int, generation: int = 0) -> str:
+    """``rank-NNNNN.data`` (generation 0) or ``rank-NNNNN.gG.data`` (the G-th overwrite of a name)."""
+    return f"rank-{rank:05d}{_gen(generation)}.data"
+
+
+def manifest_file(rank: int, generation: int = 0) -> str:
+    """``rank-NNNNN.manifest`` (generation 0) or ``rank-NNNNN.gG.manifest``."""
+    return f"rank-{rank:05d}{_gen(generation)}.manifest"
+
+
+_RANK_FILE = re.compile(r"rank-(\d{5,})(?:\.g([1-9]\d{0,17}))?\.(manifest|data)")
+
+
+def _rank_file(fname: str, suffix: str) -> tuple[int, int] | None:
+    m = _RANK_FILE.fullmatch(fname)
+    if m is None or m.group(3) != suffix:
+        return None
+    rank, gen = int(m.group(1)), int(m.group(2) or 0)
+    return (rank, gen) if fname == (manifest_file if suffix == "manifest" else data_file)(rank, gen) else None
+
+
+def manifest_file_rank(fname: str) -> tuple[int, int] | None:
+    """(rank, generation) when ``fname`` is a name :func:`manifest_file` gives, else None."""
+    return _rank_file(fname, "manifest")
+
+
+def data_file_rank(fname: str) -> tuple[int, int] | None:
+    """(rank, generation) when ``fname`` is a name :func:`data_file` gives, else None."""
+    return _rank_file(fname, "data")
+
+
+def new_save_id() -> str:
+    """A random id for one rank's part of one save, written in its manifest and recorded in COMMIT."""
+    return uuid.uuid4().hex
 
 
 _manifest_decoder = msgspec.msgpack.Decoder(RankManifest)
