@@ -29,6 +29,8 @@ from asyncckpt.catalog import list_all
 from asyncckpt.format import checksum, decode_commit, encode_commit
 from asyncckpt.storage import open_storage
 
+from ._dist import run_ranks
+
 N = 1 << 18  # 1 MiB of float32 per checkpoint
 
 
@@ -145,6 +147,30 @@ def test_sigkill_during_overwrites_leaves_the_old_or_the_new_checkpoint(tmp_path
         ck.save(state(10_000), path, step=10_000, overwrite=True)
     assert check_whole(asyncckpt.load(path)) == 10_000
     assert len(rank_files(path)) == 2 and not [p for p in path.iterdir() if ".tmp-" in p.name]
+
+
+def _overwrite_on_ranks(rank: int, world: int, path: str) -> list[int]:
+    import torch.distributed as dist
+
+    got = []
+    with asyncckpt.AsyncCheckpointer() as ck:
+        for step in (1, 2, 3):
+            ck.save({**state(step + 10 * rank, 1 << 12), "rank": rank}, path, step=step, overwrite=True)
+            ck.finalize(blocking=True)
+            dist.barrier()
+            got.append(check_whole(asyncckpt.load(path, rank=rank)))
+            dist.barrier()  # every rank read this generation before the next commit replaces it
+    return got
+
+
+@pytest.mark.multiproc
+def test_overwrite_with_two_ranks(tmp_path: Path) -> None:
+    path = tmp_path / "last.ckpt"
+    got = run_ranks(2, _overwrite_on_ranks, tmp_path, str(path))
+    assert got == [[1, 2, 3], [11, 12, 13]]
+    assert rank_files(path) == ["rank-00000.g2.data", "rank-00000.g2.manifest",
+                                "rank-00001.g2.data", "rank-00001.g2.manifest"]
+    assert [check_whole(asyncckpt.load(path, rank=r)) for r in (0, 1)] == [3, 13]
 
 
 @pytest.fixture
