@@ -175,7 +175,7 @@ def manifest_file(rank: int, generation: int = 0) -> str:
     return f"rank-{rank:05d}{_gen(generation)}.manifest"
 
 
-_RANK_FILE = re.compile(r"rank-(\d{5,})(?:\.g([1-9]\d{0,17}))?\.(manifest|data)")
+_RANK_FILE = re.compile(r"rank-(\d{5,})(?:\.g([1-9]\d*))?\.(manifest|data)")
 
 
 def _rank_file(fname: str, suffix: str) -> tuple[int, int] | None:
@@ -313,6 +313,8 @@ def decode_commit(data: bytes, where: str) -> CommitRecord:
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as exc:
         raise FormatError(f"{where}: commit record is malformed ({exc})") from exc
     _check_version(c.format, c.version, where)
+    if c.generation < 0:
+        raise FormatError(f"{where}: commit record has a negative generation ({c.generation})")
     if c.world_size < 1 or len(c.manifests) != c.world_size:
         if c.kind == "asyncckpt":
             raise FormatError(f"{where}: commit record lists {len(c.manifests)} manifests for world size {c.world_size}")

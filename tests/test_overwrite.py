@@ -280,3 +280,35 @@ def test_overwrite_on_s3_switches_atomically(moto_server: Any, s3_bucket: str) -
         run_sync(st.close())
     assert keys == ["last.ckpt/COMMIT", "last.ckpt/rank-00000.g4.data", "last.ckpt/rank-00000.g4.manifest"]
     assert [(i.name, i.step, i.complete) for i in infos] == [("last.ckpt", 4, True)]
+
+
+def test_torch_async_checkpoint_overwrite_is_whole_at_every_moment(tmp_path: Path) -> None:
+    """``async_save(sd, "last.ckpt")`` writes a temporary file and renames it over the old one."""
+    path = tmp_path / "last.ckpt"
+    torch.save(state(0), path)
+    seen: list[int] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(check_whole(torch.load(path, weights_only=True)))
+            except BaseException as exc:  # noqa: BLE001 - every failure is the finding
+                errors.append(exc)
+                return
+
+    with asyncckpt.TorchAsyncCheckpoint() as ck:
+        t = threading.Thread(target=reader)
+        t.start()
+        try:
+            for step in range(1, 9):
+                ck.async_save(state(step), path)
+                ck.finalize_async_save(blocking=True)
+        finally:
+            stop.set()
+            t.join(60)
+    assert not errors, f"torch.load failed while the file was overwritten: {errors[0]!r}"
+    assert seen and seen == sorted(seen)
+    assert check_whole(torch.load(path, weights_only=True)) == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
