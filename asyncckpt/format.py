@@ -6,7 +6,9 @@ See docs/format.md. A checkpoint ``NAME`` under a root holds::
     NAME/rank-00000.manifest   msgpack RankManifest
     NAME/COMMIT                JSON CommitRecord, written last (all or nothing)
 
-and the root holds ``latest`` (JSON LatestRecord), moved atomically after a commit.
+and the root holds ``latest`` (JSON LatestRecord), moved atomically after a commit. An
+overwrite of ``NAME`` writes generation G's files (``rank-00000.gG.data``/``.manifest``) beside
+the committed ones; the new COMMIT names them (docs/format.md, "Generations").
 """
 
 from __future__ import annotations
