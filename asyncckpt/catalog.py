@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from .errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError, FormatError, IntegrityError
 from .format import (
     CHECKSUM_ALGO,
@@ -24,12 +26,15 @@ from .format import (
     ManifestRef,
     RankManifest,
     checksum,
+    data_file,
+    data_file_rank,
     decode_commit,
     decode_latest,
     decode_manifest,
     encode_commit,
     encode_latest,
     manifest_file,
+    manifest_file_rank,
 )
 from .storage import Storage, join_key
 
@@ -38,8 +43,10 @@ __all__ = [
     "check_checkpoint",
     "commit_checkpoint",
     "delete_checkpoint",
+    "drop_other_generations",
     "drop_stale_writes",
     "list_all",
+    "next_generation",
     "read_commit",
     "read_latest",
     "read_manifest",
@@ -67,22 +74,82 @@ class CheckpointInfo:
     problem: str = ""
 
 
-async def read_manifest(storage: Storage, name: str, rank: int, ref: ManifestRef | None = None) -> RankManifest:
-    key = join_key(name, manifest_file(rank))
+async def read_manifest(
+    storage: Storage, name: str, rank: int, ref: ManifestRef | None = None, *, file: str | None = None
+) -> RankManifest:
+    """Read, check and decode rank ``rank``'s manifest of the checkpoint found at ``name``.
+
+    The file is ``ref.file`` (COMMIT's reference, whose size, CRC32C and save id it must match),
+    else ``file``, else generation 0's name. The checkpoint's name is not bound into it, so a
+    renamed, copied or symlinked checkpoint loads: ``data_file`` of the returned manifest is the
+    data key as seen from ``name`` (a flat layout's data lives beside the manifest).
+    """
+    fname = ref.file if ref is not None else (file or manifest_file(rank))
+    key = join_key(name, fname)
     where = f"{storage.uri}/{key}"
+    got = manifest_file_rank(fname)
+    if got is None or got[0] != rank:
+        raise FormatError(f"{storage.uri}/{join_key(name, COMMIT_FILE)}: {fname!r} is not a manifest name of rank {rank}")
     try:
         blob = await storage.read(key)
     except CheckpointNotFoundError as exc:
         raise IntegrityError(f"{where}: manifest of rank {rank} is missing") from exc
     if ref is not None and (len(blob) != ref.nbytes or checksum(blob) != ref.checksum):
         raise IntegrityError(
-            f"{where}: manifest of rank {rank} does not match its commit record "
-            f"({len(blob)} bytes, crc32c {checksum(blob):#010x}; expected {ref.nbytes}, {ref.checksum:#010x})"
+            f"{where}: manifest of rank {rank} does not match its commit record ({COMMIT_FILE}) "
+            f"({len(blob)} bytes, crc32c {checksum(blob):#010x}; expected {ref.nbytes}, {ref.checksum:#010x}); "
+            f"a file of another checkpoint, or damaged"
         )
     m = decode_manifest(blob, where)
-    if m.rank != rank or m.name != name:
-        raise FormatError(f"{where}: manifest belongs to {m.name!r} rank {m.rank}, not {name!r} rank {rank}")
-    return m
+    if m.rank != rank:
+        raise FormatError(f"{where}: manifest belongs to rank {m.rank}, not rank {rank}")
+    if ref is not None and ref.save_id and m.save_id != ref.save_id:
+        raise IntegrityError(
+            f"{where}: manifest of rank {rank} belongs to save {m.save_id or '(none)'}, its {COMMIT_FILE} record "
+            f"to save {ref.save_id}: the files come from different checkpoints; load another checkpoint"
+        )
+    return msgspec.structs.replace(m, data_file=_data_key(m, name, where))
+
+
+def _data_key(m: RankManifest, name: str, where: str) -> str:
+    """The data file's key seen from ``name``: flat layouts keep it beside the manifest (so a
+    renamed checkpoint finds it); spread layouts name it from the root, as written."""
+    if m.layout != "flat":
+        return m.data_file
+    head, _, fname = m.data_file.rpartition("/")
+    got = data_file_rank(fname)
+    if head != m.name or got is None or got[0] != m.rank:
+        raise FormatError(
+            f"{where}: data file {m.data_file!r} is not rank {m.rank}'s data file in the checkpoint's own "
+            f"directory ({m.name!r}), as the flat layout requires"
+        )
+    return join_key(name, fname)
+
+
+async def next_generation(storage: Storage, name: str, *, overwrite: bool) -> tuple[int, CommitRecord | None]:
+    """(the generation a new save of ``name`` writes, the committed record it replaces or None).
+
+    0 when nothing is committed there (or its COMMIT is damaged: nothing loadable to keep),
+    else one more than the committed generation, so an overwrite writes beside the checkpoint it
+    replaces. Every rank and the commit compute it from the same COMMIT, which only this save's
+    commit changes. Without ``overwrite`` a committed checkpoint raises CheckpointExistsError.
+    """
+    key = join_key(name, COMMIT_FILE)
+    try:
+        blob = await storage.read(key)
+    except CheckpointNotFoundError:
+        return 0, None
+    if not overwrite:
+        raise CheckpointExistsError(
+            f"{storage.uri}/{name} already holds a committed checkpoint; nothing was written. "
+            "Pass overwrite=True to replace it, or choose another name"
+        )
+    try:
+        rec = decode_commit(blob, f"{storage.uri}/{key}")
+    except (FormatError, IntegrityError) as exc:
+        log.warning("overwriting %s/%s, whose commit record is damaged: %s", storage.uri, name, exc)
+        return 0, None
+    return rec.generation + 1, rec
 
 
 async def commit_checkpoint(
@@ -96,14 +163,24 @@ async def commit_checkpoint(
     metadata: dict[str, str] | None = None,
     layout: str = "flat",
 ) -> CommitRecord:
-    """Verify every rank's manifest and data size, then write COMMIT (and move ``latest``)."""
+    """Verify every rank's manifest and data size, then write COMMIT (and move ``latest``).
+
+    An overwrite's ranks wrote the next generation's files beside the committed ones; COMMIT is
+    replaced in one atomic put, so a reader sees the old or the new checkpoint, never neither.
+    The replaced generation's files (and leftovers of torn earlier overwrites) go afterwards.
+    """
     t0 = time.perf_counter()
+    generation, old = await next_generation(storage, name, overwrite=overwrite)
     refs: list[ManifestRef] = []
     data_keys: list[str] = []
     total = 0
     for rank in range(world_size):
-        key = join_key(name, manifest_file(rank))
-        blob = await storage.read(key)
+        fname = manifest_file(rank, generation)
+        key = join_key(name, fname)
+        try:
+            blob = await storage.read(key)
+        except CheckpointNotFoundError as exc:
+            raise IntegrityError(f"{storage.uri}/{key}: manifest of rank {rank} is missing; nothing was committed") from exc
         m = decode_manifest(blob, f"{storage.uri}/{key}")
         data_keys.append(m.data_file)
         size = await storage.size(m.data_file)
@@ -111,7 +188,8 @@ async def commit_checkpoint(
             raise IntegrityError(
                 f"{storage.uri}/{m.data_file}: rank {rank} data is {size} bytes, its manifest says {m.data_nbytes}"
             )
-        refs.append(ManifestRef(rank=rank, file=manifest_file(rank), nbytes=len(blob), checksum=checksum(blob), data_nbytes=size))
+        refs.append(ManifestRef(rank=rank, file=fname, nbytes=len(blob), checksum=checksum(blob), data_nbytes=size,
+                                save_id=m.save_id))
         total += size + len(blob)
     record = CommitRecord(
         format=FORMAT_NAME,
@@ -125,17 +203,64 @@ async def commit_checkpoint(
         manifests=refs,
         layout=layout,
         metadata=dict(metadata or {}),
+        generation=generation,
     )
     if not await storage.put_record(join_key(name, COMMIT_FILE), encode_commit(record), if_absent=not overwrite):
         raise CheckpointExistsError(f"{storage.uri}/{name} was committed by someone else meanwhile; nothing was changed")
     if update_latest:
         await set_latest(storage, name, step)
+    await drop_other_generations(storage, name, record, old)
     await drop_stale_writes(storage, [name, *data_keys])
     log.info(
         "committed",
         extra={"rank": 0, "step": step, "op": "commit", "bytes": total, "seconds": time.perf_counter() - t0},
     )
     return record
+
+
+async def drop_other_generations(storage: Storage, name: str, record: CommitRecord, old: CommitRecord | None) -> None:
+    """After ``record`` was committed at ``name``: remove the rank files it does not reference.
+
+    That is the generation it replaced (its data files wherever its manifests put them) and
+    files of torn earlier saves directly under ``NAME/`` (and under the new data prefix). Only
+    names the format gives rank files are touched. Best effort: a failure is logged, the commit
+    stands; a reader still holding the replaced COMMIT retries with the new one.
+    """
+    keep: set[str] = set()
+    prefixes = {name}
+    for ref in record.manifests:
+        keep.add(join_key(name, ref.file))
+        gen = manifest_file_rank(ref.file)
+        keep.add(join_key(name, data_file(ref.rank, gen[1] if gen else 0)))
+    try:
+        if record.kind == "asyncckpt":
+            for ref in record.manifests:
+                m = await read_manifest(storage, name, ref.rank, ref)
+                keep.add(m.data_file)
+                prefixes.add(m.data_file.rpartition("/")[0])
+        doomed: list[str] = []
+        if old is not None and old.kind == "asyncckpt":
+            for ref in old.manifests:
+                if join_key(name, ref.file) in keep:
+                    continue
+                try:
+                    m = await read_manifest(storage, name, ref.rank, ref)
+                except CheckpointError:
+                    continue
+                doomed.append(m.data_file)
+        for prefix in sorted(prefixes):
+            for key in await storage.list(prefix):
+                rest = key[len(prefix) + 1 :]
+                if "/" not in rest and (data_file_rank(rest) or manifest_file_rank(rest)):
+                    doomed.append(key)
+        # data first, manifests last: a rerun after an interruption still finds what to remove
+        doomed = sorted(dict.fromkeys(k for k in doomed if k not in keep), key=lambda k: k.endswith(".manifest"))
+        for key in doomed:
+            await storage.delete(key)
+        if doomed:
+            log.debug("removed %d files of replaced or torn saves of %s/%s", len(doomed), storage.uri, name)
+    except CheckpointError as exc:
+        log.warning("could not remove the replaced files of %s/%s: %s", storage.uri, name, exc)
 
 
 async def drop_stale_writes(storage: Storage, prefixes: list[str]) -> None:
@@ -178,10 +303,9 @@ async def read_commit(storage: Storage, name: str) -> CommitRecord:
             f"{storage.uri}/{name} is not a complete checkpoint (no {COMMIT_FILE} record): "
             "it does not exist or its save did not finish"
         ) from exc
-    rec = decode_commit(blob, f"{storage.uri}/{key}")
-    if rec.name != name:
-        raise FormatError(f"{storage.uri}/{key}: commit record belongs to {rec.name!r}, not {name!r}")
-    return rec
+    # The record's own name is not checked: a renamed or symlinked checkpoint keeps its COMMIT.
+    # A COMMIT from another checkpoint is caught by its manifests' sizes, CRC32Cs and save ids.
+    return decode_commit(blob, f"{storage.uri}/{key}")
 
 
 async def resolve_name(storage: Storage, name: str | None) -> str:

@@ -12,7 +12,8 @@ Then exactly these keys go: the names the format reserves directly under ``NAME/
 ``rank-NNNNN.manifest``/``.data``, ``.metadata``, ``.checksums``, ``__R.checksums``,
 ``__R_I.distcp`` and their temp files) and each rank's data file where its manifest, or the
 key layout recorded in COMMIT, puts it (``HH/NAME/rank-NNNNN.data`` for a spread layout).
-Anything else under ``NAME/`` (a user's ``notes.txt``) stays. Order: ``COMMIT`` first, then
+Anything else under ``NAME/`` (a user's ``notes.txt``) stays. A ``NAME`` that is a symbolic link
+(inside the root) to a checkpoint is an alias: only the link is removed. Order: ``COMMIT`` first, then
 DCP's ``.metadata`` (both commit points: the checkpoint is never seen complete and half
 deleted), data, then the records that prove ownership last, so an interrupted delete can be
 finished by running it again.
@@ -38,7 +39,7 @@ from .errors import (
     NotACheckpointError,
     StorageError,
 )
-from .format import COMMIT_FILE, LATEST_FILE, CommitRecord, RankManifest, data_file, manifest_file
+from .format import COMMIT_FILE, LATEST_FILE, CommitRecord, RankManifest, data_file, manifest_file_rank
 from .locate import describe_local, is_missing_bucket, local_path
 from .storage import AbortsIncompleteUploads, LocalStorage, Storage, join_key, open_storage, split_uri
 from .storage.layouts import data_prefix
@@ -48,8 +49,8 @@ __all__ = ["DeleteReport", "delete", "delete_async", "delete_checkpoint"]
 
 log = logging.getLogger("asyncckpt")
 
-_MANIFEST = re.compile(r"rank-(\d{5,})\.manifest")
-_DATA = re.compile(r"rank-(\d{5,})\.data")
+_MANIFEST = re.compile(r"rank-(\d{5,})(?:\.g[1-9]\d*)?\.manifest")
+_DATA = re.compile(r"rank-(\d{5,})(?:\.g[1-9]\d*)?\.data")
 _DCP_DATA = re.compile(r"__\d+_\d+\.distcp")
 _DCP_RANK = re.compile(r"__(\d+)\.checksums")
 _DCP_METADATA = ".metadata"
@@ -175,13 +176,13 @@ async def _examine(storage: Storage, name: str) -> _Plan | str:
             rec = await read_commit(storage, name)
         except (FormatError, IntegrityError) as exc:
             problems.append(str(exc))
-    manifests: dict[int, RankManifest] = {}
+    manifests: dict[str, RankManifest] = {}  # by file name: a rank may have several generations
     for fname in sorted(direct):
-        m = _MANIFEST.fullmatch(fname)
-        if m is None or manifest_file(int(m.group(1))) != fname:
+        got = manifest_file_rank(fname)
+        if got is None:
             continue
         try:
-            manifests[int(m.group(1))] = await read_manifest(storage, name, int(m.group(1)))
+            manifests[fname] = await read_manifest(storage, name, got[0], file=fname)
         except (FormatError, IntegrityError) as exc:
             problems.append(str(exc))
     dcp_ours, dcp_stock = await _dcp_evidence(storage, name, direct, problems)
@@ -212,10 +213,11 @@ async def _examine(storage: Storage, name: str) -> _Plan | str:
             plan.notes.append(f"the manifest of rank {m.rank} names {m.data_file!r} as its data file, which is not "
                               "this checkpoint's key; left in place")
     # Ranks without a readable manifest: their data file is where the recorded key layout puts it.
-    layout = (rec.layout, rec.step, rec.world_size) if rec is not None and rec.kind == "asyncckpt" else None
+    layout = (rec.layout, rec.step, rec.world_size, rec.generation) if rec is not None and rec.kind == "asyncckpt" else None
     if layout is None and manifests:
         first = next(iter(manifests.values()))
-        layout = (first.layout, first.step, first.world_size)
+        layout = (first.layout, first.step, first.world_size, 0)
+    read_ranks = {m.rank for m in manifests.values()}
     if layout is not None:
         try:
             prefix = data_prefix(layout[0], name, layout[1])
@@ -226,11 +228,12 @@ async def _examine(storage: Storage, name: str) -> _Plan | str:
                 plan.notes.append(f"the records claim {layout[2]} ranks; data files of ranks without a readable "
                                   f"manifest were looked for among the first {_MAX_PROBED_RANKS} only")
             for rank in range(min(layout[2], _MAX_PROBED_RANKS)):
-                key = join_key(prefix, data_file(rank))
-                if rank not in manifests and (await storage.exists(key)):
-                    plan.data.append(key)
-                if not plan.complete:
-                    plan.uploads.append(key)
+                for gen in dict.fromkeys((layout[3], 0)):
+                    key = join_key(prefix, data_file(rank, gen))
+                    if rank not in read_ranks and (await storage.exists(key)):
+                        plan.data.append(key)
+                    if not plan.complete:
+                        plan.uploads.append(key)
             if prefix != name:
                 temps += _local_temps(storage, prefix)
     plan.data += temps
@@ -317,6 +320,16 @@ async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False)
                 f"{'rewrites' if damaged else 'moves'} '{LATEST_FILE}' to the newest remaining checkpoint)"
             )
         report.latest = await _move_latest_off(storage, name)
+    link = storage.path(name) if isinstance(storage, LocalStorage) else None
+    if link is not None and link.is_symlink():
+        # A link is an alias (Lightning's ``last.ckpt``): removing it never removes what it leads to.
+        target = os.readlink(link)
+        await storage.delete(name)
+        report.deleted, report.kept = [name], []
+        report.notes = [f"{name} is a symbolic link to {target}: only the link was removed; the checkpoint it "
+                        "leads to stays (delete it by its own path)"]
+        log.info("deleted the link %s (-> %s)", where, target)
+        return report
     report.deleted = await _remove(storage, found)
     report.notes = found.notes
     log.info("deleted %s (%d keys%s)", where, len(report.deleted),

@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ._loop import gather_or_cancel
-from .errors import CheckpointExistsError
+from .catalog import next_generation
 from .format import (
     CHECKSUM_ALGO,
-    COMMIT_FILE,
     FORMAT_NAME,
     Entry,
     Node,
@@ -29,6 +28,7 @@ from .format import (
     encode_manifest,
     manifest_file,
     manifest_version,
+    new_save_id,
 )
 from .storage import Storage, join_key
 from .storage.base import ObjectWriter
@@ -77,8 +77,8 @@ class SaveResult:
     write_s: float
 
 
-def data_key(job: SaveJob) -> str:
-    return join_key(job.data_prefix or job.name, data_file(job.rank))
+def data_key(job: SaveJob, generation: int = 0) -> str:
+    return join_key(job.data_prefix or job.name, data_file(job.rank, generation))
 
 
 class NativeSink:
@@ -87,15 +87,10 @@ class NativeSink:
     async def write(self, ctx: WorkerContext, job: SaveJob, staged: Staged) -> SaveResult:
         t0 = time.perf_counter()
         storage = ctx.storage(job.root, job.storage_options)
-        commit_key = join_key(job.name, COMMIT_FILE)
-        if job.overwrite:
-            await storage.delete(commit_key)
-        elif await storage.exists(commit_key):
-            raise CheckpointExistsError(
-                f"{storage.uri}/{job.name} already holds a committed checkpoint; nothing was written. "
-                "Pass overwrite=True to replace it, or choose another name"
-            )
-        key = data_key(job)
+        # An overwrite writes the next generation's files beside the committed checkpoint, which
+        # stays loadable until the commit replaces its COMMIT (catalog.commit_checkpoint).
+        generation, _ = await next_generation(storage, job.name, overwrite=job.overwrite)
+        key = data_key(job, generation)
         crcs = await write_chunks(storage, key, staged.slot.view[: job.data_nbytes], job.chunk_size, job.io_concurrency)
         manifest = RankManifest(
             format=FORMAT_NAME,
@@ -114,9 +109,10 @@ class NativeSink:
             layout=job.layout,
             created=time.time(),
             features=list(job.features),
+            save_id=new_save_id(),
         )
         blob = encode_manifest(manifest)
-        await storage.put_record(join_key(job.name, manifest_file(job.rank)), blob)
+        await storage.put_record(join_key(job.name, manifest_file(job.rank, generation)), blob)
         dt = time.perf_counter() - t0
         log.info("wrote rank part", extra={"rank": job.rank, "step": job.step, "op": "write",
                                            "bytes": job.data_nbytes, "seconds": dt})

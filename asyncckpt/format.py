@@ -6,12 +6,15 @@ See docs/format.md. A checkpoint ``NAME`` under a root holds::
     NAME/rank-00000.manifest   msgpack RankManifest
     NAME/COMMIT                JSON CommitRecord, written last (all or nothing)
 
-and the root holds ``latest`` (JSON LatestRecord), moved atomically after a commit.
+and the root holds ``latest`` (JSON LatestRecord), moved atomically after a commit. An
+overwrite of ``NAME`` writes generation G's files (``rank-00000.gG.data``/``.manifest``) beside
+the committed ones; the new COMMIT names them (docs/format.md, "Generations").
 """
 
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Literal, Union
 
 import crc32c as _crc32c
@@ -42,6 +45,7 @@ __all__ = [
     "ValueNode",
     "checksum",
     "data_file",
+    "data_file_rank",
     "decode_commit",
     "decode_latest",
     "decode_manifest",
@@ -50,7 +54,9 @@ __all__ = [
     "encode_manifest",
     "keys_in_range",
     "manifest_file",
+    "manifest_file_rank",
     "manifest_version",
+    "new_save_id",
 ]
 
 FORMAT_NAME = "asyncckpt"
@@ -143,6 +149,7 @@ class RankManifest(msgspec.Struct, frozen=True):
     layout: str = "flat"
     created: float = 0.0
     features: list[str] = []  # version 2: format features this manifest uses (see KNOWN_FEATURES)
+    save_id: str = ""  # random per rank and save; COMMIT records it (binds the two without the name)
 
 
 class ManifestRef(msgspec.Struct, frozen=True):
@@ -151,6 +158,7 @@ class ManifestRef(msgspec.Struct, frozen=True):
     nbytes: int
     checksum: int
     data_nbytes: int
+    save_id: str = ""  # the manifest's own save_id ("" in checkpoints written before it existed)
 
 
 class CommitRecord(msgspec.Struct, frozen=True):
@@ -166,6 +174,7 @@ class CommitRecord(msgspec.Struct, frozen=True):
     layout: str = "flat"
     kind: str = "asyncckpt"  # "asyncckpt" or "dcp"
     metadata: dict[str, str] = {}
+    generation: int = 0  # which file names hold this checkpoint's ranks (see manifest_file); bumped by overwrites
 
 
 class LatestRecord(msgspec.Struct, frozen=True):
@@ -174,12 +183,44 @@ class LatestRecord(msgspec.Struct, frozen=True):
     created: float
 
 
-def data_file(rank: int) -> str:
-    return f"rank-{rank:05d}.data"
+def _gen(generation: int) -> str:
+    return f".g{generation}" if generation else ""
 
 
-def manifest_file(rank: int) -> str:
-    return f"rank-{rank:05d}.manifest"
+def data_file(rank: int, generation: int = 0) -> str:
+    """``rank-NNNNN.data`` (generation 0) or ``rank-NNNNN.gG.data`` (the G-th overwrite of a name)."""
+    return f"rank-{rank:05d}{_gen(generation)}.data"
+
+
+def manifest_file(rank: int, generation: int = 0) -> str:
+    """``rank-NNNNN.manifest`` (generation 0) or ``rank-NNNNN.gG.manifest``."""
+    return f"rank-{rank:05d}{_gen(generation)}.manifest"
+
+
+_RANK_FILE = re.compile(r"rank-(\d{5,})(?:\.g([1-9]\d*))?\.(manifest|data)")
+
+
+def _rank_file(fname: str, suffix: str) -> tuple[int, int] | None:
+    m = _RANK_FILE.fullmatch(fname)
+    if m is None or m.group(3) != suffix:
+        return None
+    rank, gen = int(m.group(1)), int(m.group(2) or 0)
+    return (rank, gen) if fname == (manifest_file if suffix == "manifest" else data_file)(rank, gen) else None
+
+
+def manifest_file_rank(fname: str) -> tuple[int, int] | None:
+    """(rank, generation) when ``fname`` is a name :func:`manifest_file` gives, else None."""
+    return _rank_file(fname, "manifest")
+
+
+def data_file_rank(fname: str) -> tuple[int, int] | None:
+    """(rank, generation) when ``fname`` is a name :func:`data_file` gives, else None."""
+    return _rank_file(fname, "data")
+
+
+def new_save_id() -> str:
+    """A random id for one rank's part of one save, written in its manifest and recorded in COMMIT."""
+    return uuid.uuid4().hex
 
 
 _manifest_decoder = msgspec.msgpack.Decoder(RankManifest)
@@ -354,6 +395,8 @@ def decode_commit(data: bytes, where: str) -> CommitRecord:
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as exc:
         raise FormatError(f"{where}: commit record is malformed ({exc})") from exc
     _check_version(c.format, c.version, where)
+    if c.generation < 0:
+        raise FormatError(f"{where}: commit record has a negative generation ({c.generation})")
     if c.world_size < 1 or len(c.manifests) != c.world_size:
         if c.kind == "asyncckpt":
             raise FormatError(f"{where}: commit record lists {len(c.manifests)} manifests for world size {c.world_size}")

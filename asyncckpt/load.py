@@ -30,7 +30,7 @@ from .format import (
     checksum,
     keys_in_range,
 )
-from .locate import locate
+from .locate import Located, locate
 from .storage import Storage
 from .tiers import TieredPath, Tiers
 
@@ -446,25 +446,51 @@ async def load_async(
     """Async core of :func:`load` (no ``into``/``map_location``)."""
     if isinstance(path, (Tiers, TieredPath)):
         return await _load_tiered(path, rank, allow_pickle, keys)
-    found = await locate(path, storage_options=storage_options)
-    storage, name, rec = found.storage, found.name, found.record
+    for attempt in range(_SWITCH_RETRIES + 1):
+        found = await locate(path, storage_options=storage_options)
+        try:
+            return await _read_located(found, rank, allow_pickle, keys)
+        except (IntegrityError, CheckpointNotFoundError) as exc:
+            # An overwrite may have replaced the checkpoint (and removed the files this read
+            # used) since its COMMIT was read: read the new one. Otherwise the error stands.
+            if attempt == _SWITCH_RETRIES or not await _replaced(path, storage_options, found):
+                raise
+            _log.debug("%s was replaced while it was read (%s); reading the new one", found.path, exc)
+        finally:
+            await found.storage.close()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_SWITCH_RETRIES = 5
+
+
+async def _replaced(path: str | os.PathLike[str], storage_options: dict[str, Any] | None, found: Located) -> bool:
+    """Whether ``path`` now resolves to another commit than ``found`` (an overwrite switched it)."""
     try:
-        if rec.kind != "asyncckpt":
-            raise BadInputError(f"{storage.uri}/{name} is a {rec.kind} checkpoint; load it with its own reader")
+        now = await locate(path, storage_options=storage_options)
+    except CheckpointError:
+        return False
+    await now.storage.close()
+    return (now.name, now.record) != (found.name, found.record)
+
+
+async def _read_located(found: Located, rank: int | None, allow_pickle: bool,
+                        keys: Collection[str | int] | None) -> Any:
+    storage, name, rec = found.storage, found.name, found.record
+    if rec.kind != "asyncckpt":
+        raise BadInputError(f"{storage.uri}/{name} is a {rec.kind} checkpoint; load it with its own reader")
+    if rank is None:
+        rank = _current_rank()
         if rank is None:
-            rank = _current_rank()
-            if rank is None:
-                if rec.world_size != 1:
-                    raise BadInputError(
-                        f"{storage.uri}/{name} was saved by {rec.world_size} ranks; pass rank= to choose one"
-                    )
-                rank = 0
-        if not 0 <= rank < rec.world_size:
-            raise BadInputError(f"{storage.uri}/{name} has ranks 0..{rec.world_size - 1}, not {rank}")
-        m = await read_manifest(storage, name, rank, rec.manifests[rank])
-        return await read_rank(storage, m, allow_pickle=allow_pickle, keys=keys)
-    finally:
-        await storage.close()
+            if rec.world_size != 1:
+                raise BadInputError(
+                    f"{storage.uri}/{name} was saved by {rec.world_size} ranks; pass rank= to choose one"
+                )
+            rank = 0
+    if not 0 <= rank < rec.world_size:
+        raise BadInputError(f"{storage.uri}/{name} has ranks 0..{rec.world_size - 1}, not {rank}")
+    m = await read_manifest(storage, name, rank, rec.manifests[rank])
+    return await read_rank(storage, m, allow_pickle=allow_pickle, keys=keys)
 
 
 def load(

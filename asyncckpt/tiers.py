@@ -22,10 +22,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from .errors import BadInputError, IntegrityError
-from .format import checksum, manifest_file
+from .format import checksum, data_file, encode_manifest, manifest_file
 from .storage import Storage, join_key, open_storage
 
 __all__ = ["TieredPath", "Tiers", "drain_rank"]
@@ -108,16 +109,20 @@ async def _copy_verified(src: Storage, dst: Storage, src_key: str, dst_key: str,
 
 async def drain_rank(storages: list[Storage], name: str, rank: int, concurrency: int = 4) -> dict[str, Any]:
     """Worker routine: copy this rank's files of ``name`` from ``storages[0]`` to every other one."""
-    from .catalog import read_manifest
+    from .catalog import next_generation, read_commit, read_manifest
 
     t0 = time.perf_counter()
     src = storages[0]
     copied = 0
-    m = await read_manifest(src, name, rank)
-    blob = await src.read(join_key(name, manifest_file(rank)))
+    rec = await read_commit(src, name)
+    m = await read_manifest(src, name, rank, rec.manifests[rank])
     for dst in storages[1:]:
-        await _copy_verified(src, dst, m.data_file, m.data_file, m, concurrency)
-        await dst.put_record(join_key(name, manifest_file(rank)), blob)
+        # Beside what the tier holds under this name, as a save there would: its commit switches.
+        generation, _ = await next_generation(dst, name, overwrite=True)
+        dst_key = join_key(m.data_file.rpartition("/")[0], data_file(rank, generation))
+        await _copy_verified(src, dst, m.data_file, dst_key, m, concurrency)
+        blob = encode_manifest(msgspec.structs.replace(m, name=name, data_file=dst_key))
+        await dst.put_record(join_key(name, manifest_file(rank, generation)), blob)
         copied += m.data_nbytes + len(blob)
     dt = time.perf_counter() - t0
     log.info("drained", extra={"rank": rank, "step": m.step, "op": "drain", "bytes": copied, "seconds": dt})
