@@ -10,8 +10,8 @@ import uuid
 
 from azure.storage.blob import BlobBlock
 
-from ...errors import BadInputError, CheckpointError, PermanentStorageError, StorageNotFoundError
-from ..objectstore import WriterState
+from ...errors import CheckpointError, PermanentStorageError, StorageNotFoundError
+from ..objectstore import WriterState, buffer_part, checked_part
 from .client import AzureClient
 
 __all__ = ["AzureWriter", "block_id"]
@@ -47,17 +47,9 @@ class AzureWriter:
         return f"<Azure writer {self._where} {self._st.state}>"
 
     async def write_part(self, index: int, offset: int, data: memoryview, *, crc32c: int | None = None) -> None:
-        self._st.check_open("write_part")
-        view = memoryview(data)
-        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-        if index < 0:
-            raise BadInputError(f"write_part {self._where}: negative part index {index}")
+        view = checked_part(self._st, index, data)
         if self._buf is not None:
-            end = offset + len(view)
-            if end > len(self._buf):
-                self._buf.extend(bytes(end - len(self._buf)))
-            self._buf[offset:end] = view
-            self._end = max(self._end, end)
+            self._end = buffer_part(self._buf, self._end, offset, view)
             return
         bid = block_id(self._token, index)
         lc = await self._az.loop_client()

@@ -15,9 +15,9 @@ import logging
 import uuid
 
 from ..._loop import gather_or_cancel
-from ...errors import BadInputError, CheckpointError, PermanentStorageError
+from ...errors import CheckpointError, PermanentStorageError
 from ..keys import TEMP_MARK
-from ..objectstore import WriterState
+from ..objectstore import WriterState, buffer_part, checked_part
 from .client import GCSClient
 from .config import MAX_COMPOSE
 
@@ -50,17 +50,9 @@ class GCSWriter:
         return f"<GCS writer {self._where} {self._st.state}>"
 
     async def write_part(self, index: int, offset: int, data: memoryview, *, crc32c: int | None = None) -> None:
-        self._st.check_open("write_part")
-        view = memoryview(data)
-        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-        if index < 0:
-            raise BadInputError(f"write_part {self._where}: negative part index {index}")
+        view = checked_part(self._st, index, data)
         if self._buf is not None:
-            end = offset + len(view)
-            if end > len(self._buf):
-                self._buf.extend(bytes(end - len(self._buf)))
-            self._buf[offset:end] = view
-            self._end = max(self._end, end)
+            self._end = buffer_part(self._buf, self._end, offset, view)
             return
         name = temp_name(self._full, self._token, f"part-{index:06d}")
         lc = await self._gcs.loop_client()

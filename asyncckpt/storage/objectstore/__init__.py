@@ -16,6 +16,6 @@ from .loops import PerLoop
 from .reads import Progress, read_ranges, resumable_fetch
 from .retry import RetryPolicy, retrying
 from .timeouts import timed
-from .writers import WriterState
+from .writers import WriterState, buffer_part, checked_part
 
-__all__ = ["PerLoop", "Progress", "RetryPolicy", "WriterState", "read_ranges", "resumable_fetch", "retrying", "timed"]
+__all__ = ["PerLoop", "Progress", "RetryPolicy", "WriterState", "buffer_part", "checked_part", "read_ranges", "resumable_fetch", "retrying", "timed"]

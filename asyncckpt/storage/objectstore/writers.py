@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from ...errors import CheckpointError, PermanentStorageError
+from typing import Any
 
-__all__ = ["WriterState"]
+from ...errors import BadInputError, CheckpointError, PermanentStorageError
+
+__all__ = ["WriterState", "buffer_part", "checked_part"]
 
 
 class WriterState:
@@ -28,3 +30,22 @@ class WriterState:
     def fail(self, err: CheckpointError) -> None:
         if self.failed is None:
             self.failed = err
+
+
+def checked_part(st: WriterState, index: int, data: Any) -> memoryview:
+    """``data`` as flat bytes for ``write_part``; refuses a closed/failed writer and a negative index."""
+    st.check_open("write_part")
+    view = memoryview(data)
+    view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    if index < 0:
+        raise BadInputError(f"write_part {st.where}: negative part index {index}")
+    return view
+
+
+def buffer_part(buf: bytearray, end: int, offset: int, view: memoryview) -> int:
+    """Copy a part of a small object into ``buf`` (sent in one request at commit); returns the new end."""
+    stop = offset + len(view)
+    if stop > len(buf):
+        buf.extend(bytes(stop - len(buf)))
+    buf[offset:stop] = view
+    return max(end, stop)

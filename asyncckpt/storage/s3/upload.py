@@ -9,8 +9,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from ...errors import BadInputError, PermanentStorageError
-from ..objectstore import WriterState
+from ...errors import PermanentStorageError
+from ..objectstore import WriterState, buffer_part, checked_part
 from .client import S3Client, b64_crc32c
 from .errors import CALL_ERRORS, error_code, is_transient
 
@@ -43,17 +43,9 @@ class S3Writer:
         return f"<S3 writer {self._where} {self._st.state}>"
 
     async def write_part(self, index: int, offset: int, data: memoryview, *, crc32c: int | None = None) -> None:
-        self._st.check_open("write_part")
-        view = memoryview(data)
-        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-        if index < 0:
-            raise BadInputError(f"write_part {self._where}: negative part index {index}")
+        view = checked_part(self._st, index, data)
         if self._buf is not None:
-            end = offset + len(view)
-            if end > len(self._buf):
-                self._buf.extend(bytes(end - len(self._buf)))
-            self._buf[offset:end] = view
-            self._end = max(self._end, end)
+            self._end = buffer_part(self._buf, self._end, offset, view)
             return
         self._inflight += 1
         try:
