@@ -285,7 +285,7 @@ def template_main() -> None:
             os._exit(0)  # the trainer is gone
 
     while True:
-        ready = select.select([sock, wake_r], [], [], 1.0)[0]
+        ready = select.select([ctl_fd, wake_r], [], [], 1.0)[0]
         if wake_r in ready:
             try:
                 while os.read(wake_r, 512):
@@ -302,7 +302,7 @@ def template_main() -> None:
             send({"op": "exit", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
         if os.getppid() != trainer:
             os._exit(0)
-        if sock not in ready:
+        if ctl_fd not in ready:
             continue
         try:
             msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 4)
