@@ -48,7 +48,7 @@ async def list_checkpoints_async(
         infos = _merge(per_tier)
         return infos if include_incomplete else [i for i in infos if i.complete]
     own = isinstance(root, (str, os.PathLike))
-    storage = open_storage(root, **(storage_options or {})) if own else root
+    storage = open_storage(root, **(storage_options or {})) if isinstance(root, (str, os.PathLike)) else root
     try:
         infos = await list_all(storage, check=check)
     finally:

@@ -144,7 +144,7 @@ async def prune_async(
         if lp.exists():
             raise NotACheckpointError(f"{lp} is not a root of checkpoints: it is {describe_local(lp)}")
         raise CheckpointNotFoundError(f"{lp}: no such directory")
-    storage = open_storage(root, **(storage_options or {})) if own else root
+    storage = open_storage(root, **(storage_options or {})) if isinstance(root, (str, os.PathLike)) else root
     try:
         return await apply_retention(storage, policy, now=now, dry_run=dry_run)
     except StorageError as exc:

@@ -57,3 +57,11 @@ def save_second(path: str, staged) -> str:
 
     torch.save(staged, path)
     return path
+
+
+def process_facts(env_name: str) -> dict:
+    """Where a request runs: the worker's pid, parent, cwd, umask and one environment variable."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return {"pid": os.getpid(), "ppid": os.getppid(), "cwd": os.getcwd(), "umask": mask,
+            "env": os.environ.get(env_name)}

@@ -1,8 +1,9 @@
 """The worker seen from the trainer: launch it, send frames, receive frames on a thread.
 
-The worker is started with ``subprocess`` (not ``multiprocessing``): it works from daemonic
-processes (many launchers' ranks are daemonic), never re-imports the user's ``__main__`` and
-needs no ``if __name__ == "__main__"`` guard. Frames go over a socket pair; tensors inside
+The worker is started by :mod:`~asyncckpt.runtime.launch` (a fork of a warm template, or a fresh
+``subprocess``; never ``multiprocessing``): it works from daemonic processes (many launchers'
+ranks are daemonic), never re-imports the user's ``__main__`` and needs no
+``if __name__ == "__main__"`` guard. Frames go over a socket pair; tensors inside
 payloads travel as shared memory or CUDA IPC handles (torch's reductions).
 """
 
@@ -27,16 +28,12 @@ import torch.multiprocessing  # noqa: F401  (registers tensor reductions: shared
 
 from ..errors import WorkerDiedError, WorkerError
 from .context import WorkerConfig
+from .launch import WorkerProcess, launch_worker
 from .messages import Kind, decode_header, encode_header
 
 __all__ = ["WorkerClient", "dumps_payload"]
 
 log = logging.getLogger("asyncckpt")
-
-_BOOT = (
-    "import json, os, sys; sys.path[:0] = json.loads(os.environ.pop('ASYNCCKPT_WORKER_PATH', '[]')); "
-    "from asyncckpt.runtime.server import main; main()"
-)
 
 _CLIENTS: weakref.WeakSet[WorkerClient] = weakref.WeakSet()
 
@@ -68,10 +65,7 @@ class WorkerClient:
         env["ASYNCCKPT_WORKER_PATH"] = json.dumps([p for p in sys.path if p])
         env["ASYNCCKPT_ROLE"] = "worker"  # lets plug-ins tell the worker from its trainer
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOT, str(child.fileno()), str(os.getpid())],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env, close_fds=True,
-            )
+            self.proc: WorkerProcess = launch_worker(child.fileno(), env)
         finally:
             child.close()
         self._conn = Connection(parent.detach())
@@ -86,7 +80,7 @@ class WorkerClient:
         self._rx = threading.Thread(target=self._receive, name="asyncckpt-rx", daemon=True)
         self._rx.start()
         _CLIENTS.add(self)
-        log.debug("asyncckpt worker %d started", self.proc.pid)
+        log.debug("asyncckpt worker starting")
 
     @property
     def pid(self) -> int:

@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import select
 import signal
 import sys
 import threading
@@ -52,9 +53,10 @@ async def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 class _Server:
-    def __init__(self, conn: Any, ctx: WorkerContext) -> None:
+    def __init__(self, conn: Any, ctx: WorkerContext, parent: int) -> None:
         self.conn = conn
         self.ctx = ctx
+        self.parent = parent  # without pidfds: re-parented away from it means the trainer is gone
         self.loop = asyncio.get_running_loop()
         self.inbox: asyncio.Queue[Any] = asyncio.Queue()
         self.writes: asyncio.Queue[Any] = asyncio.Queue()
@@ -138,8 +140,12 @@ class _Server:
             task.cancel()
 
     async def watchdog(self) -> None:
+        trainer = _watch_handle(self.ctx.config.parent_pid)
         while True:
-            if os.getppid() != self.ctx.config.parent_pid:
+            if trainer is not None:
+                if select.select([trainer], [], [], 0)[0]:
+                    self.parent_gone("it exited")
+            elif os.getppid() != self.parent:
                 self.parent_gone("re-parented")
             await asyncio.sleep(0.2)
 
@@ -303,8 +309,31 @@ def _lower_priority(cfg: WorkerConfig) -> None:
             log.warning("asyncckpt worker: cannot set I/O priority class %s: %s", cfg.io_priority, exc)
 
 
-def main() -> None:
-    """Worker process entry point: ``python -c '...main()' FD PARENT_PID`` (see runtime.client)."""
+def _watch_handle(pid: int) -> int | None:
+    """A pidfd on the trainer (readable once it exits), or None where the platform has none."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def warm_imports() -> None:
+    """Import what a worker's first requests need, so a fork of the template has it (see runtime.launch)."""
+    import importlib
+
+    for mod in ("uvloop", "crc32c", "aiofiles", "asyncckpt.engine", "asyncckpt.torch_save", "asyncckpt.control",
+                "asyncckpt.storage.local", "asyncckpt.dcp"):
+        try:
+            importlib.import_module(mod)
+        except ImportError:  # pragma: no cover - optional; the worker imports it when it needs it
+            pass
+
+
+def main(expected_parent: int | None = None) -> None:
+    """Worker process entry point: ``python -c '...main()' FD TRAINER_PID`` (see runtime.launch).
+
+    ``expected_parent``: the parent whose exit means the trainer is gone (default: the trainer;
+    a worker forked from the template watches the template, which leaves with the trainer)."""
     from multiprocessing.connection import Connection
 
     fd, parent_pid = int(sys.argv[1]), int(sys.argv[2])
@@ -345,6 +374,6 @@ def main() -> None:
         runner = asyncio.run
 
     async def serve() -> None:
-        await _Server(conn, ctx).run()
+        await _Server(conn, ctx, parent_pid if expected_parent is None else expected_parent).run()
 
     runner(serve())

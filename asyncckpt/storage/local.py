@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import ctypes
 import errno
 import os
@@ -294,7 +295,7 @@ class LocalStorage:
     async def list(self, prefix: str = "") -> list[str]:
         return await self._run(self._list_sync, prefix)
 
-    def _list_sync(self, prefix: str) -> list[str]:
+    def _list_sync(self, prefix: str) -> builtins.list[str]:
         base = self.path(prefix) if prefix else self.root
         self._check_inside(base, "list")
         if not base.is_dir():

@@ -157,10 +157,15 @@ class _Rank:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
 
+    def ours(self, pid: int) -> bool:
+        """``pid`` is our trainer's worker: its child, or a fork of its worker template (its grandchild)."""
+        parent = _parent(pid)
+        return parent == self.proc.pid or (parent is not None and _parent(parent) == self.proc.pid)
+
     def kill_worker(self) -> bool:
         pid = self.worker
-        # Only our trainer's own child: never a pid that was reused by something else.
-        if pid is not None and _alive(pid) and _parent(pid) == self.proc.pid:
+        # Only our trainer's own worker: never a pid that was reused by something else.
+        if pid is not None and _alive(pid) and self.ours(pid):
             os.kill(pid, signal.SIGKILL)
             return True
         return False
@@ -263,7 +268,7 @@ def run_trainers(root: str, world: int, env_extra: dict[str, str], trial: Trial 
                 time.sleep(0.05)
             if _alive(pid):
                 res.problems.append(f"rank {rk.rank}: worker {pid} still running 15 s after its trainer ended (orphan)")
-                if _parent(pid) in (1, None) or _parent(pid) == rk.proc.pid:
+                if _parent(pid) in (1, None) or rk.ours(pid):
                     os.kill(pid, signal.SIGKILL)
     trainers_killed = res.killed and res.trial.victim in ("trainer", "both")
     for rk in ranks:

@@ -9,14 +9,13 @@ from azure.core import MatchConditions
 
 from ...errors import (
     BadInputError,
-    CheckpointError,
     IntegrityError,
     StorageNotFoundError,
     StoragePreconditionError,
 )
 from ..base import Capabilities
-from ..keys import check_key, is_temp_key
-from ..objectstore import Progress, read_ranges
+from ..keys import check_key
+from ..objectstore import GetRange, PrefixedStore, Progress
 from .client import AzureClient
 from .config import AzureConfig
 from .upload import AzureWriter, discard_uncommitted
@@ -24,7 +23,7 @@ from .upload import AzureWriter, discard_uncommitted
 __all__ = ["AzureBlobStorage"]
 
 
-class AzureBlobStorage:
+class AzureBlobStorage(PrefixedStore):
     """A container prefix on Azure Blob Storage: ``az://container/prefix``.
 
     Credentials come from ``AZURE_STORAGE_CONNECTION_STRING``, or ``AZURE_STORAGE_ACCOUNT_NAME`` with
@@ -49,22 +48,18 @@ class AzureBlobStorage:
     def __repr__(self) -> str:
         return f"AzureBlobStorage({self.uri!r})"
 
-    def _full(self, key: str) -> str:
-        check_key(key)
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def _rel(self, full_key: str) -> str:
-        return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
+    def where(self, full: str) -> str:
+        return self.az.where(full)
 
     # ------------------------------------------------------------------ writes
 
     async def open_writer(self, key: str, size_hint: int | None = None) -> AzureWriter:
-        full = self._full(key)
+        full = self.full_key(key)
         single = size_hint is not None and size_hint < self.config.single_put_threshold
         return AzureWriter(self.az, full, size_hint if single else None)
 
     async def put_record(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
-        full = self._full(key)
+        full = self.full_key(key)
         body = bytes(data)
         if not if_absent:
             await self.az.call("put", full, lambda c: c.get_blob_client(full).upload_blob(body, overwrite=True))
@@ -79,15 +74,11 @@ class AzureBlobStorage:
         try:
             await self.az.call("put_if_absent", full, once)
         except StoragePreconditionError:
-            if attempts > 1:
-                # An earlier attempt may have landed before its reply was lost: it was ours if the bytes match.
-                with contextlib.suppress(CheckpointError):
-                    return await self.read(key) == body
-            return False
+            return await self.landed_earlier(key, body, retried=attempts > 1)
         return True
 
     async def delete(self, key: str) -> None:
-        full = self._full(key)
+        full = self.full_key(key)
         with contextlib.suppress(StorageNotFoundError):
             await self.az.call("delete", full, lambda c: c.get_blob_client(full).delete_blob())
 
@@ -95,7 +86,7 @@ class AzureBlobStorage:
         """Delete blobs under ``prefix`` (a key or a folder) that hold only uncommitted blocks; returns how many."""
         if prefix:
             check_key(prefix)
-        folder = self._full(prefix) if prefix else self.prefix
+        folder = self.full_key(prefix) if prefix else self.prefix
         want = folder if prefix else (folder + "/" if folder else "")
 
         async def names(include: list[str] | None) -> set[str]:
@@ -109,7 +100,7 @@ class AzureBlobStorage:
         uncommitted = await names(["uncommittedblobs"]) - await names(None)
         n = 0
         for full in sorted(uncommitted):
-            rel = self._rel(full)
+            rel = self.relative_key(full)
             if prefix and rel != prefix and not rel.startswith(prefix + "/"):
                 continue
             if await discard_uncommitted(self.az, full, quiet=False):
@@ -119,59 +110,17 @@ class AzureBlobStorage:
     # ------------------------------------------------------------------ reads
 
     async def size(self, key: str) -> int:
-        full = self._full(key)
+        full = self.full_key(key)
         props = await self.az.call("head", full, lambda c: c.get_blob_client(full).get_blob_properties())
         return int(props.size)
 
-    async def exists(self, key: str) -> bool:
-        try:
-            await self.size(key)
-        except StorageNotFoundError:
-            return False
-        return True
-
-    async def list(self, prefix: str = "") -> list[str]:
-        if prefix:
-            check_key(prefix)
-        folder = self._full(prefix) if prefix else self.prefix
-        want = folder + "/" if folder else ""
-
+    async def list_full(self, want: str) -> list[str]:
         async def go(c: Any) -> list[str]:
             return [b.name async for b in c.list_blobs(name_starts_with=want, results_per_page=self.config.list_page_size)]
 
-        names = await self.az.call("list", want, go)
-        return sorted(self._rel(n) for n in names if not n.endswith("/") and not is_temp_key(n[len(want) :]))
+        return list(await self.az.call("list", want, go))
 
-    async def read(self, key: str) -> bytes:
-        size = await self.size(key)
-        buf = bytearray(size)
-        if size:
-            await self.read_into(key, 0, memoryview(buf))
-        return bytes(buf)
-
-    async def read_into(self, key: str, offset: int, buf: memoryview) -> None:
-        full = self._full(key)
-        where = self.az.where(full)
-        view = memoryview(buf)
-        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-        if offset < 0:
-            raise BadInputError(f"read {where}: negative offset {offset}")
-        if len(view) == 0:
-            size = await self.size(key)
-            if offset > size:
-                raise IntegrityError(f"{where} is truncated: offset {offset} is past its end ({size} bytes)")
-            return
-        await read_ranges(
-            self._range_getter(full),
-            offset,
-            view,
-            range_size=self.config.read_range_size,
-            where=where,
-            policy=self.config.policy,
-            op_timeout=self.config.op_timeout,
-        )
-
-    def _range_getter(self, full: str):  # type: ignore[no-untyped-def]
+    def range_getter(self, full: str) -> GetRange:
         where = self.az.where(full)
 
         async def get(pos: int, view: memoryview, progress: Progress) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from ...errors import (
@@ -10,12 +9,11 @@ from ...errors import (
     CheckpointError,
     IntegrityError,
     PermanentStorageError,
-    StorageNotFoundError,
     StoragePreconditionError,
 )
 from ..base import Capabilities
-from ..keys import TEMP_MARK, check_key, is_temp_key
-from ..objectstore import Progress, read_ranges
+from ..keys import TEMP_MARK, check_key
+from ..objectstore import GetRange, PrefixedStore, Progress
 from .client import GCSClient, LoopClient
 from .config import GCSConfig
 from .errors import HTTPStatusError
@@ -26,7 +24,7 @@ __all__ = ["GCSStorage"]
 _BODY_CHUNK = 1024 * 1024
 
 
-class GCSStorage:
+class GCSStorage(PrefixedStore):
     """A bucket prefix on Google Cloud Storage: ``gs://bucket/prefix``.
 
     Credentials are Google's application-default ones (``GOOGLE_APPLICATION_CREDENTIALS``, the
@@ -51,22 +49,18 @@ class GCSStorage:
     def __repr__(self) -> str:
         return f"GCSStorage({self.uri!r})"
 
-    def _full(self, key: str) -> str:
-        check_key(key)
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def _rel(self, full_key: str) -> str:
-        return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
+    def where(self, full: str) -> str:
+        return self.gcs.where(full)
 
     # ------------------------------------------------------------------ writes
 
     async def open_writer(self, key: str, size_hint: int | None = None) -> GCSWriter:
-        full = self._full(key)
+        full = self.full_key(key)
         single = size_hint is not None and size_hint < self.config.single_put_threshold
         return GCSWriter(self.gcs, full, size_hint if single else None)
 
     async def put_record(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
-        full = self._full(key)
+        full = self.full_key(key)
         body = memoryview(bytes(data))
         params = {"ifGenerationMatch": "0"} if if_absent else None
         attempts = 0
@@ -81,26 +75,22 @@ class GCSStorage:
         except StoragePreconditionError:
             if not if_absent:
                 raise
-            if attempts > 1:
-                # An earlier attempt may have landed before its reply was lost: it was ours if the bytes match.
-                with contextlib.suppress(CheckpointError):
-                    return await self.read(key) == bytes(body)
-            return False
+            return await self.landed_earlier(key, bytes(body), retried=attempts > 1)
         return True
 
     async def delete(self, key: str) -> None:
-        full = self._full(key)
+        full = self.full_key(key)
         await self.gcs.call("delete", full, lambda c: self.gcs.delete_object(c, full))
 
     async def abort_incomplete_uploads(self, prefix: str = "") -> int:
         """Delete the temporary part objects of unfinished uploads under ``prefix`` (a key or a folder); returns how many."""
         if prefix:
             check_key(prefix)
-        want = self._full(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        want = self.full_key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
         names = await self.gcs.call("list", want, lambda c: self.gcs.list_names(c, want))
         n = 0
         for full in names:
-            rel = self._rel(full)
+            rel = self.relative_key(full)
             if TEMP_MARK not in rel:
                 continue
             if prefix and not (rel.startswith(prefix + "/") or rel.startswith(prefix + TEMP_MARK)):
@@ -112,57 +102,16 @@ class GCSStorage:
     # ------------------------------------------------------------------ reads
 
     async def _meta(self, key: str) -> dict[str, Any]:
-        full = self._full(key)
+        full = self.full_key(key)
         return await self.gcs.call("head", full, lambda c: self.gcs.json_request(c, "GET", self.gcs.object_url(full)))
 
     async def size(self, key: str) -> int:
         return int((await self._meta(key))["size"])
 
-    async def exists(self, key: str) -> bool:
-        try:
-            await self._meta(key)
-        except StorageNotFoundError:
-            return False
-        return True
+    async def list_full(self, want: str) -> list[str]:
+        return list(await self.gcs.call("list", want, lambda c: self.gcs.list_names(c, want)))
 
-    async def list(self, prefix: str = "") -> list[str]:
-        if prefix:
-            check_key(prefix)
-        folder = self._full(prefix) if prefix else self.prefix
-        want = folder + "/" if folder else ""
-        names = await self.gcs.call("list", want, lambda c: self.gcs.list_names(c, want))
-        return sorted(self._rel(n) for n in names if not n.endswith("/") and not is_temp_key(n[len(want) :]))
-
-    async def read(self, key: str) -> bytes:
-        size = await self.size(key)
-        buf = bytearray(size)
-        if size:
-            await self.read_into(key, 0, memoryview(buf))
-        return bytes(buf)
-
-    async def read_into(self, key: str, offset: int, buf: memoryview) -> None:
-        full = self._full(key)
-        where = self.gcs.where(full)
-        view = memoryview(buf)
-        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-        if offset < 0:
-            raise BadInputError(f"read {where}: negative offset {offset}")
-        if len(view) == 0:
-            size = await self.size(key)
-            if offset > size:
-                raise IntegrityError(f"{where} is truncated: offset {offset} is past its end ({size} bytes)")
-            return
-        await read_ranges(
-            self._range_getter(full),
-            offset,
-            view,
-            range_size=self.config.read_range_size,
-            where=where,
-            policy=self.config.policy,
-            op_timeout=self.config.op_timeout,
-        )
-
-    def _range_getter(self, full: str):  # type: ignore[no-untyped-def]
+    def range_getter(self, full: str) -> GetRange:
         where = self.gcs.where(full)
         url = self.gcs.object_url(full)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 from typing import Any
@@ -14,13 +13,12 @@ from ...errors import (
     CheckpointError,
     IntegrityError,
     PermanentStorageError,
-    StorageNotFoundError,
     StorageOpTimeoutError,
     TransientStorageError,
 )
 from ..base import Capabilities
-from ..keys import check_key, is_temp_key
-from ..objectstore import Progress, read_ranges, resumable_fetch
+from ..keys import check_key
+from ..objectstore import GetRange, PrefixedStore, Progress, resumable_fetch
 from .client import S3Client
 from .config import S3Config
 from .errors import CONFLICT, NOT_FOUND, PRECONDITION, error_code, retry_count
@@ -32,7 +30,7 @@ _BODY_CHUNK = 1024 * 1024
 logger = logging.getLogger(__name__)
 
 
-class S3Storage:
+class S3Storage(PrefixedStore):
     """A bucket prefix on S3 or an S3-compatible store (SeaweedFS, MinIO, Ceph RGW, moto).
 
     Endpoint, region and credentials come from the usual AWS settings (``AWS_ENDPOINT_URL``,
@@ -70,25 +68,18 @@ class S3Storage:
         """Whether parts carry our CRC32C (turned off once if the store refuses S3 checksums)."""
         return self.s3.checksum
 
-    def _full(self, key: str) -> str:
-        check_key(key)
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def _rel(self, full_key: str) -> str:
-        return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
-
-    def _where(self, full_key: str) -> str:
-        return self.s3.where(full_key)
+    def where(self, full: str) -> str:
+        return self.s3.where(full)
 
     # ------------------------------------------------------------------ writes
 
     async def open_writer(self, key: str, size_hint: int | None = None) -> S3Writer:
-        full = self._full(key)
+        full = self.full_key(key)
         single = size_hint is not None and size_hint < self.single_put_threshold
         return S3Writer(self.s3, full, size_hint if single else None)
 
     async def put_record(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
-        full = self._full(key)
+        full = self.full_key(key)
         data = bytes(data)
         if not if_absent:
             try:
@@ -121,11 +112,7 @@ class S3Storage:
                 code, status = error_code(exc)
                 if code in PRECONDITION or status == 412:
                     self._conditional = True
-                    if retry_count(exc):
-                        # An earlier attempt may have landed before its reply was lost: it was ours if the bytes match.
-                        with contextlib.suppress(CheckpointError):
-                            return await self.read(self._rel(full)) == data
-                    return False
+                    return await self.landed_earlier(self.relative_key(full), data, retried=bool(retry_count(exc)))
                 if code in CONFLICT or status == 409:
                     await policy.backoff(attempt + 1)  # a concurrent conditional write is in progress: retry
                     continue
@@ -146,12 +133,12 @@ class S3Storage:
             except Exception as exc:
                 raise self.s3.error("put_if_absent", full, exc) from exc
         raise TransientStorageError(
-            f"put_if_absent {self._where(full)} failed: {policy.max_attempts} conflicting concurrent "
+            f"put_if_absent {self.where(full)} failed: {policy.max_attempts} conflicting concurrent "
             f"conditional writes; retry"
         )
 
     async def delete(self, key: str) -> None:
-        full = self._full(key)
+        full = self.full_key(key)
         try:
             await self.s3.call("delete_object", Key=full)
         except ClientError as exc:
@@ -166,7 +153,7 @@ class S3Storage:
         """Abort every multipart upload for ``prefix`` (a key or a folder) left by a crashed save; returns how many."""
         if prefix:
             check_key(prefix)
-        full = self._full(prefix) if prefix else self.prefix
+        full = self.full_key(prefix) if prefix else self.prefix
         n = 0
         kwargs: dict[str, Any] = {"Prefix": full}
         while True:
@@ -176,7 +163,7 @@ class S3Storage:
                 raise self.s3.error("list_multipart_uploads", full, exc) from exc
             for up in page.get("Uploads", []) or []:
                 key = up["Key"]
-                rel = self._rel(key) if (not self.prefix or key.startswith(self.prefix + "/")) else None
+                rel = self.relative_key(key) if (not self.prefix or key.startswith(self.prefix + "/")) else None
                 if rel is None or (prefix and rel != prefix and not rel.startswith(prefix + "/")):
                     continue
                 if await self.s3.abort_upload(key, up["UploadId"], quiet=False):
@@ -191,25 +178,14 @@ class S3Storage:
     # ------------------------------------------------------------------ reads
 
     async def size(self, key: str) -> int:
-        full = self._full(key)
+        full = self.full_key(key)
         try:
             head = await self.s3.call("head_object", Key=full)
         except Exception as exc:
             raise self.s3.error("head", full, exc) from exc
         return int(head["ContentLength"])
 
-    async def exists(self, key: str) -> bool:
-        try:
-            await self.size(key)
-        except StorageNotFoundError:
-            return False
-        return True
-
-    async def list(self, prefix: str = "") -> list[str]:
-        if prefix:
-            check_key(prefix)
-        folder = self._full(prefix) if prefix else self.prefix
-        want = folder + "/" if folder else ""
+    async def list_full(self, want: str) -> list[str]:
         out: list[str] = []
         kwargs: dict[str, Any] = {"Prefix": want, "MaxKeys": self.config.list_page_size}
         while True:
@@ -217,18 +193,14 @@ class S3Storage:
                 page = await self.s3.call("list_objects_v2", **kwargs)
             except Exception as exc:
                 raise self.s3.error("list", want, exc) from exc
-            for obj in page.get("Contents", []) or []:
-                key = obj["Key"]
-                if key.endswith("/") or not key.startswith(want) or is_temp_key(key[len(want) :]):
-                    continue  # folder markers some stores create
-                out.append(self._rel(key))
+            out.extend(obj["Key"] for obj in page.get("Contents", []) or [])
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
-                return sorted(out)
+                return out
             kwargs["ContinuationToken"] = token
 
     async def read(self, key: str) -> bytes:
-        full = self._full(key)
+        full = self.full_key(key)
         progress = Progress()
         try:
             resp = await self.s3.call("get_object", Key=full)
@@ -247,49 +219,28 @@ class S3Storage:
             await self._fetch_into(full, progress.got, view[progress.got :], version=resp.get("ETag"), failures=1)
             return bytes(buf)
         if progress.got != length:
-            raise IntegrityError(f"{self._where(full)} is truncated: got {progress.got} of {length} bytes")
+            raise IntegrityError(f"{self.where(full)} is truncated: got {progress.got} of {length} bytes")
         return bytes(buf)
-
-    async def read_into(self, key: str, offset: int, buf: memoryview) -> None:
-        full = self._full(key)
-        view = memoryview(buf)
-        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-        if offset < 0:
-            raise BadInputError(f"read {self._where(full)}: negative offset {offset}")
-        if len(view) == 0:
-            size = await self.size(key)
-            if offset > size:
-                raise IntegrityError(f"{self._where(full)} is truncated: offset {offset} is past its end ({size} bytes)")
-            return
-        await read_ranges(
-            self._range_getter(full),
-            offset,
-            view,
-            range_size=self.read_range_size,
-            where=self._where(full),
-            policy=self.config.policy,
-            op_timeout=self.op_timeout,
-        )
 
     async def fetch_into(self, key: str, start: int, view: memoryview, *, version: str | None = None) -> None:
         """Fill ``view`` from ``start`` of ``key`` with resumable ranged GETs pinned to ``version`` (an ETag) if given."""
-        await self._fetch_into(self._full(key), start, view, version=version)
+        await self._fetch_into(self.full_key(key), start, view, version=version)
 
     async def _fetch_into(
         self, full: str, start: int, view: memoryview, *, version: str | None = None, failures: int = 0
     ) -> None:
         await resumable_fetch(
-            self._range_getter(full),
+            self.range_getter(full),
             start,
             view,
-            where=self._where(full),
+            where=self.where(full),
             policy=self.config.policy,
             op_timeout=self.op_timeout,
             version=version,
             failures=failures,
         )
 
-    def _range_getter(self, full: str):  # type: ignore[no-untyped-def]
+    def range_getter(self, full: str) -> GetRange:
         async def get(pos: int, view: memoryview, progress: Progress) -> None:
             lc = await self.s3.loop_client()
             try:
@@ -301,10 +252,10 @@ class S3Storage:
                 code, status = error_code(exc)
                 if code == "InvalidRange" or status == 416:
                     raise IntegrityError(
-                        f"{self._where(full)} is truncated: the object ends before byte {pos}"
+                        f"{self.where(full)} is truncated: the object ends before byte {pos}"
                     ) from exc
                 if progress.version and (code in PRECONDITION or status == 412):
-                    raise IntegrityError(f"{self._where(full)} changed while it was being read; read it again") from exc
+                    raise IntegrityError(f"{self.where(full)} changed while it was being read; read it again") from exc
                 raise self.s3.error("read", full, exc) from exc
             except Exception as exc:
                 raise self.s3.error("read", full, exc) from exc
@@ -320,11 +271,11 @@ class S3Storage:
             m = re.match(r"bytes (\d+)-(\d+)/", content_range)
             if m is None or int(m.group(1)) != pos:
                 resp["Body"].close()
-                raise IntegrityError(f"{self._where(full)}: asked for bytes from {pos}, the store sent {content_range!r}")
+                raise IntegrityError(f"{self.where(full)}: asked for bytes from {pos}, the store sent {content_range!r}")
         elif pos != 0:
             resp["Body"].close()
             raise PermanentStorageError(
-                f"read {self._where(full)}: the store ignored the Range header (HTTP 200 for bytes={pos}-)"
+                f"read {self.where(full)}: the store ignored the Range header (HTTP 200 for bytes={pos}-)"
             )
         if progress.version is None:
             progress.version = resp.get("ETag")
