@@ -24,6 +24,7 @@ from .format import (
     Node,
     RankManifest,
     checksum,
+    chunk_count,
     data_file,
     encode_manifest,
     manifest_file,
@@ -126,7 +127,7 @@ async def write_chunks(storage: Storage, key: str, data: memoryview, chunk_size:
     """
     n = len(data)
     writer = await storage.open_writer(key, size_hint=n)
-    nchunks = -(-n // chunk_size) if n else 0
+    nchunks = chunk_count(n, chunk_size)
     crcs = [0] * nchunks
     sem = asyncio.Semaphore(max(1, concurrency))
 

@@ -1,4 +1,4 @@
-"""On-storage format: per-rank manifests and the commit record (msgspec Structs).
+"""Records of the on-storage format: per-rank manifests, the commit record, ``latest`` (msgspec Structs).
 
 See docs/format.md. A checkpoint ``NAME`` under a root holds::
 
@@ -17,22 +17,25 @@ import re
 import uuid
 from typing import Literal, Union
 
-import crc32c as _crc32c
 import msgspec
 
-from .errors import FormatError, IntegrityError
-from .storage.keys import check_key
+from ..errors import FormatError, IntegrityError
+from ..storage.keys import check_key
+from .crc import CHECKSUM_ALGO, checksum
 
 __all__ = [
     "ALIGN",
-    "CHECKSUM_ALGO",
     "COMMIT_FILE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "KNOWN_FEATURES",
     "LATEST_FILE",
     "MANIFEST_VERSION",
+    "MAX_ENTRIES",
+    "MAX_NDIM",
     "SHARED_STORAGE",
+    "BigIntNode",
+    "BytesNode",
     "CommitRecord",
     "DictNode",
     "Entry",
@@ -43,7 +46,6 @@ __all__ = [
     "RankManifest",
     "RefNode",
     "ValueNode",
-    "checksum",
     "data_file",
     "data_file_rank",
     "decode_commit",
@@ -52,7 +54,6 @@ __all__ = [
     "encode_commit",
     "encode_latest",
     "encode_manifest",
-    "keys_in_range",
     "manifest_file",
     "manifest_file_rank",
     "manifest_version",
@@ -67,18 +68,12 @@ MANIFEST_VERSION = 2
 #: Feature: tensors that shared one storage are views (``Entry.view_of``) of one stored storage.
 SHARED_STORAGE = "shared-storage"
 KNOWN_FEATURES = frozenset({SHARED_STORAGE})
-CHECKSUM_ALGO = "crc32c"
 ALIGN = 64
 COMMIT_FILE = "COMMIT"
 LATEST_FILE = "latest"
 # Hard caps that keep a hostile manifest from driving allocations.
 MAX_NDIM = 64
 MAX_ENTRIES = 10_000_000
-
-
-def checksum(data: bytes | memoryview, value: int = 0) -> int:
-    """CRC32C of ``data`` continuing from ``value`` (releases the GIL)."""
-    return _crc32c.crc32c(data, value=value)
 
 
 class Entry(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -299,7 +294,7 @@ def decode_manifest(data: bytes, where: str) -> RankManifest:
 
 
 def _check_entry(e: Entry, data_nbytes: int, where: str) -> None:
-    from .dtypes import itemsize  # local import: dtypes imports torch
+    from ..dtypes import itemsize  # local import: dtypes imports torch
 
     if len(e.shape) > MAX_NDIM or any(d < 0 for d in e.shape):
         raise FormatError(f"{where}: key {e.key!r} has an invalid shape {e.shape}")
@@ -322,7 +317,7 @@ def _check_entry(e: Entry, data_nbytes: int, where: str) -> None:
 
 def _check_view(e: Entry, entries: list[Entry], where: str) -> None:
     """A view lies inside its storage entry, which is a plain 1-D uint8 entry owning its bytes."""
-    from .dtypes import itemsize  # local import: dtypes imports torch
+    from ..dtypes import itemsize  # local import: dtypes imports torch
 
     w = f"{where}: key {e.key!r}"
     if not 0 <= e.view_of < len(entries):
@@ -346,15 +341,6 @@ def _check_view(e: Entry, entries: list[Entry], where: str) -> None:
     if last * size > s.nbytes:
         raise FormatError(f"{w}: the view reaches byte {last * size} of its storage {s.key!r}, "
                           f"which holds {s.nbytes} bytes")
-
-
-def keys_in_range(m: RankManifest, start: int, end: int) -> list[str]:
-    """The keys whose bytes lie in ``[start, end)`` of the data file (views by their storage), for messages."""
-    hit = {i for i, e in enumerate(m.entries)
-           if e.view_of < 0 and e.nbytes and e.offset < end and e.offset + e.nbytes > start}
-    storages = {e.view_of for e in m.entries if e.view_of >= 0}
-    keys = [e.key for i, e in enumerate(m.entries) if (i in hit and i not in storages) or e.view_of in hit]
-    return keys or ["<padding>"]
 
 
 # COMMIT and latest end with their own CRC32C: `{...,"record_crc32c":N}` where N covers the
