@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -87,19 +86,18 @@ class TieredPath:
 
 async def _copy_verified(src: Storage, dst: Storage, src_key: str, dst_key: str, m: RankManifest,
                          concurrency: int) -> None:
-    """Stream one data file from ``src`` to ``dst`` as stored, every chunk verified on the way."""
-    from .engine import write_parts
+    """Stream one data file from ``src`` to ``dst`` as stored (compressed chunks stay compressed), each
+    chunk's CRC32C verified on the way."""
+    from .engine import write_stream
 
     geo = ChunkGeometry.of(m)
+
+    async def piece(i: int) -> tuple[memoryview, int]:
+        chunk = await read_chunk(src, m, geo, i, decode=False)
+        return memoryview(chunk.stored), chunk.crc
+
     writer = await dst.open_writer(dst_key, size_hint=geo.stored_nbytes)
-    sem = asyncio.Semaphore(max(1, concurrency))
-
-    async def one(i: int) -> None:
-        async with sem:
-            chunk = await read_chunk(src, m, geo, i)
-            await writer.write_part(i, geo.stored(i)[0], memoryview(chunk.stored), crc32c=chunk.crc)
-
-    await write_parts(writer, len(geo), one)
+    await write_stream(writer, len(geo), piece, m.chunk_size, concurrency)
 
 
 async def drain_rank(storages: list[Storage], name: str, rank: int, concurrency: int = 4) -> dict[str, Any]:

@@ -15,10 +15,12 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import numpy as np
 
 from .._loop import gather_or_cancel
 from ..errors import CheckpointNotFoundError, IntegrityError
+from .compression import decode_chunk
 from .crc import checksum
 from .records import RankManifest
 
@@ -57,8 +59,11 @@ class ChunkGeometry:
 
     @classmethod
     def of(cls, m: RankManifest) -> ChunkGeometry:
-        n = chunk_count(m.data_nbytes, m.chunk_size)
-        sizes = [min(m.chunk_size, m.data_nbytes - i * m.chunk_size) for i in range(n)]
+        if m.chunks is not msgspec.UNSET:
+            sizes = [c.stored_nbytes for c in m.chunks]
+        else:
+            n = chunk_count(m.data_nbytes, m.chunk_size)
+            sizes = [min(m.chunk_size, m.data_nbytes - i * m.chunk_size) for i in range(n)]
         return cls(m.data_nbytes, m.chunk_size, (0, *itertools.accumulate(sizes)))
 
     def __len__(self) -> int:
@@ -101,7 +106,7 @@ def _keys(m: RankManifest, start: int, end: int) -> str:
 
 @dataclass(frozen=True)
 class Chunk:
-    """One verified chunk: ``data`` its image bytes from ``start``, ``stored`` its bytes as in the file."""
+    """One verified chunk: ``data`` its image bytes from ``start`` (read-only), ``stored`` its bytes as in the file."""
 
     index: int
     start: int
@@ -123,8 +128,12 @@ async def check_data_file(storage: Storage, m: RankManifest) -> None:
         raise IntegrityError(f"{where}: data file is {what}: {size} bytes, manifest says {want}")
 
 
-async def read_chunk(storage: Storage, m: RankManifest, geo: ChunkGeometry, i: int) -> Chunk:
-    """Read chunk ``i`` and verify its CRC32C; a mismatch names the file, the bytes and the keys in them."""
+async def read_chunk(storage: Storage, m: RankManifest, geo: ChunkGeometry, i: int, decode: bool = True) -> Chunk:
+    """Read chunk ``i`` and verify its CRC32C, then (``decode``) decompress it and verify its raw bytes'.
+
+    A mismatch names the file, the bytes and the keys in them. Without ``decode`` (a copy that
+    keeps the chunk as stored) ``data`` is the stored bytes.
+    """
     start, n = geo.raw(i)
     sstart, sn = geo.stored(i)
     stored = np.empty(sn, dtype=np.uint8)
@@ -136,7 +145,12 @@ async def read_chunk(storage: Storage, m: RankManifest, geo: ChunkGeometry, i: i
             f"(crc32c {crc:#010x}, expected {m.chunk_checksums[i]:#010x}); affected keys: {_keys(m, start, start + n)}. "
             "The checkpoint is corrupt: load an older one."
         )
-    return Chunk(i, start, stored, stored, crc)
+    data = stored
+    if decode and m.chunks is not msgspec.UNSET and m.chunks[i].codec != "none":
+        where = (f"{storage.uri}/{m.data_file}: chunk {i} (stored bytes [{sstart}, {sstart + sn}), image bytes "
+                 f"[{start}, {start + n}); keys: {_keys(m, start, start + n)})")
+        data = await asyncio.to_thread(decode_chunk, stored, m.chunks[i], n, where)
+    return Chunk(i, start, data, stored, crc)
 
 
 async def read_chunks(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import msgspec
 
@@ -25,6 +25,7 @@ from .crc import CHECKSUM_ALGO, checksum
 
 __all__ = [
     "ALIGN",
+    "CHUNK_CODECS",
     "COMMIT_FILE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -34,8 +35,10 @@ __all__ = [
     "MAX_ENTRIES",
     "MAX_NDIM",
     "SHARED_STORAGE",
+    "ZSTD",
     "BigIntNode",
     "BytesNode",
+    "ChunkInfo",
     "CommitRecord",
     "DictNode",
     "Entry",
@@ -67,7 +70,11 @@ FORMAT_VERSION = 1  # commit records (and manifests that use no feature)
 MANIFEST_VERSION = 2
 #: Feature: tensors that shared one storage are views (``Entry.view_of``) of one stored storage.
 SHARED_STORAGE = "shared-storage"
-KNOWN_FEATURES = frozenset({SHARED_STORAGE})
+#: Feature: chunks may be stored zstd-compressed; ``RankManifest.chunks`` says how each one is stored.
+ZSTD = "zstd"
+KNOWN_FEATURES = frozenset({SHARED_STORAGE, ZSTD})
+#: How a chunk can be stored: as is, or as one zstd frame.
+CHUNK_CODECS = ("none", ZSTD)
 ALIGN = 64
 COMMIT_FILE = "COMMIT"
 LATEST_FILE = "latest"
@@ -127,6 +134,17 @@ class DictNode(msgspec.Struct, tag="dict", frozen=True):
 Node = Union[ValueNode, BigIntNode, BytesNode, RefNode, ListNode, DictNode]
 
 
+_U32 = Annotated[int, msgspec.Meta(ge=0, lt=1 << 32)]
+
+
+class ChunkInfo(msgspec.Struct, frozen=True, array_like=True):
+    """How one chunk is stored (feature ``zstd``): msgpack ``[codec, stored_nbytes, raw_crc32c]``."""
+
+    codec: str  # one of CHUNK_CODECS (checked after the features, so a newer codec is refused by its feature)
+    stored_nbytes: Annotated[int, msgspec.Meta(ge=0)]  # its length in the data file
+    raw_crc32c: _U32  # CRC32C of its raw (image) bytes; chunk_checksums[i] covers the stored ones
+
+
 class RankManifest(msgspec.Struct, frozen=True):
     format: str
     version: int
@@ -145,6 +163,8 @@ class RankManifest(msgspec.Struct, frozen=True):
     created: float = 0.0
     features: list[str] = []  # version 2: format features this manifest uses (see KNOWN_FEATURES)
     save_id: str = ""  # random per rank and save; COMMIT records it (binds the two without the name)
+    # feature "zstd": how each chunk is stored; absent (not written at all) when every chunk is the image itself
+    chunks: Union[list[ChunkInfo], msgspec.UnsetType] = msgspec.UNSET
 
 
 class ManifestRef(msgspec.Struct, frozen=True):
@@ -244,7 +264,18 @@ def _check_version(fmt: str, version: int, where: str, newest: int = FORMAT_VERS
         )
 
 
-def _check_features(m: RankManifest, where: str) -> None:
+class _Head(msgspec.Struct):
+    """The members every manifest version keeps: enough to refuse a newer one by name."""
+
+    format: str = ""
+    version: int = 0
+    features: list[str] = []
+
+
+_head_decoder = msgspec.msgpack.Decoder(_Head)
+
+
+def _check_features(m: RankManifest | _Head, where: str) -> None:
     if m.version < 2 and m.features:
         raise FormatError(f"{where}: a version {m.version} manifest cannot name features ({m.features!r})")
     unknown = [f for f in m.features if f not in KNOWN_FEATURES]
@@ -260,6 +291,14 @@ def decode_manifest(data: bytes, where: str) -> RankManifest:
     try:
         m = _manifest_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as exc:
+        # A feature this reader does not know may change what members hold: name it, not the symptom.
+        try:
+            head = _head_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError):
+            head = None
+        if head is not None and head.format == FORMAT_NAME:
+            _check_version(head.format, head.version, where, MANIFEST_VERSION)
+            _check_features(head, where)
         raise FormatError(f"{where}: manifest is malformed ({exc})") from exc
     _check_version(m.format, m.version, where, MANIFEST_VERSION)
     _check_features(m, where)
@@ -278,6 +317,7 @@ def decode_manifest(data: bytes, where: str) -> RankManifest:
             f"{where}: {len(m.chunk_checksums)} chunk checksums for {m.data_nbytes} bytes "
             f"in chunks of {m.chunk_size} (expected {expect_chunks})"
         )
+    _check_chunks(m, where)
     end = 0
     for e in sorted((e for e in m.entries if e.view_of < 0), key=lambda e: e.offset):
         _check_entry(e, m.data_nbytes, where)
@@ -291,6 +331,28 @@ def decode_manifest(data: bytes, where: str) -> RankManifest:
     for e in views:
         _check_view(e, m.entries, where)
     return m
+
+
+def _check_chunks(m: RankManifest, where: str) -> None:
+    """Per-chunk records (feature ``zstd``): one per chunk, declared, each stored length plausible."""
+    if m.chunks is msgspec.UNSET:
+        if ZSTD in m.features:
+            raise FormatError(f"{where}: the manifest declares {ZSTD!r} but records no per-chunk storage")
+        return
+    if ZSTD not in m.features:
+        raise FormatError(f"{where}: the manifest records per-chunk storage without declaring the {ZSTD!r} feature")
+    if len(m.chunks) != len(m.chunk_checksums):
+        raise FormatError(f"{where}: {len(m.chunks)} chunk records for {len(m.chunk_checksums)} chunks")
+    for i, c in enumerate(m.chunks):
+        if c.codec not in CHUNK_CODECS:
+            raise FormatError(f"{where}: chunk {i} is stored as {c.codec!r}, which the declared features do not define")
+        raw = min(m.chunk_size, m.data_nbytes - i * m.chunk_size)
+        # a zstd frame is never much larger than its content (and the writer stores a chunk as is then)
+        ok = c.stored_nbytes == raw and c.raw_crc32c == m.chunk_checksums[i] if c.codec == "none" \
+            else 0 < c.stored_nbytes <= raw + (raw >> 7) + 1024
+        if not ok:
+            raise FormatError(f"{where}: chunk {i} ({c.codec}, {c.stored_nbytes} bytes stored for {raw}) is "
+                              "recorded inconsistently")
 
 
 def _check_entry(e: Entry, data_nbytes: int, where: str) -> None:
