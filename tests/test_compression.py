@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -258,12 +260,18 @@ def test_write_stream_aborts_on_a_failed_part_or_piece() -> None:
 
 
 # -- readers that do not know the feature, a missing zstandard, bad arguments -------------------------------
-def test_a_reader_that_does_not_know_zstd_refuses_it_by_name(zck, tmp_path: Path, monkeypatch) -> None:
+def test_a_reader_that_does_not_know_zstd_refuses_it_by_name(zck, tmp_path: Path, monkeypatch, capsys) -> None:
     zck.save({"w": torch.zeros(1000)}, tmp_path / "c")
     zck.finalize(blocking=True)
     monkeypatch.setattr(records_mod, "KNOWN_FEATURES", frozenset({"shared-storage"}))
-    with pytest.raises(asyncckpt.FormatError, match="uses format feature\\(s\\) 'zstd' that this asyncckpt does not know"):
+    refused = "uses format feature(s) 'zstd' that this asyncckpt does not know"
+    with pytest.raises(asyncckpt.FormatError, match=re.escape(refused)):
         asyncckpt.load(tmp_path / "c")
+    assert cli.main(["verify", str(tmp_path / "c")]) == 1
+    assert refused in capsys.readouterr().out
+    assert cli.main(["ls", str(tmp_path), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["checkpoints"] == [] and refused in listed["incomplete"][0]["problem"]
 
 
 def test_an_unknown_feature_is_named_even_when_it_changes_a_member() -> None:
@@ -309,3 +317,22 @@ def test_manager_passes_compression_through(tmp_path: Path) -> None:
     (ckpt,) = [p for p in tmp_path.iterdir() if (p / "COMMIT").exists()]
     assert ZSTD in _manifest(ckpt).features
     assert torch.equal(asyncckpt.load(ckpt)["w"], state["w"])
+
+
+def test_compressed_save_and_tier_drain_on_s3(tmp_path: Path, moto_server, s3_bucket) -> None:
+    """Compressed chunks are shorter than S3's 5 MiB minimum part: they are joined into parts that S3 accepts."""
+    opts = moto_server.options()
+    g = torch.Generator().manual_seed(1)
+    state = {"w": torch.randn(4 << 20, generator=g), "z": torch.zeros(3 << 20)}  # 28 MiB: noise and zeros
+    tiers = Tiers(tmp_path / "nvme", f"s3://{s3_bucket}/t", storage_options=[{}, opts])
+    with asyncckpt.AsyncCheckpointer(storage_options=opts, chunk_size=5 * MiB, compression="zstd",
+                                     compression_level=1) as ck:
+        ck.save(state, f"s3://{s3_bucket}/run/c", step=1)
+        h = ck.save(state, tiers / "c", step=1)
+        ck.finalize(blocking=True)
+        assert h.durable
+    m = _manifest(tmp_path / "nvme" / "c")
+    assert any(c.stored_nbytes < 5 * MiB for c in m.chunks[:-1])  # parts had to be joined
+    for path in (f"s3://{s3_bucket}/run/c", f"s3://{s3_bucket}/t/c"):
+        assert _equal(asyncckpt.load(path, storage_options=opts), state)
+    assert moto_server.incomplete_uploads(s3_bucket) == []
