@@ -119,7 +119,7 @@ class AsyncCheckpointer:
             recorded in the manifest, so loading never needs to be told.
         finish_at_exit: saves still pending at normal interpreter exit are finished (default).
         compression / compression_level: ``"zstd"`` compresses each chunk in the worker's threads
-            (level 1..22, default 3; needs ``asyncckpt[zstd]``); None (default) writes the state as is.
+            (level 1..22, default 1; needs ``asyncckpt[zstd]``); None (default) writes the state as is.
     """
 
     def __init__(

@@ -42,6 +42,7 @@ from .format import (
     LATEST_FILE,
     BigIntNode,
     BytesNode,
+    ChunkGeometry,
     CommitRecord,
     DictNode,
     ListNode,
@@ -384,8 +385,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             "is_latest": latest is not None and latest.name == ck.name,
             "ranks": [
                 {"rank": m.rank, "data_file": m.data_file, "data_nbytes": m.data_nbytes, "chunk_size": m.chunk_size,
-                 "chunks": len(m.chunk_checksums), "manifest_nbytes": ref.nbytes, "entries": len(m.entries),
-                 "features": list(m.features)}
+                 "stored_nbytes": ChunkGeometry.of(m).stored_nbytes, "chunks": len(m.chunk_checksums),
+                 "manifest_nbytes": ref.nbytes, "entries": len(m.entries), "features": list(m.features)}
                 for m, ref in zip(manifests, rec.manifests)
             ],
             "keys": {str(r): _json_rows(rows[r]) for r in ranks},
@@ -413,10 +414,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         summary.add_row(k, _text(v))
     con.print(summary)
     rt = Table(title="per rank", box=box.SIMPLE_HEAD, title_justify="left")
-    for col in ("rank", "data file", "data", "chunks", "chunk size", "manifest", "keys"):
+    for col in ("rank", "data file", "data", "stored", "chunks", "chunk size", "manifest", "keys"):
         rt.add_column(col, justify="left" if col == "data file" else "right", no_wrap=True)
     for m, ref in zip(manifests, rec.manifests):
-        rt.add_row(str(m.rank), _text(m.data_file), _size(m.data_nbytes), str(len(m.chunk_checksums)),
+        rt.add_row(str(m.rank), _text(m.data_file), _size(m.data_nbytes), _size(ChunkGeometry.of(m).stored_nbytes),
+                   str(len(m.chunk_checksums)),
                    _size(m.chunk_size), _size(ref.nbytes), str(len(m.entries)))
     con.print(rt)
     for r in ranks:

@@ -73,7 +73,7 @@ def _manifest(ckpt: Path) -> RankManifest:
     return decode_manifest(p.read_bytes(), str(p))
 
 
-def test_save_load_verify_export_drain_all_follow_compression(zck, tmp_path: Path) -> None:
+def test_save_load_verify_export_drain_all_follow_compression(zck, tmp_path: Path, capsys) -> None:
     state = _state()
     fast, slow = tmp_path / "fast", tmp_path / "slow"
     zck.save(state, Tiers(fast, slow) / "c", step=3)
@@ -94,7 +94,10 @@ def test_save_load_verify_export_drain_all_follow_compression(zck, tmp_path: Pat
     # the drained copy keeps the chunks as stored, and loads alone
     assert (slow / "c" / "rank-00000.data").read_bytes() == (fast / "c" / "rank-00000.data").read_bytes()
     assert _equal(asyncckpt.load(slow / "c"), state)
-    # CLI verify and export
+    # CLI inspect, verify and export
+    assert cli.main(["inspect", str(slow / "c"), "--json"]) == 0
+    (rank,) = json.loads(capsys.readouterr().out)["ranks"]
+    assert (rank["data_nbytes"], rank["stored_nbytes"], rank["features"]) == (m.data_nbytes, stored, ["shared-storage", ZSTD])
     assert cli.main(["verify", str(slow / "c")]) == 0
     assert cli.main(["export", str(slow / "c"), "--to", str(tmp_path / "m.safetensors")]) == 0
     from safetensors.torch import load_file
