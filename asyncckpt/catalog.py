@@ -21,6 +21,7 @@ from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     LATEST_FILE,
+    ChunkGeometry,
     CommitRecord,
     LatestRecord,
     ManifestRef,
@@ -183,11 +184,9 @@ async def commit_checkpoint(
             raise IntegrityError(f"{storage.uri}/{key}: manifest of rank {rank} is missing; nothing was committed") from exc
         m = decode_manifest(blob, f"{storage.uri}/{key}")
         data_keys.append(m.data_file)
-        size = await storage.size(m.data_file)
-        if size != m.data_nbytes:
-            raise IntegrityError(
-                f"{storage.uri}/{m.data_file}: rank {rank} data is {size} bytes, its manifest says {m.data_nbytes}"
-            )
+        size, want = await storage.size(m.data_file), ChunkGeometry.of(m).stored_nbytes
+        if size != want:
+            raise IntegrityError(f"{storage.uri}/{m.data_file}: rank {rank} data is {size} bytes, its manifest says {want}")
         refs.append(ManifestRef(rank=rank, file=fname, nbytes=len(blob), checksum=checksum(blob), data_nbytes=size,
                                 save_id=m.save_id))
         total += size + len(blob)
@@ -412,7 +411,8 @@ async def check_checkpoint(storage: Storage, name: str, *, sem: asyncio.Semaphor
     async def native_rank(ref: ManifestRef) -> str:
         async with sem:
             m = await read_manifest(storage, name, ref.rank, ref)
-        return wrong(m.data_file, await size_of(m.data_file), m.data_nbytes, f"the manifest of rank {m.rank}")
+        return wrong(m.data_file, await size_of(m.data_file), ChunkGeometry.of(m).stored_nbytes,
+                     f"the manifest of rank {m.rank}")
 
     async def dcp_rank(ref: ManifestRef) -> str:
         from .dcp._format import decode_rank_record

@@ -16,6 +16,7 @@ from .completion import dist_active
 from .control import CleanupOp, CommitOp, DrainOp, ReserveStagingOp, RetentionOp
 from .engine import NativeSink, SaveJob, SaveResult
 from .errors import BadInputError, CheckpointError, CheckpointExistsError, WorkerDiedError
+from .format import check_compression
 from .plan import INLINE_MAX, Plan, plan_state
 from .queue import AsyncCallsQueue, Job, Stage
 from .retention import RetentionPolicy
@@ -117,6 +118,8 @@ class AsyncCheckpointer:
         layout: key layout of data files: ``flat``, ``hashed`` or ``roundrobin`` (spreads S3 prefixes);
             recorded in the manifest, so loading never needs to be told.
         finish_at_exit: saves still pending at normal interpreter exit are finished (default).
+        compression / compression_level: ``"zstd"`` compresses each chunk in the worker's threads
+            (level 1..22, default 1; needs ``asyncckpt[zstd]``); None (default) writes the state as is.
     """
 
     def __init__(
@@ -140,7 +143,10 @@ class AsyncCheckpointer:
         layout: str = "flat",
         finish_at_exit: bool = True,
         on_full: Literal["wait", "skip"] | None = None,
+        compression: Literal["zstd"] | None = None,
+        compression_level: int | None = None,
     ) -> None:
+        self.compression, self.compression_level = check_compression(compression, compression_level)
         if max_in_flight < 1:
             raise BadInputError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.when_full = check_when_full(when_full, on_full, "AsyncCheckpointer")
@@ -353,7 +359,7 @@ class AsyncCheckpointer:
             entries=plan.entries, tree=plan.tree, data_nbytes=plan.data_nbytes, overwrite=overwrite,
             chunk_size=self.chunk_size, io_concurrency=self.io_concurrency,
             storage_options=storage_options, layout=self.layout, data_prefix=data_prefix(self.layout, name, step),
-            features=plan.features,
+            features=plan.features, compression=self.compression, compression_level=self.compression_level,
         )
         handle = SaveHandle(shown, name, step, -1, time.time(), tiered=tiers is not None and len(tiers.uris) > 1,
                             root=root)

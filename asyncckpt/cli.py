@@ -10,19 +10,16 @@ checkpoint); 130 interrupted (Ctrl-C).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import concurrent.futures
 import contextlib
 import json
 import math
 import os
 import re
 import sys
+import threading
 import time
 import uuid
 import zipfile
-from collections import deque
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +28,9 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from ._loop import _get_loop, run_sync
+from ._loop import run_sync
 from .catalog import CheckpointInfo, read_latest, read_manifest
 from .deletion import DeleteReport, delete_async
-from .dtypes import numpy_dtype
 from .errors import (
     BadInputError,
     CheckpointError,
@@ -46,20 +42,25 @@ from .format import (
     LATEST_FILE,
     BigIntNode,
     BytesNode,
+    ChunkGeometry,
     CommitRecord,
     DictNode,
-    Entry,
     ListNode,
     Node,
     RankManifest,
     RefNode,
     ValueNode,
-    checksum,
-    keys_in_range,
+    build_tree,
+    entry_values,
+    leaves,
+    read_entries,
+    refs,
+    safetensors_dtype,
+    stored_entries,
+    verify_rank,
 )
 from .keypath import format_key, format_path, parse_path
 from .listing import list_checkpoints_async
-from .load import build_tree, entry_values, stored_entries
 from .locate import describe_local, is_missing_bucket, local_path, locate, torch_save_format
 from .logs import enable_logging
 from .manager import RESERVED_KEY
@@ -69,7 +70,6 @@ from .storage import Storage, open_storage
 
 __all__ = ["main"]
 
-_READ_AHEAD = 3
 _VALUE_WIDTH = 60
 
 
@@ -203,47 +203,6 @@ class _Failed(CheckpointError):
     """A file or checkpoint failed a check (exit status 1)."""
 
 
-# -- reading data files chunk by chunk -----------------------------------------------------------
-def _chunk_stream(storage: Storage, m: RankManifest, size: int) -> Iterator[tuple[int, int, np.ndarray, int]]:
-    """Yield ``(index, start, bytes, crc32c)`` for every chunk within ``size`` bytes, in order.
-
-    A few reads run ahead on the private loop; leaving the generator early (an error, Ctrl-C)
-    cancels them. Checksums are computed, not compared: the caller decides.
-    """
-    loop = _get_loop()
-    cs = m.chunk_size
-    nchunks = len(m.chunk_checksums)
-
-    async def read(i: int) -> tuple[np.ndarray, int]:
-        start = i * cs
-        buf = np.empty(min(cs, m.data_nbytes - start), dtype=np.uint8)
-        await storage.read_into(m.data_file, start, memoryview(buf))
-        return buf, await asyncio.to_thread(checksum, memoryview(buf))
-
-    readable = [i for i in range(nchunks) if min((i + 1) * cs, m.data_nbytes) <= size]
-    pending: deque[tuple[int, concurrent.futures.Future[tuple[np.ndarray, int]]]] = deque()
-    it = iter(readable)
-    try:
-        for i in it:
-            pending.append((i, asyncio.run_coroutine_threadsafe(read(i), loop)))
-            if len(pending) >= _READ_AHEAD:
-                break
-        while pending:
-            i, fut = pending.popleft()
-            buf, crc = fut.result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, asyncio.run_coroutine_threadsafe(read(nxt), loop)))
-            yield i, i * cs, buf, crc
-    finally:
-        for _, fut in pending:
-            fut.cancel()
-
-
-def _keys_in(m: RankManifest, start: int, end: int) -> list[str]:
-    return keys_in_range(m, start, end)
-
-
 # -- ls -----------------------------------------------------------------------------------------
 def _info_json(i: CheckpointInfo) -> dict[str, Any]:
     return {
@@ -312,34 +271,28 @@ def _row(path: list[Any], kind: str, dtype: str = "", shape: list[int] | None = 
             "value": value, "shown": shown}
 
 
-def _tree_rows(node: Node, path: list[Any], m: RankManifest, out: list[dict[str, Any]], depth: int = 0) -> None:
+def _tree_rows(node: Node, path: list[Any], m: RankManifest, out: list[dict[str, Any]]) -> None:
     """One row per value of a manifest's tree: stored entries, plain values, empty containers."""
-    if depth > 512:
-        raise _Failed(f"{m.data_file}: value tree nested deeper than 512 levels")
-    if isinstance(node, DictNode):
-        if not node.keys:
-            out.append(_row(path, "dict", value={}, shown="{}"))
-        for k, v in zip(node.keys, node.values):
-            _tree_rows(v, [*path, k], m, out, depth + 1)
-    elif isinstance(node, ListNode):
-        if not node.items:
-            out.append(_row(path, "tuple" if node.tuple else "list", value=[], shown="()" if node.tuple else "[]"))
-        for i, v in enumerate(node.items):
-            _tree_rows(v, [*path, i], m, out, depth + 1)
-    elif isinstance(node, RefNode):
-        if not 0 <= node.index < len(m.entries):
-            raise _Failed(f"{m.data_file}: value tree references entry {node.index}, the manifest has {len(m.entries)}")
-        e = m.entries[node.index]
-        shown = f"view of the storage shared with {m.entries[e.view_of].key}" if e.view_of >= 0 else ""
-        out.append(_row(path, e.kind, e.dtype, list(e.shape), e.nbytes, offset=e.offset, shown=shown))
-    elif isinstance(node, ValueNode):
-        v = node.value
-        out.append(_row(path, "None" if v is None else type(v).__name__, value=_plain_json(v), shown=_short(v)))
-    elif isinstance(node, BigIntNode):
-        out.append(_row(path, "int", value=node.value, shown=_short(int(node.value)) if node.value.lstrip("-").isdigit()
-                        else node.value))
-    elif isinstance(node, BytesNode):
-        out.append(_row(path, "bytes", nbytes=len(node.value), value=node.value.hex(), shown=_short(node.value)))
+    for sub, leaf in leaves(node, m.data_file):
+        p = [*path, *sub]
+        if isinstance(leaf, DictNode):
+            out.append(_row(p, "dict", value={}, shown="{}"))
+        elif isinstance(leaf, ListNode):
+            out.append(_row(p, "tuple" if leaf.tuple else "list", value=[], shown="()" if leaf.tuple else "[]"))
+        elif isinstance(leaf, RefNode):
+            if not 0 <= leaf.index < len(m.entries):
+                raise _Failed(f"{m.data_file}: value tree references entry {leaf.index}, the manifest has {len(m.entries)}")
+            e = m.entries[leaf.index]
+            shown = f"view of the storage shared with {m.entries[e.view_of].key}" if e.view_of >= 0 else ""
+            out.append(_row(p, e.kind, e.dtype, list(e.shape), e.nbytes, offset=e.offset, shown=shown))
+        elif isinstance(leaf, ValueNode):
+            v = leaf.value
+            out.append(_row(p, "None" if v is None else type(v).__name__, value=_plain_json(v), shown=_short(v)))
+        elif isinstance(leaf, BigIntNode):
+            out.append(_row(p, "int", value=leaf.value, shown=_short(int(leaf.value)) if leaf.value.lstrip("-").isdigit()
+                            else leaf.value))
+        elif isinstance(leaf, BytesNode):
+            out.append(_row(p, "bytes", nbytes=len(leaf.value), value=leaf.value.hex(), shown=_short(leaf.value)))
 
 
 def _object_rows(obj: Any, path: list[Any], out: list[dict[str, Any]], depth: int = 0) -> None:
@@ -432,8 +385,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             "is_latest": latest is not None and latest.name == ck.name,
             "ranks": [
                 {"rank": m.rank, "data_file": m.data_file, "data_nbytes": m.data_nbytes, "chunk_size": m.chunk_size,
-                 "chunks": len(m.chunk_checksums), "manifest_nbytes": ref.nbytes, "entries": len(m.entries),
-                 "features": list(m.features)}
+                 "stored_nbytes": ChunkGeometry.of(m).stored_nbytes, "chunks": len(m.chunk_checksums),
+                 "manifest_nbytes": ref.nbytes, "entries": len(m.entries), "features": list(m.features)}
                 for m, ref in zip(manifests, rec.manifests)
             ],
             "keys": {str(r): _json_rows(rows[r]) for r in ranks},
@@ -461,10 +414,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         summary.add_row(k, _text(v))
     con.print(summary)
     rt = Table(title="per rank", box=box.SIMPLE_HEAD, title_justify="left")
-    for col in ("rank", "data file", "data", "chunks", "chunk size", "manifest", "keys"):
+    for col in ("rank", "data file", "data", "stored", "chunks", "chunk size", "manifest", "keys"):
         rt.add_column(col, justify="left" if col == "data file" else "right", no_wrap=True)
     for m, ref in zip(manifests, rec.manifests):
-        rt.add_row(str(m.rank), _text(m.data_file), _size(m.data_nbytes), str(len(m.chunk_checksums)),
+        rt.add_row(str(m.rank), _text(m.data_file), _size(m.data_nbytes), _size(ChunkGeometry.of(m).stored_nbytes),
+                   str(len(m.chunk_checksums)),
                    _size(m.chunk_size), _size(ref.nbytes), str(len(m.entries)))
     con.print(rt)
     for r in ranks:
@@ -475,35 +429,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 # -- verify -------------------------------------------------------------------------------------
-def _verify_rank(storage: Storage, m: RankManifest, bar: tqdm) -> tuple[int, list[str]]:
-    where = f"{storage.uri}/{m.data_file}"
-    problems: list[str] = []
-    try:
-        size = run_sync(storage.size(m.data_file))
-    except CheckpointNotFoundError:
-        bar.update(m.data_nbytes)
-        keys = [k for k in keys_in_range(m, 0, m.data_nbytes) if k != "<padding>"]
-        return 0, [f"{where}: data file of rank {m.rank} is missing (keys: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''})"]
-    if size != m.data_nbytes:
-        what = "truncated" if size < m.data_nbytes else "longer than its manifest says"
-        lost = _keys_in(m, size, m.data_nbytes) if size < m.data_nbytes else []
-        problems.append(f"{where}: data file is {what}: {size} bytes, manifest says {m.data_nbytes}"
-                        + (f"; keys past the end: {', '.join(lost[:8])}" if lost else ""))
-    checked = 0
-    for i, start, buf, crc in _chunk_stream(storage, m, size):
-        end = start + len(buf)
-        if crc != m.chunk_checksums[i]:
-            keys = _keys_in(m, start, end)
-            problems.append(
-                f"{where}: bytes [{start}, {end}) fail their {m.checksum_algo} (got {crc:#010x}, expected "
-                f"{m.chunk_checksums[i]:#010x}); affected keys: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-            )
-        checked += len(buf)
-        bar.update(len(buf))
-    bar.update(max(0, m.data_nbytes - checked) if size < m.data_nbytes else 0)
-    return checked, problems
-
-
 def _verify_torch_save(p: Path, fmt: str) -> int:
     t0 = time.perf_counter()
     size = p.stat().st_size
@@ -568,7 +493,7 @@ def _verify_one(path: str, args: argparse.Namespace) -> int:
         total = sum(m.data_nbytes for m in manifests)
         with _progress(args, total, f"verify {ck.name}") as bar:
             for m in manifests:
-                n, probs = _verify_rank(ck.storage, m, bar)
+                n, probs = run_sync(verify_rank(ck.storage, m, bar.update))
                 checked += n
                 files += 1
                 problems += probs
@@ -630,25 +555,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 # -- export ---------------------------------------------------------------------------------------
-_ST_DTYPES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
-    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16", "uint32": "U32",
-    "uint64": "U64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "float8_e4m3fnuz": "F8_E4M3FNUZ",
-    "float8_e5m2fnuz": "F8_E5M2FNUZ", "complex64": "C64",
-}
-_NP_TO_TORCH = {"f8": "float64", "f4": "float32", "f2": "float16", "i8": "int64", "i4": "int32", "i2": "int16",
-                "i1": "int8", "u1": "uint8", "b1": "bool", "u2": "uint16", "u4": "uint32", "u8": "uint64", "c8": "complex64"}
-
-
-def _entry_torch_dtype(e: Entry) -> str | None:
-    if e.kind == "tensor":
-        return e.dtype
-    if e.kind == "ndarray":
-        dt = numpy_dtype(e.dtype)
-        return _NP_TO_TORCH.get(f"{dt.kind}{dt.itemsize}")
-    return None
-
-
 def _select(tree: Node, key: str | None, include_internal: bool) -> Node:
     if key is None:
         if isinstance(tree, DictNode) and not include_internal and RESERVED_KEY in tree.keys:
@@ -677,17 +583,6 @@ def _select(tree: Node, key: str | None, include_internal: bool) -> Node:
     return node
 
 
-def _leaves(node: Node, path: list[str | int], out: list[tuple[str, Node]]) -> None:
-    if isinstance(node, DictNode):
-        for k, v in zip(node.keys, node.values):
-            _leaves(v, [*path, k], out)
-    elif isinstance(node, ListNode):
-        for i, v in enumerate(node.items):
-            _leaves(v, [*path, i], out)
-    else:
-        out.append((format_path(path), node))
-
-
 class _CountingFile:
     """A binary file that reports every write to a progress bar."""
 
@@ -704,41 +599,19 @@ class _CountingFile:
 
 
 def _stream_entries(storage: Storage, m: RankManifest, wanted: list[int], bar: tqdm, on_bytes: Any) -> None:
-    """Read and verify the chunks holding the ``wanted`` entries; hand ``(entry index, offset in entry, bytes)`` on."""
-    where = f"{storage.uri}/{m.data_file}"
-    size = run_sync(storage.size(m.data_file))
-    if size != m.data_nbytes:
-        raise CheckpointError(f"{where}: data file is {size} bytes, its manifest says {m.data_nbytes}; run `asyncckpt verify`")
-    order = sorted(wanted, key=lambda i: m.entries[i].offset)
-    j = 0
-    for i, start, buf, crc in _chunk_stream(storage, m, size):
-        end = start + len(buf)
-        if crc != m.chunk_checksums[i]:
-            raise CheckpointError(f"{where}: bytes [{start}, {end}) fail their checksum (keys: "
-                                  f"{', '.join(_keys_in(m, start, end)[:8])}); nothing was exported")
-        while j < len(order) and m.entries[order[j]].offset + m.entries[order[j]].nbytes <= start:
-            j += 1
-        k = j
-        while k < len(order) and m.entries[order[k]].offset < end:
-            e = m.entries[order[k]]
-            lo, hi = max(start, e.offset), min(end, e.offset + e.nbytes)
-            if lo < hi:
-                on_bytes(order[k], lo - e.offset, buf[lo - start : hi - start])
-            k += 1
-        bar.update(len(buf))
+    """Read and verify every chunk; hand the ``wanted`` entries' ``(entry index, offset in entry, bytes)`` on."""
+    run_sync(read_entries(storage, m, wanted, on_bytes, progress=bar.update))
 
 
 def _export_safetensors(ck: _Ckpt, m: RankManifest, node: Node, tmp: Path, args: argparse.Namespace) -> tuple[int, list[str]]:
-    leaves: list[tuple[str, Node]] = []
-    _leaves(node, [], leaves)
     chosen: list[tuple[str, int, str]] = []
     skipped: list[str] = []
-    for name, leaf in leaves:
+    for path, leaf in leaves(node, m.data_file):
+        name = format_path(path)
         if isinstance(leaf, RefNode):
-            e = m.entries[leaf.index]
-            dt = _entry_torch_dtype(e)
-            if dt in _ST_DTYPES:
-                chosen.append((name or "tensor", leaf.index, _ST_DTYPES[dt]))
+            st_dtype = safetensors_dtype(m.entries[leaf.index])
+            if st_dtype is not None:
+                chosen.append((name or "tensor", leaf.index, st_dtype))
                 continue
         skipped.append(name or "<root>")
     names = [c[0] for c in chosen]
@@ -763,11 +636,15 @@ def _export_safetensors(ck: _Ckpt, m: RankManifest, node: Node, tmp: Path, args:
     blob += b" " * (-len(blob) % 8)
     base = 8 + len(blob)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    # Chunks arrive on reader threads, which an interrupt (Ctrl-C) does not stop at once: no write
+    # may reach ``fd`` after it is closed (its number could be another file's by then).
+    lock, open_ = threading.Lock(), [True]
 
     def write_at(view: memoryview, at: int) -> None:
-        while view:
-            n = os.pwrite(fd, view, at)
-            view, at = view[n:], at + n
+        with lock:
+            while view and open_[0]:
+                n = os.pwrite(fd, view, at)
+                view, at = view[n:], at + n
 
     try:
         os.write(fd, len(blob).to_bytes(8, "little") + blob)
@@ -788,7 +665,9 @@ def _export_safetensors(ck: _Ckpt, m: RankManifest, node: Node, tmp: Path, args:
             write_at(memoryview(data), base + out_off[idx])
         os.fsync(fd)
     finally:
-        os.close(fd)
+        with lock:
+            open_[0] = False
+            os.close(fd)
     if views:
         print(f"note: {len(views)} tensor(s) shared a storage with others in the checkpoint; safetensors cannot "
               "share storage, so each was written as its own copy (tied weights are separate tensors in the file)",
@@ -797,9 +676,7 @@ def _export_safetensors(ck: _Ckpt, m: RankManifest, node: Node, tmp: Path, args:
 
 
 def _export_pt(ck: _Ckpt, m: RankManifest, node: Node, tmp: Path, args: argparse.Namespace) -> tuple[int, list[str]]:
-    leaves: list[tuple[str, Node]] = []
-    _leaves(node, [], leaves)
-    wanted = [leaf.index for _, leaf in leaves if isinstance(leaf, RefNode)]
+    wanted = refs(node, len(m.entries), m.data_file)
     for i in wanted:
         if m.entries[i].kind == "pickle" and not args.allow_pickle:
             raise BadInputError(f"key {m.entries[i].key!r} holds a pickled object; loading it could run code. "

@@ -2,8 +2,8 @@
 
 Runs in the worker. The runtime (``asyncckpt.runtime``) has already copied the state into a
 staging slot laid out as the data file; :class:`NativeSink` writes it and returns a
-:class:`SaveResult`. Chunked writing (:func:`write_chunks`, :func:`write_parts`) is shared with
-the tier drain and the other sinks.
+:class:`SaveResult`. Chunked writing (:func:`write_chunks`, :func:`write_compressed`,
+:func:`write_stream`, :func:`write_parts`) is shared with the tier drain and the other sinks.
 """
 
 from __future__ import annotations
@@ -11,25 +11,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from ._loop import gather_or_cancel
 from .catalog import next_generation
 from .format import (
     CHECKSUM_ALGO,
     FORMAT_NAME,
+    ChunkInfo,
     Entry,
     Node,
     RankManifest,
     checksum,
+    chunk_count,
     data_file,
     encode_manifest,
     manifest_file,
     manifest_version,
     new_save_id,
 )
+from .format.compression import encode_chunk
 from .storage import Storage, join_key
 from .storage.base import ObjectWriter
 
@@ -37,7 +43,7 @@ if TYPE_CHECKING:
     from .runtime.context import WorkerContext
     from .staging import Staged
 
-__all__ = ["NativeSink", "SaveJob", "SaveResult", "write_chunks", "write_parts"]
+__all__ = ["NativeSink", "SaveJob", "SaveResult", "write_chunks", "write_compressed", "write_parts", "write_stream"]
 
 log = logging.getLogger("asyncckpt")
 
@@ -61,6 +67,8 @@ class SaveJob:
     layout: str = "flat"
     data_prefix: str = ""  # key prefix of data files; "" means the checkpoint's own directory
     features: list[str] = field(default_factory=list)  # format features the entries use (docs/format.md)
+    compression: str | None = None  # "zstd": each chunk compressed (feature "zstd"); None: the image as is
+    compression_level: int = 0
 
     def __str__(self) -> str:
         return f"rank {self.rank} of {self.root.rstrip('/')}/{self.name}"
@@ -91,10 +99,18 @@ class NativeSink:
         # stays loadable until the commit replaces its COMMIT (catalog.commit_checkpoint).
         generation, _ = await next_generation(storage, job.name, overwrite=job.overwrite)
         key = data_key(job, generation)
-        crcs = await write_chunks(storage, key, staged.slot.view[: job.data_nbytes], job.chunk_size, job.io_concurrency)
+        image = staged.slot.view[: job.data_nbytes]
+        features = list(job.features)
+        chunks: list[ChunkInfo] | msgspec.UnsetType = msgspec.UNSET
+        if job.compression is None:
+            crcs = await write_chunks(storage, key, image, job.chunk_size, job.io_concurrency)
+        else:
+            crcs, chunks = await write_compressed(storage, key, image, job.chunk_size, job.io_concurrency,
+                                                  job.compression, job.compression_level)
+            features.append(job.compression)
         manifest = RankManifest(
             format=FORMAT_NAME,
-            version=manifest_version(job.features),
+            version=manifest_version(features),
             name=job.name,
             rank=job.rank,
             world_size=job.world_size,
@@ -108,8 +124,9 @@ class NativeSink:
             tree=job.tree,
             layout=job.layout,
             created=time.time(),
-            features=list(job.features),
+            features=features,
             save_id=new_save_id(),
+            chunks=chunks,
         )
         blob = encode_manifest(manifest)
         await storage.put_record(join_key(job.name, manifest_file(job.rank, generation)), blob)
@@ -126,7 +143,7 @@ async def write_chunks(storage: Storage, key: str, data: memoryview, chunk_size:
     """
     n = len(data)
     writer = await storage.open_writer(key, size_hint=n)
-    nchunks = -(-n // chunk_size) if n else 0
+    nchunks = chunk_count(n, chunk_size)
     crcs = [0] * nchunks
     sem = asyncio.Semaphore(max(1, concurrency))
 
@@ -138,6 +155,79 @@ async def write_chunks(storage: Storage, key: str, data: memoryview, chunk_size:
 
     await write_parts(writer, nchunks, one)
     return crcs
+
+
+async def write_compressed(storage: Storage, key: str, data: memoryview, chunk_size: int, concurrency: int,
+                           compression: str, level: int) -> tuple[list[int], list[ChunkInfo]]:
+    """Write ``data`` to ``key`` as compressed chunks (each compressed in a worker thread, several at
+    once); returns each stored chunk's CRC32C and record. Aborted on any failure."""
+    n = len(data)
+    nchunks = chunk_count(n, chunk_size)
+    crcs = [0] * nchunks
+    infos: list[ChunkInfo] = [ChunkInfo("none", 0, 0)] * nchunks
+
+    async def produce(i: int) -> tuple[memoryview, int]:
+        stored, info, crc = await asyncio.to_thread(
+            encode_chunk, data[i * chunk_size : min(n, (i + 1) * chunk_size)], compression, level)
+        crcs[i], infos[i] = crc, info
+        return stored, crc
+
+    writer = await storage.open_writer(key)  # the stored size is known only at the end
+    await write_stream(writer, nchunks, produce, chunk_size, concurrency)
+    return crcs, infos
+
+
+async def write_stream(writer: ObjectWriter, count: int, produce: Callable[[int], Awaitable[tuple[memoryview, int]]],
+                       part_size: int, concurrency: int) -> None:
+    """Write pieces ``produce(0) .. produce(count - 1)`` (each ``(bytes, crc32c)``) back to back, then commit.
+
+    Pieces are produced up to ``concurrency`` ahead and consumed in order; consecutive ones are
+    joined into parts of at least ``part_size`` bytes (the last may be shorter), of which up to
+    ``concurrency`` are written at once. On any failure (or cancellation) everything in flight is
+    cancelled and the write is aborted, so no partial object ever becomes visible.
+    """
+    depth = max(1, concurrency)
+    slots = asyncio.Semaphore(depth)
+    ahead: deque[asyncio.Future[tuple[memoryview, int]]] = deque()
+    writes: list[asyncio.Future[None]] = []
+    nxt = 0
+
+    async def put(index: int, offset: int, pieces: list[tuple[memoryview, int]]) -> None:
+        try:
+            if len(pieces) == 1:
+                view, crc = pieces[0]
+            else:
+                view = memoryview(b"".join(p for p, _ in pieces))
+                crc = await asyncio.to_thread(checksum, view)
+            await writer.write_part(index, offset, view, crc32c=crc)
+        finally:
+            slots.release()
+
+    try:
+        pending: list[tuple[memoryview, int]] = []
+        pending_n = offset = part = 0
+        for i in range(count):
+            while nxt < count and len(ahead) < depth:
+                ahead.append(asyncio.ensure_future(produce(nxt)))
+                nxt += 1
+            piece = await ahead.popleft()
+            pending.append(piece)
+            pending_n += len(piece[0])
+            if pending_n >= part_size or i == count - 1:
+                await slots.acquire()
+                for w in writes:
+                    if w.done():
+                        w.result()  # a failed write stops the stream now
+                writes.append(asyncio.ensure_future(put(part, offset, pending)))
+                offset, part, pending, pending_n = offset + pending_n, part + 1, [], 0
+        await gather_or_cancel(writes)
+        await writer.commit()
+    except BaseException:
+        for t in (*ahead, *writes):
+            t.cancel()
+        await asyncio.gather(*ahead, *writes, return_exceptions=True)
+        await writer.abort()
+        raise
 
 
 async def write_parts(writer: ObjectWriter, nparts: int, part: Callable[[int], Awaitable[None]]) -> None:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import logging
 import os
-import pickle
 import time
 from collections.abc import Collection, Mapping, MutableMapping
 from typing import Any
@@ -14,21 +11,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._loop import gather_or_cancel, run_sync
+from ._loop import run_sync
 from .catalog import read_latest, read_manifest
-from .dtypes import numpy_dtype, torch_dtype
-from .errors import BadInputError, CheckpointError, CheckpointNotFoundError, FormatError, IntegrityError, StorageError
+from .errors import BadInputError, CheckpointError, CheckpointNotFoundError, IntegrityError, StorageError
 from .format import (
-    BigIntNode,
-    BytesNode,
-    DictNode,
-    ListNode,
-    Node,
+    SAME_SIZE_INT,
     RankManifest,
-    RefNode,
-    ValueNode,
-    checksum,
-    keys_in_range,
+    build_tree,
+    check_data_file,
+    entry_values,
+    read_entries,
+    refs,
+    select_keys,
+    stored_entries,
 )
 from .locate import Located, locate
 from .storage import Storage
@@ -36,11 +31,7 @@ from .tiers import TieredPath, Tiers
 
 _log = logging.getLogger("asyncckpt")
 
-__all__ = ["build_tree", "entry_values", "load", "load_async", "read_rank", "select_keys", "stored_entries",
-           "verify_rank"]
-
-_READ_CONCURRENCY = 4
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+__all__ = ["build_tree", "entry_values", "load", "load_async", "read_rank", "select_keys", "stored_entries"]
 
 
 def _current_rank() -> int | None:
@@ -51,91 +42,6 @@ def _current_rank() -> int | None:
     return None
 
 
-async def _check_data_size(storage: Storage, m: RankManifest) -> None:
-    """The data file exists and has the manifest's size (checked before any size from disk drives an allocation)."""
-    where = f"{storage.uri}/{m.data_file}"
-    try:
-        size = await storage.size(m.data_file)
-    except CheckpointNotFoundError as exc:
-        raise IntegrityError(f"{where}: data file of rank {m.rank} is missing") from exc
-    if size != m.data_nbytes:
-        what = "truncated" if size < m.data_nbytes else "extended"
-        raise IntegrityError(f"{where}: data file is {what}: {size} bytes, manifest says {m.data_nbytes}")
-
-
-async def _read_verified(
-    storage: Storage, m: RankManifest, on_chunk: Any, concurrency: int = _READ_CONCURRENCY,
-    chunks: Collection[int] | None = None,
-) -> None:
-    """Read the data file chunk by chunk (all, or the indices in ``chunks``), verify each CRC32C,
-    hand verified chunks to ``on_chunk``."""
-    where = f"{storage.uri}/{m.data_file}"
-    await _check_data_size(storage, m)
-    sem = asyncio.Semaphore(concurrency)
-
-    async def one(i: int) -> None:
-        start = i * m.chunk_size
-        n = min(m.chunk_size, m.data_nbytes - start)
-        async with sem:
-            buf = np.empty(n, dtype=np.uint8)
-            await storage.read_into(m.data_file, start, memoryview(buf))
-            crc = await asyncio.to_thread(checksum, memoryview(buf))
-            if crc != m.chunk_checksums[i]:
-                keys = keys_in_range(m, start, start + n)
-                raise IntegrityError(
-                    f"{where}: checksum mismatch in bytes [{start}, {start + n}) (crc32c {crc:#010x}, "
-                    f"expected {m.chunk_checksums[i]:#010x}); affected keys: {', '.join(keys[:8])}"
-                    f"{' ...' if len(keys) > 8 else ''}. The checkpoint is corrupt: load an older one."
-                )
-            await asyncio.to_thread(on_chunk, start, buf)
-
-    todo = range(len(m.chunk_checksums)) if chunks is None else sorted(chunks)
-    await gather_or_cancel(one(i) for i in todo)
-
-
-async def verify_rank(storage: Storage, m: RankManifest, progress: Any = None) -> int:
-    """Read and verify every chunk of one rank's data file; returns the bytes checked."""
-
-    def on_chunk(start: int, buf: np.ndarray) -> None:
-        if progress is not None:
-            progress(len(buf))
-
-    await _read_verified(storage, m, on_chunk)
-    return m.data_nbytes
-
-
-def select_keys(tree: Node, keys: Collection[str | int] | None, where: str) -> Node:
-    """The part of a manifest's tree that ``keys`` (top-level keys of the saved state) selects."""
-    if keys is None:
-        return tree
-    if isinstance(keys, (str, bytes)) or not isinstance(keys, Collection):
-        raise BadInputError(f"keys must be a list of top-level keys, e.g. keys=['model'], not {keys!r}")
-    if not isinstance(tree, DictNode):
-        raise BadInputError(f"{where}: the saved state is not a mapping, so keys= cannot select from it")
-    have = dict(zip(tree.keys, tree.values))
-    missing = [k for k in keys if k not in have]
-    if missing:
-        raise BadInputError(
-            f"{where}: keys={list(keys)!r}: {missing!r} not in the checkpoint (its top-level keys: "
-            f"{list(have)[:20]!r})"
-        )
-    chosen = list(dict.fromkeys(keys))
-    return DictNode(keys=chosen, values=[have[k] for k in chosen], ordered=tree.ordered)
-
-
-def _refs(node: Node, out: list[int], depth: int = 0) -> None:
-    if depth > 512:
-        return  # build_tree reports it
-    if isinstance(node, RefNode):
-        out.append(node.index)
-    elif isinstance(node, DictNode):
-        for v in node.values:
-            _refs(v, out, depth + 1)
-    elif isinstance(node, ListNode):
-        for v in node.items:
-            _refs(v, out, depth + 1)
-
-
 async def read_rank(storage: Storage, m: RankManifest, *, allow_pickle: bool = False,
                     keys: Collection[str | int] | None = None) -> Any:
     """Rebuild one rank's state (or the top-level ``keys`` of it) from its manifest and verified data.
@@ -144,9 +50,7 @@ async def read_rank(storage: Storage, m: RankManifest, *, allow_pickle: bool = F
     """
     where = f"{storage.uri}/{m.data_file}"
     tree = select_keys(m.tree, keys, where)
-    wanted: list[int] = []
-    _refs(tree, wanted)
-    wanted = sorted({i for i in wanted if 0 <= i < len(m.entries)})
+    wanted = refs(tree, len(m.entries), where)
     for i in wanted:
         e = m.entries[i]
         if e.kind == "pickle" and not allow_pickle:
@@ -155,97 +59,15 @@ async def read_rank(storage: Storage, m: RankManifest, *, allow_pickle: bool = F
                 "Pass allow_pickle=True only if you trust this checkpoint"
                 + (" (or leave it out with keys=[...])." if keys is None else ".")
             )
-    await _check_data_size(storage, m)  # entries lie inside data_nbytes: now bounded by the real file
+    await check_data_file(storage, m)  # entries lie inside data_nbytes: now bounded by the real file
     stored = stored_entries(m, wanted)
     buffers: dict[int, np.ndarray] = {i: np.empty(m.entries[i].nbytes, dtype=np.uint8) for i in stored}
-    order = sorted(stored, key=lambda i: m.entries[i].offset)
-    cs = m.chunk_size
-    chunks = {c for i in stored if m.entries[i].nbytes
-              for c in range(m.entries[i].offset // cs, (m.entries[i].offset + m.entries[i].nbytes - 1) // cs + 1)}
 
-    def on_chunk(start: int, buf: np.ndarray) -> None:
-        end = start + len(buf)
-        for i in order:
-            e = m.entries[i]
-            lo, hi = max(start, e.offset), min(end, e.offset + e.nbytes)
-            if lo < hi:
-                buffers[i][lo - e.offset : hi - e.offset] = buf[lo - start : hi - start]
+    def on_bytes(i: int, off: int, data: np.ndarray) -> None:
+        buffers[i][off : off + len(data)] = data
 
-    await _read_verified(storage, m, on_chunk, chunks=chunks if keys is not None else None)
+    await read_entries(storage, m, stored, on_bytes, every_chunk=keys is None, check_size=False)
     return build_tree(tree, entry_values(m, buffers, wanted, where), where)
-
-
-def stored_entries(m: RankManifest, indices: Collection[int]) -> list[int]:
-    """The entries owning the bytes that the entries ``indices`` need (a view needs its storage), sorted."""
-    out = set()
-    for i in indices:
-        v = m.entries[i].view_of
-        out.add(v if v >= 0 else i)
-    return sorted(out)
-
-
-def entry_values(m: RankManifest, buffers: Mapping[int, np.ndarray], indices: Collection[int], where: str) -> list[Any]:
-    """The values of the entries ``indices`` (``None`` elsewhere), from the verified bytes of their
-    :func:`stored_entries` in ``buffers``. Views of one stored storage share one torch storage."""
-    values: list[Any] = [None] * len(m.entries)
-    for i, raw in buffers.items():
-        e = m.entries[i]
-        ew = f"{where}: key {e.key!r}"
-        if e.kind == "tensor":
-            dt = torch_dtype(e.dtype, ew)
-            t = torch.from_numpy(raw) if raw.size else torch.empty(0, dtype=torch.uint8)
-            values[i] = t.view(dt).reshape(e.shape)
-        elif e.kind == "ndarray":
-            values[i] = raw.view(numpy_dtype(e.dtype, ew)).reshape(e.shape)
-        else:
-            try:
-                values[i] = pickle.loads(raw.tobytes())
-            except Exception as exc:
-                raise IntegrityError(f"{ew}: pickled object cannot be loaded ({exc})") from exc
-    for i in indices:
-        e = m.entries[i]
-        if e.view_of >= 0:
-            storage = values[e.view_of].untyped_storage()
-            values[i] = torch.empty(0, dtype=torch_dtype(e.dtype, f"{where}: key {e.key!r}")).set_(
-                storage, e.storage_offset, e.shape, e.stride)
-    return values
-
-
-def build_tree(tree: Node, values: list[Any], where: str) -> Any:
-    """The Python value a manifest's ``tree`` describes, ``values[i]`` standing for entry ``i``."""
-    return _build(tree, values, set(), where, 0)
-
-
-def _build(node: Node, values: list[Any], used: set[int], where: str, depth: int) -> Any:
-    if depth > 512:
-        raise FormatError(f"{where}: value tree nested deeper than 512 levels")
-    if isinstance(node, ValueNode):
-        return node.value
-    if isinstance(node, RefNode):
-        if not 0 <= node.index < len(values) or node.index in used:
-            raise FormatError(f"{where}: value tree references entry {node.index} badly")
-        used.add(node.index)
-        return values[node.index]
-    if isinstance(node, DictNode):
-        if len(node.keys) != len(node.values):
-            raise FormatError(f"{where}: dict node with {len(node.keys)} keys and {len(node.values)} values")
-        d = collections.OrderedDict() if node.ordered else {}
-        for k, v in zip(node.keys, node.values):
-            if k in d:
-                raise FormatError(f"{where}: dict node has the key {k!r} twice")
-            d[k] = _build(v, values, used, where, depth + 1)
-        return d
-    if isinstance(node, ListNode):
-        items = [_build(v, values, used, where, depth + 1) for v in node.items]
-        return tuple(items) if node.tuple else items
-    if isinstance(node, BigIntNode):
-        try:
-            return int(node.value)
-        except ValueError as exc:
-            raise FormatError(f"{where}: bad integer {node.value!r}") from exc
-    if isinstance(node, BytesNode):
-        return node.value
-    raise FormatError(f"{where}: unknown node {type(node).__name__}")  # pragma: no cover
 
 
 def _to_device(obj: Any, device: torch.device, moved: dict[int, torch.UntypedStorage] | None = None) -> Any:
@@ -374,7 +196,7 @@ def _merge_into(dst: Any, src: Any, path: str, problems: list[str], apply: bool 
             return dst
         if apply:
             with torch.no_grad():
-                bits = _SAME_SIZE_INT.get(dst.element_size())
+                bits = SAME_SIZE_INT.get(dst.element_size())
                 if bits is not None and dst.dtype != bits:  # copy the bit patterns (bool, NaN payloads, bits*)
                     dst.view(bits).copy_(src.view(bits))
                 else:

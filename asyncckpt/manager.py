@@ -94,8 +94,8 @@ class CheckpointManager:
             local root, 10 s elsewhere, where a background thread polls).
         clock / wall_clock: time sources (monotonic / Unix), injectable for tests.
         on_error: a failed save ``"raise"`` at the next call (default) or is only logged (``"warn"``).
-        storage_options, process_group, no_dist, allow_pickle and ``checkpointer_options`` go to
-        the :class:`AsyncCheckpointer`.
+        storage_options, process_group, no_dist, allow_pickle, compression, compression_level and
+        ``checkpointer_options`` go to the :class:`AsyncCheckpointer`.
     """
 
     def __init__(
@@ -123,6 +123,8 @@ class CheckpointManager:
         wall_clock: Callable[[], float] = time.time,
         checkpointer_options: dict[str, Any] | None = None,
         on_full: Literal["wait", "skip"] | None = None,
+        compression: Literal["zstd"] | None = None,
+        compression_level: int | None = None,
     ) -> None:
         when_full = check_when_full(when_full, on_full, "CheckpointManager")
         if every_steps is not None and (isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 1):
@@ -154,7 +156,8 @@ class CheckpointManager:
         self.ckpt = AsyncCheckpointer(
             max_in_flight=max_in_flight, when_full=when_full, snapshot=snapshot, process_group=process_group,
             no_dist=no_dist,
-            allow_pickle=allow_pickle, storage_options=self.storage_options, **(checkpointer_options or {}),
+            allow_pickle=allow_pickle, storage_options=self.storage_options, compression=compression,
+            compression_level=compression_level, **(checkpointer_options or {}),
         )
         self.group = process_group
         self._signals = SignalWatcher(signals).install()

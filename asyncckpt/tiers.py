@@ -6,7 +6,7 @@
 * the save commits on the first (fast) tier — the handle is committed then and training may
   rely on it;
 * every rank's worker then copies its data file and manifest to each durable tier, verifying
-  every chunk's CRC32C on the way, and the coordinator writes the durable tier's COMMIT (and
+  every chunk's CRC32C on the way (the one verified-chunk reader, asyncckpt.format.chunks), and the coordinator writes the durable tier's COMMIT (and
   ``latest``) once every rank has drained — the same global completion as a save;
 * ``load`` reads the fastest tier holding a complete, verified copy and falls back to the next
   when a tier is missing it or it fails verification;
@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -23,10 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import numpy as np
 
-from .errors import BadInputError, IntegrityError
-from .format import checksum, data_file, encode_manifest, manifest_file
+from .errors import BadInputError
+from .format import ChunkGeometry, RankManifest, data_file, encode_manifest, manifest_file, read_chunk
 from .storage import Storage, join_key, open_storage
 
 __all__ = ["TieredPath", "Tiers", "drain_rank"]
@@ -86,25 +84,20 @@ class TieredPath:
         return f"{self.tiers!r}/{self.name}"
 
 
-async def _copy_verified(src: Storage, dst: Storage, src_key: str, dst_key: str, m: Any, concurrency: int) -> None:
-    """Stream one data file from ``src`` to ``dst``, checking each chunk's CRC32C against the manifest."""
-    from .engine import write_parts
+async def _copy_verified(src: Storage, dst: Storage, src_key: str, dst_key: str, m: RankManifest,
+                         concurrency: int) -> None:
+    """Stream one data file from ``src`` to ``dst`` as stored (compressed chunks stay compressed), each
+    chunk's CRC32C verified on the way."""
+    from .engine import write_stream
 
-    n, cs = m.data_nbytes, m.chunk_size
-    writer = await dst.open_writer(dst_key, size_hint=n)
-    sem = asyncio.Semaphore(max(1, concurrency))
+    geo = ChunkGeometry.of(m)
 
-    async def one(i: int) -> None:
-        start = i * cs
-        async with sem:
-            buf = np.empty(min(cs, n - start), dtype=np.uint8)
-            await src.read_into(src_key, start, memoryview(buf))
-            crc = await asyncio.to_thread(checksum, memoryview(buf))
-            if crc != m.chunk_checksums[i]:
-                raise IntegrityError(f"{src.uri}/{src_key}: chunk {i} fails its checksum while draining; not copied")
-            await writer.write_part(i, start, memoryview(buf), crc32c=crc)
+    async def piece(i: int) -> tuple[memoryview, int]:
+        chunk = await read_chunk(src, m, geo, i, decode=False)
+        return memoryview(chunk.stored), chunk.crc
 
-    await write_parts(writer, len(m.chunk_checksums), one)
+    writer = await dst.open_writer(dst_key, size_hint=geo.stored_nbytes)
+    await write_stream(writer, len(geo), piece, m.chunk_size, concurrency)
 
 
 async def drain_rank(storages: list[Storage], name: str, rank: int, concurrency: int = 4) -> dict[str, Any]:
@@ -123,7 +116,7 @@ async def drain_rank(storages: list[Storage], name: str, rank: int, concurrency:
         await _copy_verified(src, dst, m.data_file, dst_key, m, concurrency)
         blob = encode_manifest(msgspec.structs.replace(m, name=name, data_file=dst_key))
         await dst.put_record(join_key(name, manifest_file(rank, generation)), blob)
-        copied += m.data_nbytes + len(blob)
+        copied += ChunkGeometry.of(m).stored_nbytes + len(blob)
     dt = time.perf_counter() - t0
     log.info("drained", extra={"rank": rank, "step": m.step, "op": "drain", "bytes": copied, "seconds": dt})
     return {"name": name, "rank": rank, "bytes": copied, "seconds": dt}

@@ -27,6 +27,7 @@ import torch
 
 from .checkpointer import check_when_full
 from .errors import BadInputError, StorageError
+from .format import view_of_storage
 from .plan import INLINE_MAX
 from .queue import AsyncCallsQueue, Job, Stage
 from .runtime.messages import Kind
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 __all__ = ["TorchAsyncCheckpoint", "TorchSaveSink"]
 
 _TAG = "asyncckpt.tensor"
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _ALIGN = 64
 
 
@@ -143,12 +143,7 @@ def _rebuild(job: TorchSaveJob, staged: Staged) -> Any:
         storages.append(torch.frombuffer(buf, dtype=torch.uint8).untyped_storage() if n else torch.UntypedStorage(0))
     tensors = []
     for r in job.tensors:
-        # Built as a plain integer tensor of the same item size, then viewed as the dtype: a tensor
-        # created with a quantized dtype directly would carry an unusable quantizer.
-        base = _BITS.get(torch.empty((), dtype=r.dtype).element_size(), r.dtype)
-        t = torch.empty(0, dtype=base).set_(storages[r.storage], r.offset, r.size, r.stride)
-        if base != r.dtype:
-            t = t.view(r.dtype)
+        t = view_of_storage(storages[r.storage], r.dtype, r.offset, r.size, r.stride)
         if r.parameter:
             t = torch.nn.Parameter(t, requires_grad=r.requires_grad)
         elif r.requires_grad:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -220,15 +222,20 @@ def test_export_safetensors_is_read_by_safetensors(capsys, root, source, tmp_pat
 
 @pytest.mark.parametrize("suffix", ["pt", "safetensors"])
 def test_export_interrupted_leaves_nothing_half_written(capsys, root, tmp_path, monkeypatch, suffix):
-    real = cli._chunk_stream
+    real = cli.read_entries
 
-    def ctrl_c_after_first_chunk(*a, **k):  # type: ignore[no-untyped-def]
-        gen = real(*a, **k)
-        yield next(gen)
-        gen.close()
-        raise KeyboardInterrupt
+    def ctrl_c_after_first_bytes(storage, m, wanted, on_bytes, **k):  # type: ignore[no-untyped-def]
+        fired = threading.Event()
 
-    monkeypatch.setattr(cli, "_chunk_stream", ctrl_c_after_first_chunk)
+        def first(*a):  # type: ignore[no-untyped-def]
+            on_bytes(*a)
+            if not fired.is_set():
+                fired.set()
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # Ctrl-C while the readers run
+
+        return real(storage, m, wanted, first, **k)
+
+    monkeypatch.setattr(cli, "read_entries", ctrl_c_after_first_bytes)
     rc, _out, err = run(capsys, "export", root, "--to", tmp_path / f"model.{suffix}")
     assert rc == 130 and "interrupted" in err
     assert list(tmp_path.glob("*model*")) == []  # neither the file nor its temp

@@ -1,4 +1,4 @@
-"""On-storage format: per-rank manifests and the commit record (msgspec Structs).
+"""Records of the on-storage format: per-rank manifests, the commit record, ``latest`` (msgspec Structs).
 
 See docs/format.md. A checkpoint ``NAME`` under a root holds::
 
@@ -15,24 +15,30 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-import crc32c as _crc32c
 import msgspec
 
-from .errors import FormatError, IntegrityError
-from .storage.keys import check_key
+from ..errors import FormatError, IntegrityError
+from ..storage.keys import check_key
+from .crc import CHECKSUM_ALGO, checksum
 
 __all__ = [
     "ALIGN",
-    "CHECKSUM_ALGO",
+    "CHUNK_CODECS",
     "COMMIT_FILE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "KNOWN_FEATURES",
     "LATEST_FILE",
     "MANIFEST_VERSION",
+    "MAX_ENTRIES",
+    "MAX_NDIM",
     "SHARED_STORAGE",
+    "ZSTD",
+    "BigIntNode",
+    "BytesNode",
+    "ChunkInfo",
     "CommitRecord",
     "DictNode",
     "Entry",
@@ -43,7 +49,6 @@ __all__ = [
     "RankManifest",
     "RefNode",
     "ValueNode",
-    "checksum",
     "data_file",
     "data_file_rank",
     "decode_commit",
@@ -52,7 +57,6 @@ __all__ = [
     "encode_commit",
     "encode_latest",
     "encode_manifest",
-    "keys_in_range",
     "manifest_file",
     "manifest_file_rank",
     "manifest_version",
@@ -66,19 +70,17 @@ FORMAT_VERSION = 1  # commit records (and manifests that use no feature)
 MANIFEST_VERSION = 2
 #: Feature: tensors that shared one storage are views (``Entry.view_of``) of one stored storage.
 SHARED_STORAGE = "shared-storage"
-KNOWN_FEATURES = frozenset({SHARED_STORAGE})
-CHECKSUM_ALGO = "crc32c"
+#: Feature: chunks may be stored zstd-compressed; ``RankManifest.chunks`` says how each one is stored.
+ZSTD = "zstd"
+KNOWN_FEATURES = frozenset({SHARED_STORAGE, ZSTD})
+#: How a chunk can be stored: as is, or as one zstd frame.
+CHUNK_CODECS = ("none", ZSTD)
 ALIGN = 64
 COMMIT_FILE = "COMMIT"
 LATEST_FILE = "latest"
 # Hard caps that keep a hostile manifest from driving allocations.
 MAX_NDIM = 64
 MAX_ENTRIES = 10_000_000
-
-
-def checksum(data: bytes | memoryview, value: int = 0) -> int:
-    """CRC32C of ``data`` continuing from ``value`` (releases the GIL)."""
-    return _crc32c.crc32c(data, value=value)
 
 
 class Entry(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -132,6 +134,17 @@ class DictNode(msgspec.Struct, tag="dict", frozen=True):
 Node = Union[ValueNode, BigIntNode, BytesNode, RefNode, ListNode, DictNode]
 
 
+_U32 = Annotated[int, msgspec.Meta(ge=0, lt=1 << 32)]
+
+
+class ChunkInfo(msgspec.Struct, frozen=True, array_like=True):
+    """How one chunk is stored (feature ``zstd``): msgpack ``[codec, stored_nbytes, raw_crc32c]``."""
+
+    codec: str  # one of CHUNK_CODECS (checked after the features, so a newer codec is refused by its feature)
+    stored_nbytes: Annotated[int, msgspec.Meta(ge=0)]  # its length in the data file
+    raw_crc32c: _U32  # CRC32C of its raw (image) bytes; chunk_checksums[i] covers the stored ones
+
+
 class RankManifest(msgspec.Struct, frozen=True):
     format: str
     version: int
@@ -150,6 +163,8 @@ class RankManifest(msgspec.Struct, frozen=True):
     created: float = 0.0
     features: list[str] = []  # version 2: format features this manifest uses (see KNOWN_FEATURES)
     save_id: str = ""  # random per rank and save; COMMIT records it (binds the two without the name)
+    # feature "zstd": how each chunk is stored; absent (not written at all) when every chunk is the image itself
+    chunks: Union[list[ChunkInfo], msgspec.UnsetType] = msgspec.UNSET
 
 
 class ManifestRef(msgspec.Struct, frozen=True):
@@ -249,7 +264,18 @@ def _check_version(fmt: str, version: int, where: str, newest: int = FORMAT_VERS
         )
 
 
-def _check_features(m: RankManifest, where: str) -> None:
+class _Head(msgspec.Struct):
+    """The members every manifest version keeps: enough to refuse a newer one by name."""
+
+    format: str = ""
+    version: int = 0
+    features: list[str] = []
+
+
+_head_decoder = msgspec.msgpack.Decoder(_Head)
+
+
+def _check_features(m: RankManifest | _Head, where: str) -> None:
     if m.version < 2 and m.features:
         raise FormatError(f"{where}: a version {m.version} manifest cannot name features ({m.features!r})")
     unknown = [f for f in m.features if f not in KNOWN_FEATURES]
@@ -265,6 +291,14 @@ def decode_manifest(data: bytes, where: str) -> RankManifest:
     try:
         m = _manifest_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as exc:
+        # A feature this reader does not know may change what members hold: name it, not the symptom.
+        try:
+            head = _head_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError):
+            head = None
+        if head is not None and head.format == FORMAT_NAME:
+            _check_version(head.format, head.version, where, MANIFEST_VERSION)
+            _check_features(head, where)
         raise FormatError(f"{where}: manifest is malformed ({exc})") from exc
     _check_version(m.format, m.version, where, MANIFEST_VERSION)
     _check_features(m, where)
@@ -283,6 +317,7 @@ def decode_manifest(data: bytes, where: str) -> RankManifest:
             f"{where}: {len(m.chunk_checksums)} chunk checksums for {m.data_nbytes} bytes "
             f"in chunks of {m.chunk_size} (expected {expect_chunks})"
         )
+    _check_chunks(m, where)
     end = 0
     for e in sorted((e for e in m.entries if e.view_of < 0), key=lambda e: e.offset):
         _check_entry(e, m.data_nbytes, where)
@@ -298,8 +333,30 @@ def decode_manifest(data: bytes, where: str) -> RankManifest:
     return m
 
 
+def _check_chunks(m: RankManifest, where: str) -> None:
+    """Per-chunk records (feature ``zstd``): one per chunk, declared, each stored length plausible."""
+    if m.chunks is msgspec.UNSET:
+        if ZSTD in m.features:
+            raise FormatError(f"{where}: the manifest declares {ZSTD!r} but records no per-chunk storage")
+        return
+    if ZSTD not in m.features:
+        raise FormatError(f"{where}: the manifest records per-chunk storage without declaring the {ZSTD!r} feature")
+    if len(m.chunks) != len(m.chunk_checksums):
+        raise FormatError(f"{where}: {len(m.chunks)} chunk records for {len(m.chunk_checksums)} chunks")
+    for i, c in enumerate(m.chunks):
+        if c.codec not in CHUNK_CODECS:
+            raise FormatError(f"{where}: chunk {i} is stored as {c.codec!r}, which the declared features do not define")
+        raw = min(m.chunk_size, m.data_nbytes - i * m.chunk_size)
+        # a zstd frame is never much larger than its content (and the writer stores a chunk as is then)
+        ok = c.stored_nbytes == raw and c.raw_crc32c == m.chunk_checksums[i] if c.codec == "none" \
+            else 0 < c.stored_nbytes <= raw + (raw >> 7) + 1024
+        if not ok:
+            raise FormatError(f"{where}: chunk {i} ({c.codec}, {c.stored_nbytes} bytes stored for {raw}) is "
+                              "recorded inconsistently")
+
+
 def _check_entry(e: Entry, data_nbytes: int, where: str) -> None:
-    from .dtypes import itemsize  # local import: dtypes imports torch
+    from ..dtypes import itemsize  # local import: dtypes imports torch
 
     if len(e.shape) > MAX_NDIM or any(d < 0 for d in e.shape):
         raise FormatError(f"{where}: key {e.key!r} has an invalid shape {e.shape}")
@@ -322,7 +379,7 @@ def _check_entry(e: Entry, data_nbytes: int, where: str) -> None:
 
 def _check_view(e: Entry, entries: list[Entry], where: str) -> None:
     """A view lies inside its storage entry, which is a plain 1-D uint8 entry owning its bytes."""
-    from .dtypes import itemsize  # local import: dtypes imports torch
+    from ..dtypes import itemsize  # local import: dtypes imports torch
 
     w = f"{where}: key {e.key!r}"
     if not 0 <= e.view_of < len(entries):
@@ -346,15 +403,6 @@ def _check_view(e: Entry, entries: list[Entry], where: str) -> None:
     if last * size > s.nbytes:
         raise FormatError(f"{w}: the view reaches byte {last * size} of its storage {s.key!r}, "
                           f"which holds {s.nbytes} bytes")
-
-
-def keys_in_range(m: RankManifest, start: int, end: int) -> list[str]:
-    """The keys whose bytes lie in ``[start, end)`` of the data file (views by their storage), for messages."""
-    hit = {i for i, e in enumerate(m.entries)
-           if e.view_of < 0 and e.nbytes and e.offset < end and e.offset + e.nbytes > start}
-    storages = {e.view_of for e in m.entries if e.view_of >= 0}
-    keys = [e.key for i, e in enumerate(m.entries) if (i in hit and i not in storages) or e.view_of in hit]
-    return keys or ["<padding>"]
 
 
 # COMMIT and latest end with their own CRC32C: `{...,"record_crc32c":N}` where N covers the
