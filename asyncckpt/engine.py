@@ -223,7 +223,8 @@ async def write_stream(writer: ObjectWriter, count: int, produce: Callable[[int]
         await gather_or_cancel(writes)
         await writer.commit()
     except BaseException:
-        for t in (*ahead, *writes):
+        inflight: list[asyncio.Future[Any]] = [*ahead, *writes]
+        for t in inflight:
             t.cancel()
         await asyncio.gather(*ahead, *writes, return_exceptions=True)
         await writer.abort()

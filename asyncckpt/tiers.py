@@ -94,7 +94,7 @@ async def _copy_verified(src: Storage, dst: Storage, src_key: str, dst_key: str,
 
     async def piece(i: int) -> tuple[memoryview, int]:
         chunk = await read_chunk(src, m, geo, i, decode=False)
-        return memoryview(chunk.stored), chunk.crc
+        return chunk.stored.data, chunk.crc
 
     writer = await dst.open_writer(dst_key, size_hint=geo.stored_nbytes)
     await write_stream(writer, len(geo), piece, m.chunk_size, concurrency)

@@ -20,6 +20,7 @@ import pickle
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -225,7 +226,7 @@ class TorchAsyncCheckpoint:
         finish_at_exit: saves pending at normal interpreter exit are finished (default).
     """
 
-    async_fn = None  # NVRx's class attribute (the function its worker runs); unused here
+    async_fn: Callable[..., Any] | None = None  # NVRx's class attribute (the function its worker runs); unused here
 
     def __init__(
         self,
@@ -299,15 +300,16 @@ class TorchAsyncCheckpoint:
         finalize and leaves no temporary file.
         """
         f, save_kwargs = self._bind(args, kwargs)
+        path: str | None
         if isinstance(f, (str, os.PathLike)):
-            path: str | None = os.path.abspath(os.fspath(f))
-            parent = os.path.dirname(path)
+            path = target = os.path.abspath(os.fspath(f))
+            parent = os.path.dirname(target)
             if not os.path.isdir(parent):
-                raise BadInputError(f"cannot write {path}: its directory {parent} does not exist")
+                raise BadInputError(f"cannot write {target}: its directory {parent} does not exist")
             if not os.access(parent, os.W_OK | os.X_OK):
-                raise BadInputError(f"cannot write {path}: {parent} is not writable by this process")
-            if os.path.isdir(path):
-                raise BadInputError(f"cannot write {path}: it is a directory")
+                raise BadInputError(f"cannot write {target}: {parent} is not writable by this process")
+            if os.path.isdir(target):
+                raise BadInputError(f"cannot write {target}: it is a directory")
         elif callable(getattr(f, "write", None)):
             path = None
         else:
@@ -365,7 +367,7 @@ class TorchAsyncCheckpoint:
             if si is None:
                 si = order[key] = len(bases)
                 bases.append(torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage()))
-            refs.append(_TensorRef(si, t.dtype, t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+            refs.append(_TensorRef(si, t.dtype, int(t.storage_offset()), tuple(t.shape), tuple(t.stride()),
                                    t.requires_grad, type(t) is torch.nn.Parameter))
         if any(b.is_cuda for b in bases):
             torch.cuda.current_stream().synchronize()

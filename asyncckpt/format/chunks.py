@@ -137,8 +137,8 @@ async def read_chunk(storage: Storage, m: RankManifest, geo: ChunkGeometry, i: i
     start, n = geo.raw(i)
     sstart, sn = geo.stored(i)
     stored = np.empty(sn, dtype=np.uint8)
-    await storage.read_into(m.data_file, sstart, memoryview(stored))
-    crc = await asyncio.to_thread(checksum, memoryview(stored))
+    await storage.read_into(m.data_file, sstart, stored.data)
+    crc = await asyncio.to_thread(checksum, stored.data)
     if crc != m.chunk_checksums[i]:
         raise IntegrityError(
             f"{storage.uri}/{m.data_file}: checksum mismatch: bytes [{sstart}, {sstart + sn}) fail their checksum "

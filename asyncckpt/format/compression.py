@@ -88,7 +88,7 @@ def decode_chunk(stored: np.ndarray, info: ChunkInfo, raw_nbytes: int, where: st
         raw = np.frombuffer(z.ZstdDecompressor().decompress(stored), dtype=np.uint8)
     except z.ZstdError as exc:
         raise IntegrityError(f"{where}: the zstd frame cannot be decompressed ({exc})") from exc
-    crc = checksum(memoryview(raw))
+    crc = checksum(raw.data)
     if len(raw) != raw_nbytes or crc != info.raw_crc32c:
         raise IntegrityError(f"{where}: decompressed bytes fail their checksum (crc32c {crc:#010x}, expected "
                              f"{info.raw_crc32c:#010x}, {len(raw)} bytes for {raw_nbytes})")

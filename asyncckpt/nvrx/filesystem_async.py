@@ -46,7 +46,7 @@ def get_write_results_queue(mp_mode: str = "spawn") -> Any:
     return _results_queue
 
 
-class FileSystemWriterAsync(AsyncStorageWriter, FileSystemWriter):
+class FileSystemWriterAsync(AsyncStorageWriter, FileSystemWriter):  # type: ignore[misc]  # our rank attribute wins, as NVRx's does
     """NVRx's ``FileSystemWriterAsync(path, *args, separation_hint=None, use_msc=False,
     is_multiproc_io=False, use_cached_data_structure=False, use_cpu_shm_for_gpu_tensors=False,
     **kwargs)``; ``*args`` / ``**kwargs`` are ``FileSystemWriter``'s (``thread_count``,

@@ -61,7 +61,7 @@ class AzureWriter:
                 await self._az.call(
                     f"upload part {index + 1} of",
                     self._full,
-                    lambda c: c.get_blob_client(self._full).stage_block(bid, view, length=len(view)),
+                    lambda c: c.get_blob_client(self._full).stage_block(bid, view, length=len(view)),  # type: ignore[arg-type]  # any buffer works; no copy
                 )
             self._blocks[index] = bid
         except asyncio.CancelledError:

@@ -74,7 +74,7 @@ class GCSClient:
         token = None
         if not cfg.anonymous and cfg.token is None:
             try:
-                token = Token(service_file=cfg.service_file, session=session, scopes=SCOPES)
+                token = Token(service_file=cfg.service_file, session=session, scopes=SCOPES)  # type: ignore[arg-type]  # an aiohttp session is what it wraps
             except Exception as exc:
                 await session.close()
                 raise StoragePermissionError(

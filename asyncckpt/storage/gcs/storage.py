@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from ...errors import (
@@ -95,9 +96,12 @@ class GCSStorage(PrefixedStore):
                 continue
             if prefix and not (rel.startswith(prefix + "/") or rel.startswith(prefix + TEMP_MARK)):
                 continue
-            if await self.gcs.call("abort", full, lambda c, f=full: self.gcs.delete_object(c, f)):
+            if await self.gcs.call("abort", full, functools.partial(self._delete_object, full)):
                 n += 1
         return n
+
+    async def _delete_object(self, full: str, c: LoopClient) -> Any:
+        return await self.gcs.delete_object(c, full)
 
     # ------------------------------------------------------------------ reads
 
