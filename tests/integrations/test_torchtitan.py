@@ -60,3 +60,13 @@ def test_checkpoints_load_with_stock_dcp_and_the_config_refuses_a_second_async_m
     with pytest.raises(ValueError, match="async_mode"):
         AsyncckptCheckpointManager.Config(enable=True, async_mode="async")
     assert AsyncckptCheckpointManager.Config(enable=True)._owner is AsyncckptCheckpointManager  # what build() makes
+
+
+@pytest.mark.multiproc
+def test_two_gloo_ranks_commit_collectively_and_restore_each_ranks_rng(tmp_path: Path) -> None:
+    from tests._dist import run_ranks
+
+    from . import torchtitan_ranks
+
+    results = run_ranks(2, torchtitan_ranks.train_save_reload, tmp_path, str(tmp_path / "run"))
+    assert [r["steps"] for r in results] == [[2, 4, 6]] * 2
