@@ -14,11 +14,12 @@ a thread), ``asyncckpt`` (``AsyncckptCheckpointIO``, snapshot="blocking").
 
 **torchtitan** (its checkpoint manager, driven as its Trainer drives it): a model of linear
 layers with AdamW (torchtitan's ``OptimizersContainer``; parameters + two moments = the state
-size), one process (gloo group of 1). Per save: ``--step-s`` seconds stand in for forward and
-backward, then ``maybe_wait_for_staging()``, ``optimizers.step()``, ``checkpointer.save(step)``.
-"blocked" is what the loop loses per save: ``save()`` plus ``maybe_wait_for_staging()`` plus
-the extra time of the next save's wait for the previous one, all as torchtitan calls them;
-"durable" is until ``close()`` returns. Managers: ``sync`` (torchtitan's ``CheckpointManager``,
+size), one process (gloo group of 1). Per step: ``--step-s`` seconds stand in for forward and
+backward, then ``maybe_wait_for_staging()``, ``optimizers.step()``, ``checkpointer.save(step)``,
+as torchtitan's Trainer calls them; a save every ``--interval`` steps. "blocked" is what the loop
+loses per save: the time inside ``save()`` and ``maybe_wait_for_staging()`` over the save's
+interval (including a save's wait for the previous one); "durable" is the wall time of the timed
+steps until ``close()`` returned (every save on disk). Managers: ``sync`` (torchtitan's ``CheckpointManager``,
 ``async_mode="disabled"``: ``dcp.save``), ``titan_async`` (``async_mode="async"``:
 ``dcp.async_save`` from a thread), ``asyncckpt`` (``AsyncckptCheckpointManager``, lazy
 snapshot). torchtitan's ``async_with_pinned_mem`` needs CUDA and is left out on CPU.
@@ -84,8 +85,10 @@ def run_one(make: Callable[[], Any], state: dict[str, Any], root: str, saves: in
     return blocked, total
 
 
-def titan_run(manager: str, mib: int, root: str, saves: int, step_s: float) -> tuple[list[float], float]:
-    """Train ``saves`` + 1 steps (the first save is an unreported warm-up) through torchtitan's manager."""
+def titan_run(manager: str, mib: int, root: str, saves: int, step_s: float, interval: int) -> tuple[list[float], float]:
+    """Train (``saves`` + 1) * ``interval`` steps through torchtitan's manager, saving every
+    ``interval`` steps (the first save is an unreported warm-up); per save, the loop time spent in
+    the manager's calls over its interval."""
     from torchtitan.components.checkpointer import CheckpointManager
     from torchtitan.components.optimizer import OptimizersContainer
     from torchtitan.components.optimizer.optimizer import ParamGroupConfig
@@ -98,7 +101,7 @@ def titan_run(manager: str, mib: int, root: str, saves: int, step_s: float) -> t
         param_groups=[ParamGroupConfig(pattern=".*", optimizer_name="AdamW", optimizer_kwargs={"lr": 1e-4})],
         implementation="foreach",
     ).build(model_parts=[model])
-    common: dict[str, Any] = {"enable": True, "folder": "ckpt", "interval": 1, "keep_latest_k": 0,
+    common: dict[str, Any] = {"enable": True, "folder": "ckpt", "interval": interval, "keep_latest_k": 0,
                               "initial_load_model_only": False}
     if manager == "asyncckpt":
         config: Any = AsyncckptCheckpointManager.Config(**common, save_rng=False)
@@ -108,24 +111,27 @@ def titan_run(manager: str, mib: int, root: str, saves: int, step_s: float) -> t
                         states={}, sd_adapter=None, base_folder=root)
     blocked: list[float] = []
     t_all = 0.0
-    for step in range(1, saves + 2):
+    lost = 0.0
+    for step in range(1, (saves + 1) * interval + 1):
         for p in model.parameters():
             p.grad = torch.full_like(p, 1e-3)
         time.sleep(step_s)  # forward and backward
         t0 = time.perf_counter()
         ckpt.maybe_wait_for_staging()
-        lost = time.perf_counter() - t0
+        lost += time.perf_counter() - t0
         optimizers.step()
-        if step == 2:
-            t_all = time.perf_counter()
         t0 = time.perf_counter()
         ckpt.save(step)
         lost += time.perf_counter() - t0
-        if step > 1:
-            blocked.append(lost)
-        else:  # the warm-up save (worker start, first sharing of the storages): finished before timing
+        if step % interval:
+            continue
+        if step == interval:  # the warm-up save (worker start, first sharing of the storages): not timed
             ckpt.maybe_wait_for_staging()
             ckpt.maybe_wait_for_saving()
+            t_all = time.perf_counter()
+        else:
+            blocked.append(lost)
+        lost = 0.0
     ckpt.close()
     if manager == "titan_async":
         ckpt.maybe_wait_for_saving()
@@ -150,7 +156,7 @@ def titan(args: argparse.Namespace) -> None:
             for name in ("sync", "titan_async", "asyncckpt"):
                 root = tempfile.mkdtemp(prefix=f"bench-titan-{name}-", dir=args.dir)
                 try:
-                    blocked, total = titan_run(name, mib, root, args.saves, args.step_s)
+                    blocked, total = titan_run(name, mib, root, args.saves, args.step_s, args.interval)
                 finally:
                     shutil.rmtree(root, ignore_errors=True)
                 ms = [b * 1000 for b in blocked]
@@ -182,6 +188,7 @@ def main() -> None:
     ap.add_argument("--mib", type=int, nargs="+", default=[128, 1024])
     ap.add_argument("--saves", type=int, default=3)
     ap.add_argument("--step-s", type=float, default=0.5, help="torchtitan: seconds standing in for forward/backward")
+    ap.add_argument("--interval", type=int, default=4, help="torchtitan: steps between saves")
     ap.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -108,8 +108,9 @@ async def prepare_target(storage: Storage, name: str, *, overwrite: bool, uri: s
         if found:
             raise CheckpointExistsError(exists_message(uri, found))
         return 0
-    if rank is None and await committed_generation(storage, name) is not None:
-        return await next_generation(storage, name)
+    committed = await committed_generation(storage, name) if rank is None else None
+    if committed is not None:
+        return committed + 1
     for k in remove:
         await storage.delete(join_key(name, k))
     return 0
