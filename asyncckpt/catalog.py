@@ -430,14 +430,14 @@ async def check_checkpoint(storage: Storage, name: str, *, sem: asyncio.Semaphor
                 return problem
         return ""
 
-    async def dcp_metadata() -> str:
-        from .dcp._format import CHECKSUMS_FILE, METADATA_FILE, decode_index
+    async def dcp_metadata(generation: int) -> str:
+        from .dcp._format import decode_index, index_file, metadata_file
 
-        key = join_key(name, CHECKSUMS_FILE)
+        key = join_key(name, index_file(generation))
         async with sem:
             index = decode_index(await storage.read(key), f"{storage.uri}/{key}")
-        md = join_key(name, METADATA_FILE)
-        return wrong(md, await size_of(md), index.metadata_nbytes, f"{CHECKSUMS_FILE}")
+        md = join_key(name, metadata_file(generation))
+        return wrong(md, await size_of(md), index.metadata_nbytes, index_file(generation))
 
     try:
         async with sem:
@@ -445,7 +445,7 @@ async def check_checkpoint(storage: Storage, name: str, *, sem: asyncio.Semaphor
         if rec.kind == "asyncckpt":
             jobs = [native_rank(ref) for ref in rec.manifests]
         elif rec.kind == "dcp":
-            jobs = [dcp_metadata(), *(dcp_rank(ref) for ref in rec.manifests)]
+            jobs = [dcp_metadata(rec.generation), *(dcp_rank(ref) for ref in rec.manifests)]
         else:
             return f"unknown checkpoint kind {rec.kind!r}"
     except (CheckpointNotFoundError, FormatError, IntegrityError) as exc:

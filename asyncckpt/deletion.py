@@ -51,10 +51,11 @@ log = logging.getLogger("asyncckpt")
 
 _MANIFEST = re.compile(r"rank-(\d{5,})(?:\.g[1-9]\d*)?\.manifest")
 _DATA = re.compile(r"rank-(\d{5,})(?:\.g[1-9]\d*)?\.data")
-_DCP_DATA = re.compile(r"__\d+_\d+\.distcp")
-_DCP_RANK = re.compile(r"__(\d+)\.checksums")
+_DCP_DATA = re.compile(r"__\d+_\d+(?:\.g[1-9]\d*)?\.distcp")
+_DCP_RANK = re.compile(r"__(\d+)(?:\.g[1-9]\d*)?\.checksums")
 _DCP_METADATA = ".metadata"
-_DCP_INDEX = ".checksums"
+_DCP_INDEX = re.compile(r"(?:\.g[1-9]\d*)?\.checksums")  # a collective save's index (generation 0, or G)
+_DCP_GEN_METADATA = re.compile(r"\.g[1-9]\d*\.metadata")
 _TEMP = re.compile(r"(.+)\.tmp-[0-9a-f]{12}")
 _SPREAD = re.compile(r"[0-9a-f]{2,}|p\d{2,}")
 _MAX_PROBED_RANKS = 1 << 16  # a manifest's world_size is not bounded by anything else
@@ -63,7 +64,8 @@ _RECORDS = "COMMIT, rank-NNNNN.manifest, DCP .metadata or asyncckpt's DCP .check
 
 def _reserved(fname: str) -> bool:
     """A name asyncckpt's formats (native, DCP) give a file directly under a checkpoint's directory."""
-    return (fname in (COMMIT_FILE, _DCP_METADATA, _DCP_INDEX) or bool(_MANIFEST.fullmatch(fname))
+    return (fname in (COMMIT_FILE, _DCP_METADATA) or bool(_DCP_INDEX.fullmatch(fname))
+            or bool(_DCP_GEN_METADATA.fullmatch(fname)) or bool(_MANIFEST.fullmatch(fname))
             or bool(_DATA.fullmatch(fname)) or bool(_DCP_DATA.fullmatch(fname)) or bool(_DCP_RANK.fullmatch(fname)))
 
 
@@ -127,12 +129,12 @@ async def _dcp_evidence(storage: Storage, name: str, direct: set[str], plan_note
 
     ours = stock = False
     for fname in sorted(direct):
-        if not (_DCP_RANK.fullmatch(fname) or fname == _DCP_INDEX):
+        if not (_DCP_RANK.fullmatch(fname) or _DCP_INDEX.fullmatch(fname)):
             continue
         key = join_key(name, fname)
         try:
             blob = await storage.read(key)
-            (decode_index if fname == _DCP_INDEX else decode_rank_record)(blob, f"{storage.uri}/{key}")
+            (decode_index if _DCP_INDEX.fullmatch(fname) else decode_rank_record)(blob, f"{storage.uri}/{key}")
             ours = True
         except (FormatError, IntegrityError, CheckpointNotFoundError) as exc:
             plan_notes.append(str(exc))
@@ -202,7 +204,7 @@ async def _examine(storage: Storage, name: str) -> _Plan | str:
         key = join_key(name, fname)
         if _DATA.fullmatch(fname) or _DCP_DATA.fullmatch(fname):
             plan.data.append(key)
-        elif _DCP_RANK.fullmatch(fname) or fname == _DCP_INDEX:
+        elif _DCP_RANK.fullmatch(fname) or _DCP_INDEX.fullmatch(fname) or _DCP_GEN_METADATA.fullmatch(fname):
             plan.records.append(key)
         elif _MANIFEST.fullmatch(fname):
             plan.manifests.append(key)

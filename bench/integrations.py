@@ -1,6 +1,8 @@
-"""Loop time per save at Lightning's ``CheckpointIO`` hook: asyncckpt vs Lightning's own options.
+"""Loop time per save at a framework's hook: asyncckpt vs the framework's own options.
 
-    python bench/integrations.py [--mib 128 1024] [--saves 3] [--dir DIR]
+    python bench/integrations.py [--framework lightning torchtitan] [--mib 128 1024] [--saves 3] [--dir DIR]
+
+**lightning** (``CheckpointIO.save_checkpoint``):
 
 For each state size and each plug-in (interleaved, one unreported warm-up save each), a Lightning-
 shaped checkpoint (``state_dict`` + Adam-like ``optimizer_states``, float32) is saved ``--saves``
@@ -9,6 +11,18 @@ times; between saves every tensor is changed in place, as a training step would.
 (``teardown``). Plug-ins: ``torch_io`` (Lightning's default ``TorchCheckpointIO``, synchronous),
 ``lightning_async`` (Lightning's ``AsyncCheckpointIO``: clones on the caller's thread, writes from
 a thread), ``asyncckpt`` (``AsyncckptCheckpointIO``, snapshot="blocking").
+
+**torchtitan** (its checkpoint manager, driven as its Trainer drives it): a model of linear
+layers with AdamW (torchtitan's ``OptimizersContainer``; parameters + two moments = the state
+size), one process (gloo group of 1). Per step: ``--step-s`` seconds stand in for forward and
+backward, then ``maybe_wait_for_staging()``, ``optimizers.step()``, ``checkpointer.save(step)``,
+as torchtitan's Trainer calls them; a save every ``--interval`` steps. "blocked" is what the loop
+loses per save: the time inside ``save()`` and ``maybe_wait_for_staging()`` over the save's
+interval (including a save's wait for the previous one); "durable" is the wall time of the timed
+steps until ``close()`` returned (every save on disk). Managers: ``sync`` (torchtitan's ``CheckpointManager``,
+``async_mode="disabled"``: ``dcp.save``), ``titan_async`` (``async_mode="async"``:
+``dcp.async_save`` from a thread), ``asyncckpt`` (``AsyncckptCheckpointManager``, lazy
+snapshot). torchtitan's ``async_with_pinned_mem`` needs CUDA and is left out on CPU.
 """
 
 from __future__ import annotations
@@ -71,13 +85,88 @@ def run_one(make: Callable[[], Any], state: dict[str, Any], root: str, saves: in
     return blocked, total
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mib", type=int, nargs="+", default=[128, 1024])
-    ap.add_argument("--saves", type=int, default=3)
-    ap.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+def titan_run(manager: str, mib: int, root: str, saves: int, step_s: float, interval: int) -> tuple[list[float], float]:
+    """Train (``saves`` + 1) * ``interval`` steps through torchtitan's manager, saving every
+    ``interval`` steps (the first save is an unreported warm-up); per save, the loop time spent in
+    the manager's calls over its interval."""
+    from torchtitan.components.checkpointer import CheckpointManager
+    from torchtitan.components.optimizer import OptimizersContainer
+    from torchtitan.components.optimizer.optimizer import ParamGroupConfig
+
+    from asyncckpt.integrations.torchtitan import AsyncckptCheckpointManager
+
+    layers = max(1, ((mib << 20) // 4 // 3) // (2048 * 2048))
+    model = torch.nn.Sequential(*(torch.nn.Linear(2048, 2048, bias=False) for _ in range(layers)))
+    optimizers = OptimizersContainer.Config(
+        param_groups=[ParamGroupConfig(pattern=".*", optimizer_name="AdamW", optimizer_kwargs={"lr": 1e-4})],
+        implementation="foreach",
+    ).build(model_parts=[model])
+    common: dict[str, Any] = {"enable": True, "folder": "ckpt", "interval": interval, "keep_latest_k": 0,
+                              "initial_load_model_only": False}
+    if manager == "asyncckpt":
+        config: Any = AsyncckptCheckpointManager.Config(**common, save_rng=False)
+    else:
+        config = CheckpointManager.Config(**common, async_mode="async" if manager == "titan_async" else "disabled")
+    ckpt = config.build(dataloader=None, model_parts=[model], optimizers=optimizers, lr_schedulers=None,
+                        states={}, sd_adapter=None, base_folder=root)
+    blocked: list[float] = []
+    t_all = 0.0
+    lost = 0.0
+    for step in range(1, (saves + 1) * interval + 1):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 1e-3)
+        time.sleep(step_s)  # forward and backward
+        t0 = time.perf_counter()
+        ckpt.maybe_wait_for_staging()
+        lost += time.perf_counter() - t0
+        optimizers.step()
+        t0 = time.perf_counter()
+        ckpt.save(step)
+        lost += time.perf_counter() - t0
+        if step % interval:
+            continue
+        if step == interval:  # the warm-up save (worker start, first sharing of the storages): not timed
+            ckpt.maybe_wait_for_staging()
+            ckpt.maybe_wait_for_saving()
+            t_all = time.perf_counter()
+        else:
+            blocked.append(lost)
+        lost = 0.0
+    ckpt.close()
+    if manager == "titan_async":
+        ckpt.maybe_wait_for_saving()
+    total = time.perf_counter() - t_all
+    if manager == "asyncckpt":
+        from asyncckpt.dcp import close_async_saves
+
+        close_async_saves()
+    return blocked, total
+
+
+def titan(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    print("| state | torchtitan manager | loop time lost per save, ms (median, min-max) | durable, s (all saves) |")
+    print("| --- | --- | --- | --- |")
+    try:
+        for mib in args.mib:
+            for name in ("sync", "titan_async", "asyncckpt"):
+                root = tempfile.mkdtemp(prefix=f"bench-titan-{name}-", dir=args.dir)
+                try:
+                    blocked, total = titan_run(name, mib, root, args.saves, args.step_s, args.interval)
+                finally:
+                    shutil.rmtree(root, ignore_errors=True)
+                ms = [b * 1000 for b in blocked]
+                print(f"| {mib} MiB | {name} | {statistics.median(ms):.0f} ({min(ms):.0f}-{max(ms):.0f}) | {total:.2f} |",
+                      flush=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def lightning(args: argparse.Namespace) -> None:
     makers = plugins()
     print("| state | plug-in | blocked per save, ms (median, min-max) | durable, s (all saves) |")
     print("| --- | --- | --- | --- |")
@@ -91,6 +180,20 @@ def main() -> None:
                 shutil.rmtree(root, ignore_errors=True)
             ms = [b * 1000 for b in blocked]
             print(f"| {mib} MiB | {name} | {statistics.median(ms):.0f} ({min(ms):.0f}-{max(ms):.0f}) | {total:.2f} |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--framework", nargs="+", choices=["lightning", "torchtitan"], default=["lightning", "torchtitan"])
+    ap.add_argument("--mib", type=int, nargs="+", default=[128, 1024])
+    ap.add_argument("--saves", type=int, default=3)
+    ap.add_argument("--step-s", type=float, default=0.5, help="torchtitan: seconds standing in for forward/backward")
+    ap.add_argument("--interval", type=int, default=4, help="torchtitan: steps between saves")
+    ap.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    for fw in args.framework:
+        {"lightning": lightning, "torchtitan": titan}[fw](args)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import pickle
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..catalog import set_latest
-from ..errors import CheckpointExistsError, CheckpointNotFoundError, FormatError, IntegrityError
+from ..catalog import drop_stale_writes, set_latest
+from ..errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError, FormatError, IntegrityError
 from ..format import (
     CHECKSUM_ALGO,
     COMMIT_FILE,
@@ -27,6 +28,7 @@ from ..format import (
     CommitRecord,
     ManifestRef,
     checksum,
+    decode_commit,
     encode_commit,
 )
 from ..storage import Storage, join_key
@@ -37,7 +39,10 @@ from ._format import (
     IndexRecord,
     decode_rank_record,
     encode_record,
+    index_file,
+    is_dcp_file,
     item_transforms,
+    metadata_file,
     rank_index_file,
     rank_metadata_file,
     rank_record_file,
@@ -47,7 +52,10 @@ from ._format import (
 if TYPE_CHECKING:
     from ..runtime.context import WorkerContext
 
-__all__ = ["DcpCommitOp", "commit_dcp", "prepare_target"]
+__all__ = ["DcpCommitOp", "commit_dcp", "committed_generation", "drop_other_generations", "next_generation",
+           "prepare_target"]
+
+log = logging.getLogger("asyncckpt")
 
 
 def exists_message(uri: str, found: list[str]) -> str:
@@ -59,13 +67,35 @@ def exists_message(uri: str, found: list[str]) -> str:
     )
 
 
-async def prepare_target(storage: Storage, name: str, *, overwrite: bool, uri: str, rank: int | None = None) -> None:
-    """Before this rank writes: refuse an existing checkpoint, or remove its commit point first.
+async def committed_generation(storage: Storage, name: str) -> int | None:
+    """The generation of the DCP checkpoint committed at ``name``; None when no valid COMMIT of a
+    DCP checkpoint is there (nothing, damaged, or another kind)."""
+    key = join_key(name, COMMIT_FILE)
+    try:
+        rec = decode_commit(await storage.read(key), f"{storage.uri}/{key}")
+    except (CheckpointNotFoundError, FormatError, IntegrityError):
+        return None
+    return rec.generation if rec.kind == "dcp" else None
+
+
+async def next_generation(storage: Storage, name: str) -> int:
+    """The generation a collective save of ``name`` writes once its target is prepared: one more
+    than the committed DCP checkpoint's, 0 when none is committed there."""
+    committed = await committed_generation(storage, name)
+    return 0 if committed is None else committed + 1
+
+
+async def prepare_target(storage: Storage, name: str, *, overwrite: bool, uri: str, rank: int | None = None) -> int:
+    """Before this rank writes: refuse an existing checkpoint, or choose the generation to write.
+
+    Returns the generation this save writes. A collective save (``rank`` None) over a committed
+    DCP checkpoint of generation G writes G+1 beside it (the switch is the commit's); every rank
+    and the commit read the same COMMIT, which only this save's commit changes. Over anything
+    else (a stock DCP checkpoint, a damaged one) the commit point goes first and generation 0 is
+    written, so a crash from here on never shows old metadata over new data.
 
     ``rank`` set: a save without collectives (this rank's ``__R.metadata`` is its commit point;
-    an existing checkpoint is recognised by rank 0's, as DCP does). Otherwise the global
-    ``.metadata`` and COMMIT. With ``overwrite`` the commit point goes first, so a crash from
-    here on never shows old metadata over new data.
+    an existing checkpoint is recognised by rank 0's, as DCP does); always generation 0.
     """
     if rank is None:
         probe = [COMMIT_FILE, METADATA_FILE]
@@ -77,9 +107,34 @@ async def prepare_target(storage: Storage, name: str, *, overwrite: bool, uri: s
         found = [k for k in probe if await storage.exists(join_key(name, k))]
         if found:
             raise CheckpointExistsError(exists_message(uri, found))
-        return
+        return 0
+    committed = await committed_generation(storage, name) if rank is None else None
+    if committed is not None:
+        return committed + 1
     for k in remove:
         await storage.delete(join_key(name, k))
+    return 0
+
+
+async def drop_other_generations(storage: Storage, name: str, generation: int, files: list[str]) -> None:
+    """After generation ``generation`` was committed and ``.metadata`` switched: remove the DCP files
+    directly under ``NAME/`` it does not use (the replaced generation, torn overwrites' leftovers).
+
+    Only names asyncckpt's DCP writer gives are touched, never ``.metadata``/COMMIT or the
+    committed ``files``. Best effort: a failure is logged, the commit stands.
+    """
+    keep = {*files, index_file(generation), metadata_file(generation), METADATA_FILE}
+    try:
+        doomed = []
+        for key in await storage.list(name):
+            fname = key[len(name) + 1 :]
+            if "/" not in fname and fname not in keep and is_dcp_file(fname):
+                doomed.append(key)
+        # data first, records last: a rerun after an interruption still finds what to remove
+        for key in sorted(doomed, key=lambda k: not k.endswith(".distcp")):
+            await storage.delete(key)
+    except CheckpointError as exc:
+        log.warning("overwrote %s/%s; removing the replaced generation's files failed: %s", storage.uri, name, exc)
 
 
 async def commit_dcp(
@@ -96,6 +151,10 @@ async def commit_dcp(
     """Verify the ranks' checksum records, then write the index, the metadata and (collective
     saves) the COMMIT record and ``latest``. Returns the committed Metadata.
 
+    A collective save over a committed DCP checkpoint of generation G commits generation G+1
+    (see :func:`prepare_target`): index and metadata copy under G+1's names, then COMMIT, then
+    ``.metadata`` replaced, then the old generation's files removed.
+
     ``per_rank``: a save without collectives; commit rank ``per_rank``'s own ``__R.metadata``.
     """
     from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
@@ -106,7 +165,9 @@ async def commit_dcp(
         TensorStorageMetadata,
     )
 
-    keys = [join_key(name, rank_record_file(r)) for r in ranks]
+    # what prepare_target chose on every rank: the committed generation + 1, or 0
+    generation = 0 if per_rank is not None else await next_generation(storage, name)
+    keys = [join_key(name, rank_record_file(r, generation)) for r in ranks]
 
     async def read(key: str) -> bytes | None:
         try:
@@ -141,7 +202,7 @@ async def commit_dcp(
         files += rec.files
         items += rec.items
         transforms += rec_transforms
-        refs.append(ManifestRef(rank=rank, file=rank_record_file(rank), nbytes=len(blob), checksum=checksum(blob),
+        refs.append(ManifestRef(rank=rank, file=rank_record_file(rank, generation), nbytes=len(blob), checksum=checksum(blob),
                                 data_nbytes=sum(f.nbytes for f in rec.files)))
     for fqn, smd in metadata.state_dict_metadata.items():
         if isinstance(smd, TensorStorageMetadata):
@@ -172,14 +233,21 @@ async def commit_dcp(
         await storage.put_record(join_key(name, rank_index_file(per_rank)), encode_record(index))
         await storage.put_record(join_key(name, rank_metadata_file(per_rank)), blob)
         return md
-    await storage.put_record(join_key(name, CHECKSUMS_FILE), encode_record(index))
-    await storage.put_record(join_key(name, METADATA_FILE), blob)
+    await storage.put_record(join_key(name, index_file(generation)), encode_record(index))
+    await storage.put_record(join_key(name, metadata_file(generation)), blob)
     total = sum(f.nbytes for f in files) + sum(r.nbytes for r in refs) + len(blob)
     commit = CommitRecord(
         format=FORMAT_NAME, version=FORMAT_VERSION, name=name, step=None, world_size=len(ranks),
         created=time.time(), total_nbytes=total, checksum_algo=CHECKSUM_ALGO, manifests=refs, kind="dcp",
+        generation=generation,
     )
+    # The switch: asyncckpt's readers follow COMMIT; the stock reader follows .metadata, replaced
+    # next (a crash between leaves it on the old generation, whose files are still all there).
     await storage.put_record(join_key(name, COMMIT_FILE), encode_commit(commit))
+    if generation:
+        await storage.put_record(join_key(name, METADATA_FILE), blob)
+        await drop_other_generations(storage, name, generation, [f.name for f in files] + [r.file for r in refs])
+    await drop_stale_writes(storage, [name])  # temp files / uploads of killed earlier writes of this name
     if update_latest:
         await set_latest(storage, name, None)
     return md

@@ -12,6 +12,13 @@ plus records that the stock FileSystemReader never opens::
     NAME/.checksums         every item plus the CRC32C of .metadata (msgpack; before .metadata)
     NAME/COMMIT             asyncckpt commit record of kind "dcp" (after .metadata)
 
+Overwritten (``overwrite=True`` over a committed checkpoint of generation G), the new save
+writes generation G+1 beside the old one - ``__R_I.gG+1.distcp``, ``__R.gG+1.checksums``,
+``.gG+1.checksums`` and ``.gG+1.metadata`` (a copy of its DCP metadata) - then switches
+atomically: COMMIT (asyncckpt's readers) first, then ``.metadata`` (the stock reader's commit
+point) is replaced; the replaced generation's files go last. A reader therefore sees the complete
+old or the complete new checkpoint at every moment, and a crash leaves one of them.
+
 Saved without collectives (``use_collectives=False``) every rank commits its own part instead:
 ``NAME/__R.metadata`` (DCP's per-rank metadata) and ``NAME/__R.metadata.checksums`` (its index);
 there is no ``.metadata`` and no COMMIT record then.
@@ -26,6 +33,7 @@ import collections
 import io
 import pathlib
 import pickle
+import re
 from typing import Any, Literal
 
 import msgspec
@@ -45,8 +53,13 @@ __all__ = [
     "decode_index",
     "decode_rank_record",
     "encode_record",
+    "file_generation",
+    "generation_name",
+    "index_file",
+    "is_dcp_file",
     "item_transforms",
     "load_metadata",
+    "metadata_file",
     "rank_index_file",
     "rank_metadata_file",
     "rank_record_file",
@@ -60,8 +73,51 @@ CHECKSUMS_FILE = ".checksums"
 _MAX_ITEMS = 50_000_000
 
 
-def rank_record_file(rank: int) -> str:
-    return f"__{rank}.checksums"
+def _gen(generation: int) -> str:
+    return f".g{generation}" if generation else ""
+
+
+def rank_record_file(rank: int, generation: int = 0) -> str:
+    """``__R.checksums`` (generation 0) or ``__R.gG.checksums``."""
+    return f"__{rank}{_gen(generation)}{CHECKSUMS_FILE}"
+
+
+def index_file(generation: int = 0) -> str:
+    """The checksum index of a collective save: ``.checksums`` or ``.gG.checksums``."""
+    return f"{_gen(generation)}{CHECKSUMS_FILE}" if generation else CHECKSUMS_FILE
+
+
+def metadata_file(generation: int = 0) -> str:
+    """DCP metadata asyncckpt's reader opens: ``.metadata`` (generation 0) or its copy ``.gG.metadata``."""
+    return f"{_gen(generation)}{METADATA_FILE}" if generation else METADATA_FILE
+
+
+def generation_name(fname: str, generation: int) -> str:
+    """A data file name of generation ``generation``: ``X.distcp`` -> ``X.gG.distcp``."""
+    if not generation:
+        return fname
+    stem, dot, ext = fname.rpartition(".")
+    return f"{stem}{_gen(generation)}{dot}{ext}" if dot else f"{fname}{_gen(generation)}"
+
+
+_GEN_FILE = re.compile(r".*\.g([1-9]\d*)\.(?:distcp|checksums|metadata)")
+
+
+_DCP_FILE = re.compile(
+    r"[^/]*__\d+_\d+(?:\.g[1-9]\d*)?\.distcp|__\d+(?:\.g[1-9]\d*)?\.checksums|(?:\.g[1-9]\d*)?\.checksums"
+    r"|\.g[1-9]\d*\.metadata"
+)
+
+
+def is_dcp_file(fname: str) -> bool:
+    """A data file or record name asyncckpt's DCP writer gives (any generation), not ``.metadata``."""
+    return bool(_DCP_FILE.fullmatch(fname))
+
+
+def file_generation(fname: str) -> int:
+    """The generation a DCP file name carries (0 for names without ``.gG``)."""
+    m = _GEN_FILE.fullmatch(fname)
+    return int(m.group(1)) if m else 0
 
 
 def rank_metadata_file(rank: int) -> str:
@@ -74,8 +130,8 @@ def rank_index_file(rank: int) -> str:
     return f"__{rank}{METADATA_FILE}{CHECKSUMS_FILE}"
 
 
-def data_file_name(prefix: str, index: int) -> str:
-    return f"{prefix}{index}.distcp"
+def data_file_name(prefix: str, index: int, generation: int = 0) -> str:
+    return f"{prefix}{index}{_gen(generation)}.distcp"
 
 
 class ItemRecord(msgspec.Struct, array_like=True, frozen=True):

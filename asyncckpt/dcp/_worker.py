@@ -20,8 +20,8 @@ from ..format import CHECKSUM_ALGO
 from ..runtime.context import current_context, run_sink
 from ..staging import SnapshotSpec, take_snapshot
 from ..storage import join_key
-from ._commit import prepare_target
-from ._format import DCP_FORMAT, RankRecord, encode_record, rank_record_file, record_version
+from ._commit import next_generation, prepare_target
+from ._format import DCP_FORMAT, RankRecord, encode_record, generation_name, rank_record_file, record_version
 from ._io import FileSpec, ItemSpec, write_file
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class DcpJob:
     snapshot: SnapshotSpec | None = None  # for dcp_preload (NVRx-style requests)
     timeout_s: float | None = None
     # Checked by the worker before it writes (None: the caller prepared the directory already):
-    # False refuses an existing checkpoint, True removes its commit point first.
+    # False refuses an existing checkpoint, True writes the next generation beside a committed one.
     overwrite: bool | None = None
     per_rank: bool = False  # saved without collectives: this rank's __R.metadata is its commit point
     extensions: list[Any] = field(default_factory=list)  # DCP StreamTransformExtensions, applied per item
@@ -80,8 +80,11 @@ class DcpSink:
         t0 = time.perf_counter()
         storage = ctx.storage(sj.root, sj.storage_options)
         if job.overwrite is not None:
-            await prepare_target(storage, sj.name, overwrite=job.overwrite, uri=job.uri or str(job),
-                                 rank=sj.rank if job.per_rank else None)
+            generation = await prepare_target(storage, sj.name, overwrite=job.overwrite, uri=job.uri or str(job),
+                                              rank=sj.rank if job.per_rank else None)
+        else:  # the caller prepared the target; a committed checkpoint there is the one to write beside
+            generation = 0 if job.per_rank else await next_generation(storage, sj.name)
+        files = [FileSpec(generation_name(f.name, generation), f.items) for f in job.files]
         loop = asyncio.get_running_loop()
         results = await asyncio.gather(
             *(
@@ -89,7 +92,7 @@ class DcpSink:
                     write_file, loop, storage, sj.name, f, job.items, lambda i: _slot_data(staged, job.items[i]),
                     chunk_size=sj.chunk_size, concurrency=sj.io_concurrency, extensions=job.extensions,
                 )
-                for f in job.files
+                for f in files
             ),
             return_exceptions=True,  # every thread must be done with the slot before it is released
         )
@@ -109,7 +112,7 @@ class DcpSink:
             transforms=transforms if any(transforms) else None,
         )
         blob = encode_record(record)
-        await storage.put_record(join_key(sj.name, rank_record_file(sj.rank)), blob)
+        await storage.put_record(join_key(sj.name, rank_record_file(sj.rank, generation)), blob)
         nbytes = sum(fr.nbytes for fr in record.files)
         return DcpRankResult(sj.rank, nbytes, len(blob), staged.seconds, time.perf_counter() - t0)
 

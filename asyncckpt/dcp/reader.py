@@ -29,12 +29,14 @@ from .._loop import _get_loop, gather_or_cancel, run_sync
 from ..errors import BadInputError, CheckpointNotFoundError, FormatError, IntegrityError
 from ..format import checksum
 from ..storage import Storage, join_key, open_storage, split_uri
+from ._commit import committed_generation
 from ._format import (
     CHECKSUMS_FILE,
-    METADATA_FILE,
     IndexRecord,
     decode_index,
+    index_file,
     load_metadata,
+    metadata_file,
     rank_index_file,
     rank_metadata_file,
 )
@@ -45,6 +47,8 @@ __all__ = ["SAFE_LEAF_TYPES", "AsyncStorageReader"]
 #: what torch's weights-only unpickler accepts anyway: numbers, strings, containers, torch.Size,
 #: dtypes): ``io.BytesIO``, a DCP leaf type.
 SAFE_LEAF_TYPES: list[Any] = [io.BytesIO]
+
+_SWITCH_RETRIES = 8  # overwrites followed within one load before giving up
 
 
 class _MemReader(io.RawIOBase):
@@ -148,6 +152,8 @@ class AsyncStorageReader(StorageReader):
         self.use_collectives = True
         self.storage_data: dict[MetadataIndex, Any] = {}
         self._crcs: dict[tuple[str, int, int], int] = {}
+        self._generation: int | None = None  # the committed generation the metadata was read from
+        self._metadata: Metadata | None = None
         self.load_id = str(uuid.uuid4())
         self._set_path(path)
 
@@ -190,8 +196,8 @@ class AsyncStorageReader(StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """The checkpoint's Metadata (``rank=R``: rank R's own, of a save without collectives)."""
         md, index = run_sync(self._read_metadata(kwargs.get("rank")))
-        if index is not None:
-            self._crcs = {(it.file, it.offset, it.length): it.crc32c for it in index.items}
+        self._set_index(index)
+        self._metadata = md
         if getattr(md, "storage_meta", None) is None:
             md.storage_meta = StorageMeta()
         md.storage_meta.load_id = self.load_id
@@ -199,39 +205,82 @@ class AsyncStorageReader(StorageReader):
 
     async def _read_metadata(self, rank: int | None) -> tuple[Metadata, IndexRecord | None]:
         storage = self._storage()
-        if rank is None:
-            mkey, ikey = join_key(self.name, METADATA_FILE), join_key(self.name, CHECKSUMS_FILE)
-        else:
-            mkey, ikey = join_key(self.name, rank_metadata_file(rank)), join_key(self.name, rank_index_file(rank))
-        where = f"{storage.uri}/{mkey}"
         try:
-            try:
-                blob = await storage.read(mkey)
-            except CheckpointNotFoundError as exc:
-                raise CheckpointNotFoundError(
-                    f"{where} does not exist: {self.uri} is not a complete DCP checkpoint "
-                    "(it does not exist or its save did not finish)"
-                ) from exc
-            index = None
-            if self.verify:
+            if rank is not None:
+                return await self._read_generation(storage, rank_metadata_file(rank), rank_index_file(rank))
+            # COMMIT names the generation; an overwrite committing meanwhile replaces the files just
+            # named, so a read that finds them gone or mismatched follows the new COMMIT.
+            generation = await committed_generation(storage, self.name)
+            for _ in range(_SWITCH_RETRIES):
                 try:
-                    iblob = await storage.read(ikey)
-                except CheckpointNotFoundError as exc:
-                    raise IntegrityError(
-                        f"{storage.uri}/{ikey} is missing: {self.uri} has no checksums to verify (written by "
-                        "another writer?). Pass verify=False to AsyncStorageReader to load it unverified."
-                    ) from exc
-                index = decode_index(iblob, f"{storage.uri}/{ikey}")
-                crc = checksum(blob)
-                if len(blob) != index.metadata_nbytes or crc != index.metadata_crc32c:
-                    raise IntegrityError(
-                        f"{where} does not match its checksum ({len(blob)} bytes, crc32c {crc:#010x}; "
-                        f"expected {index.metadata_nbytes}, {index.metadata_crc32c:#010x}): the metadata is "
-                        "corrupt or belongs to another save. Load an older checkpoint."
-                    )
+                    got = await self._read_generation(storage, metadata_file(generation or 0),
+                                                      index_file(generation or 0))
+                except (CheckpointNotFoundError, IntegrityError):
+                    now = await committed_generation(storage, self.name)
+                    if now == generation:
+                        raise
+                    generation = now
+                    continue
+                self._generation = generation
+                return got
+            raise IntegrityError(f"{self.uri}: the checkpoint was replaced {_SWITCH_RETRIES} times while its "
+                                 "metadata was read; load it again when its overwrites pause")
         finally:
             await self._close(storage)
+
+    async def _read_generation(self, storage: Storage, mfile: str, ifile: str) -> tuple[Metadata, IndexRecord | None]:
+        mkey, ikey = join_key(self.name, mfile), join_key(self.name, ifile)
+        where = f"{storage.uri}/{mkey}"
+        try:
+            blob = await storage.read(mkey)
+        except CheckpointNotFoundError as exc:
+            raise CheckpointNotFoundError(
+                f"{where} does not exist: {self.uri} is not a complete DCP checkpoint "
+                "(it does not exist or its save did not finish)"
+            ) from exc
+        index = None
+        if self.verify:
+            try:
+                iblob = await storage.read(ikey)
+            except CheckpointNotFoundError as exc:
+                raise IntegrityError(
+                    f"{storage.uri}/{ikey} is missing: {self.uri} has no checksums to verify (written by "
+                    "another writer?). Pass verify=False to AsyncStorageReader to load it unverified."
+                ) from exc
+            index = decode_index(iblob, f"{storage.uri}/{ikey}")
+            crc = checksum(blob)
+            if len(blob) != index.metadata_nbytes or crc != index.metadata_crc32c:
+                raise IntegrityError(
+                    f"{where} does not match its checksum ({len(blob)} bytes, crc32c {crc:#010x}; "
+                    f"expected {index.metadata_nbytes}, {index.metadata_crc32c:#010x}): the metadata is "
+                    "corrupt or belongs to another save. Load an older checkpoint."
+                )
         return load_metadata(blob, where, allow_pickle=self.allow_pickle), index
+
+    def _set_index(self, index: IndexRecord | None) -> None:
+        self._crcs = {(it.file, it.offset, it.length): it.crc32c for it in index.items} if index is not None else {}
+
+    def _follow_switch(self, exc: CheckpointNotFoundError) -> None:
+        """A data file vanished mid-load: if an overwrite committed a new generation with the same
+        layout, take its metadata (the caller reads every item again); else raise ``exc``'s story."""
+        if self.rank is not None and not self.use_collectives:
+            raise exc
+        storage = self._storage()
+        try:
+            now = run_sync(committed_generation(storage, self.name))
+        finally:
+            run_sync(self._close(storage))
+        if now is None or now == self._generation:
+            raise exc
+        md, index = run_sync(self._read_metadata(None))
+        if self._metadata is None or md.state_dict_metadata != self._metadata.state_dict_metadata:
+            raise IntegrityError(
+                f"{self.uri} was overwritten by a checkpoint of another layout while it was loading "
+                f"(generation {self._generation} -> {now}); load it again"
+            ) from exc
+        self._set_index(index)
+        self._metadata = md
+        self.storage_data = md.storage_data
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         if metadata.storage_data is None:
@@ -379,6 +428,21 @@ class AsyncStorageReader(StorageReader):
             ) from exc
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        # Every item is read again from the new generation when an overwrite replaced the files
+        # mid-load, so the state loaded is the whole old or the whole new checkpoint.
+        for attempt in range(_SWITCH_RETRIES):
+            try:
+                self._read_plan(plan, planner)
+                break
+            except CheckpointNotFoundError as exc:
+                if attempt == _SWITCH_RETRIES - 1:
+                    raise
+                self._follow_switch(exc)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    def _read_plan(self, plan: LoadPlan, planner: LoadPlanner) -> None:
         reqs: dict[MetadataIndex, list[ReadItem]] = {}
         for ri in plan.items:
             reqs.setdefault(ri.storage_index, []).append(ri)
@@ -419,7 +483,3 @@ class AsyncStorageReader(StorageReader):
         finally:
             batches.close()  # cancel reads still in flight before the storage is closed
             run_sync(self._close(storage))
-        fut: Future[None] = Future()
-        fut.set_result(None)
-        return fut
-

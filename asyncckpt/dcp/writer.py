@@ -29,13 +29,14 @@ from ..plan import INLINE_MAX, tensor_bytes
 from ..queue import AsyncCallsQueue
 from ..staging import SharedRegistry, SnapshotSpec
 from ..storage import Storage, join_key, open_storage, split_uri
-from ._commit import DcpCommitOp, commit_dcp, prepare_target
+from ._commit import DcpCommitOp, commit_dcp, committed_generation, next_generation, prepare_target
 from ._format import (
     DCP_FORMAT,
     RankRecord,
     data_file_name,
     decode_rank_record,
     encode_record,
+    generation_name,
     item_transforms,
     rank_record_file,
     record_version,
@@ -166,8 +167,10 @@ class AsyncStorageWriter(StorageWriter):
       is the same knob under asyncckpt's name).
     - ``per_thread_copy_ahead``, ``cache_staged_state_dict``: accepted; the worker's snapshot into
       its reusable staging memory takes their place (nothing to tune).
-    - ``overwrite``: replace an existing checkpoint (default True, as DCP); its commit point is
-      removed by each rank's worker before that rank writes. ``False`` makes the save fail with
+    - ``overwrite``: replace an existing checkpoint (default True, as DCP). Over a checkpoint this
+      writer committed, the new one is written beside it and switched to atomically at commit
+      (readers see the old or the new one, never neither; a crash leaves one); over anything else
+      its commit point is removed before the first byte is written. ``False`` makes the save fail with
       DCP's "Checkpoint already exists" (a ``CheckpointException`` on every rank).
     - ``_extensions``: DCP stream extensions (``ZStandard()``, your own
       ``StreamTransformExtension``), applied to every item and recorded in ``.metadata``.
@@ -428,8 +431,9 @@ class AsyncStorageWriter(StorageWriter):
         if p is None or not p.items:
             return []
         storage = self._storage()
-        key = join_key(self.name, rank_record_file(p.rank))
         try:
+            generation = run_sync(committed_generation(storage, self.name)) if self.use_collectives else None
+            key = join_key(self.name, rank_record_file(p.rank, generation or 0))
             blob = run_sync(storage.read(key))
         except CheckpointNotFoundError as exc:
             raise CheckpointNotFoundError(f"{storage.uri}/{key}: no write results: the save did not finish") from exc
@@ -448,10 +452,11 @@ class AsyncStorageWriter(StorageWriter):
         storage = self._storage()
         loop = _get_loop()
         try:
+            generation = 0 if not self.use_collectives else run_sync(next_generation(storage, self.name))
             frs, recs, trs = [], [], []
             for f in p.files:
                 fr, its, ts = write_file(
-                    loop, storage, self.name, f, p.items,
+                    loop, storage, self.name, FileSpec(generation_name(f.name, generation), f.items), p.items,
                     lambda i: p.data[i] if p.items[i].kind == "bytes" else exact_cpu_tensor(p.data[i]),
                     chunk_size=self.chunk_size, concurrency=self.io_concurrency, extensions=self.extensions,
                 )
@@ -460,7 +465,7 @@ class AsyncStorageWriter(StorageWriter):
                 trs += ts
             record = RankRecord(DCP_FORMAT, record_version(trs), p.save_id, p.rank, CHECKSUM_ALGO, frs, recs,
                                 time.time(), transforms=trs if any(trs) else None)
-            run_sync(storage.put_record(join_key(self.name, rank_record_file(p.rank)), encode_record(record)))
+            run_sync(storage.put_record(join_key(self.name, rank_record_file(p.rank, generation)), encode_record(record)))
         finally:
             run_sync(storage.close())
         fut: Future[list[WriteResult]] = Future()

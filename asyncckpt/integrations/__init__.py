@@ -3,6 +3,7 @@
 * :mod:`asyncckpt.integrations.lightning` — ``AsyncckptCheckpointIO`` for ``lightning`` (Trainer and Fabric);
 * :mod:`asyncckpt.integrations.pytorch_lightning` — the same for ``pytorch_lightning`` / ``lightning_fabric``;
 * :mod:`asyncckpt.integrations.transformers` — ``AsyncckptTrainerMixin`` for the Hugging Face ``Trainer``;
+* :mod:`asyncckpt.integrations.torchtitan` — ``AsyncckptCheckpointManager``, chosen by torchtitan's ``config.checkpoint``;
 * :mod:`asyncckpt.integrations.checkpoint_io` — the framework-free body the Lightning plug-ins share.
 
 Accelerate needs no plug-in: pass what ``accelerator.prepare`` returns to

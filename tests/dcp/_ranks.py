@@ -258,3 +258,41 @@ def s3_round_trip(rank: int, world: int, uri: str, options: dict[str, Any]) -> d
     dcp.load(target, storage_reader=AsyncStorageReader(uri, storage_options=options, chunk_size=1 << 20))
     n = assert_same(local_values(target), want, "S3 load")
     return {"values": n}
+
+
+def overwrite_in_place(rank: int, world: int, ckpt_dir: str) -> dict[str, Any]:
+    """Save the same path three times (async twice, then plain ``dcp.save``); after each commit every
+    rank loads it with the stock and our reader and gets that save's values (the old generation gone)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import DTensor
+
+    from asyncckpt.dcp import AsyncStorageReader, AsyncStorageWriter, async_save, close_async_saves
+
+    def version(k: int) -> dict[str, Any]:
+        sd = sharded_state(world, 64, 32)
+        sd["dt"] = sd["dt"] + k
+        sd["rep"].add_(k)
+        sd["step"] = k
+        return sd
+
+    try:
+        for k in (1, 2, 3):
+            sd = version(k)
+            if k < 3:
+                async_save(sd, checkpoint_id=ckpt_dir).result()
+            else:
+                dcp.save(sd, storage_writer=AsyncStorageWriter(ckpt_dir))
+            dist.barrier()
+            want = local_values(version(k))
+            for reader in ("stock", "ours"):
+                target = empty_like_state(sd)
+                if reader == "stock":
+                    dcp.load(target, storage_reader=dcp.FileSystemReader(ckpt_dir))
+                else:
+                    dcp.load(target, storage_reader=AsyncStorageReader(ckpt_dir))
+                assert_same(local_values(target), want, f"{reader} load of save {k}")
+                assert isinstance(target["dt"], DTensor)
+            dist.barrier()  # every rank read this generation before the next commit replaces it
+    finally:
+        close_async_saves()
+    return {"files": sorted(os.listdir(ckpt_dir))}

@@ -25,6 +25,15 @@ def test_two_ranks_async_plan_stock_load_and_snapshot(tmp_path) -> None:
     assert names == [".checksums", ".metadata", "COMMIT", "__0.checksums", "__0_0.distcp", "__1.checksums", "__1_0.distcp"]
 
 
+def test_two_ranks_overwrite_in_place(tmp_path) -> None:
+    """The same path saved three times by 2 ranks: each save is the next generation, every rank loads
+    exactly it (stock reader and ours), and only its files remain."""
+    ckpt = str(tmp_path / "last")
+    results = run_ranks(2, _ranks.overwrite_in_place, str(tmp_path), ckpt)
+    assert results[0]["files"] == [".g2.checksums", ".g2.metadata", ".metadata", "COMMIT", "__0.g2.checksums",
+                                   "__0_0.g2.distcp", "__1.g2.checksums", "__1_0.g2.distcp"]
+
+
 def test_four_ranks_save_two_ranks_load(tmp_path) -> None:
     """Saved by 4 ranks (uneven shards of 642 rows) with async_save, loaded by 2 ranks (stock and ours)."""
     ckpt = str(tmp_path / "ckpt4")
