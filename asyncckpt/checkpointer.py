@@ -277,16 +277,19 @@ class AsyncCheckpointer:
 
     def warm_up(self, state_dict: Any = None) -> None:
         """Do now what the first save would otherwise do on the training loop: start the worker,
-        move ``state_dict``'s tensors to shared memory, allocate and touch the staging slots.
+        plan ``state_dict`` (later saves of the same structure reuse the plan), move its tensors
+        to shared memory, allocate the copy slabs here and the staging slots in the worker.
 
-        Optional: without it the first ``save()`` pays for these once (documented in docs/snapshot.md).
+        Optional: without it the first ``save()`` pays for these once (docs/snapshot.md, "Cost").
         """
         self.queue.start_worker()
         if state_dict is None:
             return
-        plan = plan_state(state_dict, allow_pickle=self.allow_pickle, inline_max=0)
-        shared, _ = self._split(plan)
-        share_in_place(shared.values())
+        plan = self._plans.plan(state_dict, allow_pickle=self.allow_pickle, full=lambda *a, **k: plan_state(*a, **k))
+        prog = self._program_for(plan)
+        share_in_place(plan.tensors[i] for i in prog.shared)
+        if prog.copy is not None:
+            self._copies.reserve(prog.copy.nbytes)
         job = Job([Stage(Kind.CONTROL, ControlPayload([ReserveStagingOp(plan.data_nbytes)]))], label="warm-up")
         self.queue.schedule_job(job, world=1, detached=True)
 
@@ -356,7 +359,7 @@ class AsyncCheckpointer:
             torch.cuda.current_stream().synchronize()  # kernels writing the state must be done before IPC reads it
         shared = {i: plan.tensors[i] for i in prog.shared}
         self._copies.release(self.queue.snapshot_taken)
-        runs = self._copy_now(prog.copy, plan.leaves)
+        runs = self._copy_now(prog.copy, plan.leaves, plan.moved)
         refs, new, release = self._registry.prepare({**shared, **self._copies.bases()})
         if new:
             self._policy.storages_moved()
@@ -466,14 +469,15 @@ class AsyncCheckpointer:
             prog.tree, prog.packed_tree = tree, Packed(tree, "tree")
         return prog.packed_tree
 
-    def _copy_now(self, program: CopyProgram | None, leaves: list[torch.Tensor]) -> tuple[int, list[tuple[int, int, int]]] | None:
+    def _copy_now(self, program: CopyProgram | None, leaves: list[torch.Tensor],
+                  moved: list[int]) -> tuple[int, list[tuple[int, int, int]]] | None:
         if program is None:
             return None
-        got = self._copies.copy(program, leaves)
+        got = self._copies.copy(program, leaves, moved)
         while got is None:  # every slab still waits for its snapshot
             self.queue.wait_snapshot()
             self._copies.release(self.queue.snapshot_taken)
-            got = self._copies.copy(program, leaves)
+            got = self._copies.copy(program, leaves, moved)
         return got
 
     def _retention_ops(self, root: str, options: dict[str, Any], policy: RetentionPolicy | None,

@@ -59,6 +59,8 @@ class Plan:
     member_pos: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
     #: the same for every plan of one layout (a :class:`PlanCache` hit keeps it); 0: not cached
     layout_id: int = 0
+    #: leaf positions whose tensor moved since the layout was made (copied afresh, not through views)
+    moved: list[int] = field(default_factory=list)
     #: False when a later state of the same structure cannot reuse this layout (pickled objects,
     #: conjugate/negative views: what they save is not the leaf itself)
     cacheable: bool = True
@@ -401,6 +403,8 @@ class PlanCache:
         self._scalars: list[Any] = []
         self._arrays: list[tuple[np.dtype[Any], tuple[int, ...]]] = []
         self._array_entries: list[int] = []
+        self._storages: set[int] = set()  # storage addresses of the cached plan's tensors
+        self._members: set[int] = set()  # leaf positions of tensors that share a storage
         self.hits = 0
         self.misses = 0
 
@@ -421,10 +425,12 @@ class PlanCache:
         cached = self._plan
         if ok and cached is not None and sig == self._sig:
             meta = self._metadata(tensors)
-            if meta is not None and meta == self._meta and \
-                    [(a.dtype, a.shape) for a in arrays] == self._arrays:
+            moved = self._moved(meta, tensors) if meta is not None else None
+            if moved is not None and [(a.dtype, a.shape) for a in arrays] == self._arrays:
                 self.hits += 1
-                return self._reuse(cached, tensors, scalars, arrays)
+                plan = self._reuse(cached, tensors, scalars, arrays)
+                plan.moved = moved
+                return plan
         self.misses += 1
         plan = (full or plan_state)(root, allow_pickle=allow_pickle, inline_max=0)
         self._plan = None
@@ -433,6 +439,8 @@ class PlanCache:
             if meta is not None:
                 plan.layout_id = next(_layout_ids)
                 self._plan, self._sig, self._meta, self._scalars = plan, sig, meta, scalars
+                self._storages = {k[1] for k in map(_storage_key, tensors) if k is not None}
+                self._members = {p for ms in plan.member_pos.values() for _, p in ms}
                 self._arrays = [(a.dtype, a.shape) for a in arrays]
                 self._array_entries = [i for i, e in enumerate(plan.entries) if e.kind == "ndarray"]
         return plan
@@ -444,6 +452,33 @@ class PlanCache:
                     list(map(torch.Tensor.stride, tensors)), list(map(_dtype, tensors)))
         except (RuntimeError, NotImplementedError):  # sparse and other tensors without a plain layout
             return None
+
+    def _moved(self, meta: tuple[list[int], list[Any], list[Any], list[Any]], tensors: list[torch.Tensor]) -> list[int] | None:
+        """Leaf positions whose tensor lives elsewhere now (same shape, strides, dtype), or None when
+        the layout cannot be reused: another shape, or a moved tensor that shares a storage.
+
+        A tensor made afresh each save (``torch.get_rng_state()``) keeps the layout when its new
+        storage is its own: not one of the cached state's (still referenced, so no other tensor
+        can have been given its address) nor another moved tensor's.
+        """
+        old = self._meta
+        assert old is not None
+        if meta[1:] != old[1:]:
+            return None
+        if meta[0] == old[0]:
+            return []
+        moved = [i for i, (a, b) in enumerate(zip(meta[0], old[0])) if a != b]
+        seen: set[int] = set()
+        for i in moved:
+            if i in self._members:
+                return None
+            key = _storage_key(tensors[i])
+            if key is None:
+                continue
+            if key[1] in self._storages or key[1] in seen:
+                return None
+            seen.add(key[1])
+        return moved
 
     def _reuse(self, cached: Plan, tensors: list[torch.Tensor], scalars: list[Any], arrays: list[np.ndarray]) -> Plan:
         tree = cached.tree if _same_values(scalars, self._scalars) else _retree(cached.tree, iter(scalars))

@@ -18,7 +18,7 @@ import ctypes
 import itertools
 import mmap
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -121,6 +121,18 @@ class TrainerCopies:
             if done(idx):
                 del self._busy[i]
 
+    def reserve(self, nbytes: int) -> None:
+        """Allocate (and touch) every slab for copies of ``nbytes`` now, not in the first saves."""
+        cap = max(1 << 20, 1 << (max(nbytes, 1) - 1).bit_length())
+        for i in range(self.max_slabs):
+            if i < len(self._slabs) and (self._slabs[i].numel() >= nbytes or i in self._busy):
+                continue
+            slab = torch.zeros(cap, dtype=torch.uint8).share_memory_()
+            if i < len(self._slabs):
+                self._slabs[i] = slab
+            else:
+                self._slabs.append(slab)
+
     def busy(self, slab: int, call_idx: int) -> None:
         self._busy[slab] = call_idx
 
@@ -139,7 +151,8 @@ class TrainerCopies:
             return i
         return None
 
-    def copy(self, program: CopyProgram, leaves: list[torch.Tensor]) -> tuple[int, list[tuple[int, int, int]]] | None:
+    def copy(self, program: CopyProgram, leaves: list[torch.Tensor],
+             moved: list[int]) -> tuple[int, list[tuple[int, int, int]]] | None:
         """Run ``program`` (the state's ``leaves`` fill its per-save inputs) into a free slab.
 
         Returns (slab index, runs as (file offset, slab offset, length)), or None when every slab
@@ -148,7 +161,7 @@ class TrainerCopies:
         slab_i = self._slab_for(program.nbytes)
         if slab_i is None:
             return None
-        program.run(self._slabs[slab_i][: program.nbytes], leaves)
+        program.run(self._slabs[slab_i][: program.nbytes], leaves, moved)
         return slab_i, program.spans
 
 
@@ -190,6 +203,7 @@ class CopyProgram:
         self.nbytes = pos
         self.inputs: list[torch.Tensor] = []
         self.patches: list[tuple[int, int]] = []
+        self.by_leaf: dict[int, int] = {}  # leaf position -> input index
         slab_pos, r = 0, -1
         run_end = 0  # file offset where the current run's bytes so far end
         for off, n, t, leaf in items:
@@ -202,8 +216,10 @@ class CopyProgram:
                 continue
             self._pad(off - run_end)
             slab_pos += off - run_end
-            if not t.is_contiguous() and leaf >= 0:
-                self.patches.append((len(self.inputs), leaf))
+            if leaf >= 0:
+                self.by_leaf[leaf] = len(self.inputs)
+                if not t.is_contiguous():
+                    self.patches.append((len(self.inputs), leaf))
             self.inputs.append(flat_bytes(t))
             slab_pos += n
             run_end = off + n
@@ -214,12 +230,17 @@ class CopyProgram:
             self.inputs.append(_ZEROS[: min(n, 64)])
             n -= 64
 
-    def run(self, out: torch.Tensor, leaves: list[torch.Tensor]) -> None:
+    def run(self, out: torch.Tensor, leaves: list[torch.Tensor], moved: Sequence[int] = ()) -> None:
+        """Copy the state (``leaves``; those at positions ``moved`` live elsewhere now) into ``out``."""
         inputs = self.inputs
-        if self.patches:
+        if self.patches or moved:
             inputs = list(inputs)
             for k, leaf in self.patches:
                 inputs[k] = flat_bytes(leaves[leaf])
+            for leaf in moved:
+                k = self.by_leaf.get(leaf)
+                if k is not None:
+                    inputs[k] = flat_bytes(leaves[leaf])
         if inputs:
             torch.cat(inputs, out=out)
 
