@@ -31,6 +31,7 @@ from .staging import (
     SnapshotSpec,
     TrainerCopies,
     share_in_place,
+    start_fd_sharing,
 )
 from .storage import check_scheme, split_uri
 from .storage.layouts import data_prefix
@@ -290,6 +291,7 @@ class AsyncCheckpointer:
         share_in_place(plan.tensors[i] for i in prog.shared)
         if prog.copy is not None:
             self._copies.reserve(prog.copy.nbytes)
+        start_fd_sharing()
         job = Job([Stage(Kind.CONTROL, ControlPayload([ReserveStagingOp(plan.data_nbytes)]))], label="warm-up")
         self.queue.schedule_job(job, world=1, detached=True)
 

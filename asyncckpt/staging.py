@@ -17,6 +17,7 @@ import asyncio
 import ctypes
 import itertools
 import mmap
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,7 @@ __all__ = [
     "TrainerCopies",
     "flat_bytes",
     "share_in_place",
+    "start_fd_sharing",
     "take_snapshot",
 ]
 
@@ -243,6 +245,29 @@ class CopyProgram:
                     inputs[k] = flat_bytes(leaves[leaf])
         if inputs:
             torch.cat(inputs, out=out)
+
+
+_fd_sharing_started = False
+
+
+def start_fd_sharing() -> None:
+    """Start multiprocessing's fd-sharing listener (a thread) now: the first CPU storage sent to
+    the worker would otherwise start it inside a ``save()``."""
+    global _fd_sharing_started
+    if _fd_sharing_started:
+        return
+    from multiprocessing import reduction
+
+    r, w = os.pipe()
+    try:
+        shared = reduction.DupFd(r)  # registers a duplicate with the sharer, which starts it
+        detach = getattr(shared, "detach", None)
+        if detach is not None:
+            os.close(detach())  # take the duplicate back through the listener: nothing stays registered
+    finally:
+        os.close(r)
+        os.close(w)
+    _fd_sharing_started = True
 
 
 def share_in_place(tensors: Iterable[torch.Tensor], min_nbytes: int = 64 * 1024) -> int:

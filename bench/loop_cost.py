@@ -74,6 +74,7 @@ def loop_per_save(root: str, options: dict[str, Any], steps: int, every: int, re
     """Extra loop time per save (interleaved with-save / without-save runs) and the maybe_save call."""
     extra: list[float] = []
     calls: list[float] = []
+    waited: list[bool] = []
     base_means: list[float] = []
     for _ in range(repeats):
         model, opt, sched = _model()
@@ -86,10 +87,12 @@ def loop_per_save(root: str, options: dict[str, Any], steps: int, every: int, re
             offset = every
 
             def hook(step: int, mgr: Any = mgr, state: Any = state, offset: int = offset) -> None:
+                full = mgr.in_flight >= mgr.ckpt.max_in_flight  # this call will wait for a slot
                 t0 = time.perf_counter()
                 h = mgr.maybe_save(offset + step, state)
                 if h is not None:
                     calls.append(time.perf_counter() - t0)
+                    waited.append(full)
 
             timed = _steps(model, opt, sched, steps, hook)
         n_saves = steps // every
@@ -101,6 +104,8 @@ def loop_per_save(root: str, options: dict[str, Any], steps: int, every: int, re
         "maybe_save_call_median_s": statistics.median(calls),
         "maybe_save_call_p99_s": _pct(calls, 0.99),
         "maybe_save_calls": len(calls),
+        # saves asked for while max_in_flight saves were still writing: maybe_save waits (when_full="wait")
+        "maybe_save_calls_waiting_for_a_slot": sum(waited),
         "step_s_median": statistics.median(base_means),
     }
 
@@ -235,7 +240,8 @@ def summary(res: dict[str, Any]) -> None:
             print(f"  {key[9:-1]:8s} unavailable: {val['error']}")
             continue
         print(f"  {key[9:-1]:8s} maybe_save call median {_ms(val['maybe_save_call_median_s'])}  "
-              f"p99 {_ms(val['maybe_save_call_p99_s'])}  ({val['maybe_save_calls']} saves); "
+              f"p99 {_ms(val['maybe_save_call_p99_s'])}  ({val['maybe_save_calls']} saves, "
+              f"{val['maybe_save_calls_waiting_for_a_slot']} waited for a slot); "
               f"extra loop time per save {_ms(val['loop_s_per_save_median'])}  [target <= 1 ms median, <= 5 ms p99]")
     if ts is not None:
         print(f"  torch.save (local, blocking)      {_ms(ts)}")
