@@ -111,3 +111,32 @@ def test_ordered_dicts_lists_tuples_and_arrays_round_trip_on_a_reused_layout(tmp
             assert torch.equal(out["od"]["b"], state["od"]["b"])
             assert isinstance(out["od"]["a"][1], tuple) and torch.equal(out["od"]["a"][1][1], torch.ones(1) * i)
             assert np.array_equal(out["arr"], arr)
+
+
+def test_warm_up_then_saves_of_the_warmed_structure_are_exact(tmp_path):
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    with asyncckpt.AsyncCheckpointer(optimizers=opt) as ck:
+        ck.warm_up({"model": model.state_dict(), "optim": opt.state_dict()})
+        for i in range(2):
+            model(torch.randn(2, 8)).sum().backward()
+            opt.step()
+            state = {"model": model.state_dict(), "optim": opt.state_dict(), "rng": torch.get_rng_state()}
+            out = _saved(ck, state, tmp_path / f"s{i}")
+            assert torch.equal(out["model"]["weight"], model.weight)
+            assert torch.equal(out["optim"]["state"][0]["exp_avg"], opt.state[model.weight]["exp_avg"])
+            assert torch.equal(out["rng"], state["rng"])  # a tensor made afresh each save
+
+
+def test_a_request_larger_than_the_socket_takes_is_sent_right_after_construction(tmp_path):
+    state = {f"t{i}": torch.full((3,), float(i)) for i in range(20000)}  # ~1 MiB of entries
+    with asyncckpt.AsyncCheckpointer() as ck:  # the worker is still starting
+        ck.save(state, tmp_path / "a")
+        state["t7"].fill_(-1)  # copied at save(): later changes are not in the checkpoint
+        ck.save(state, tmp_path / "b")
+        ck.finalize(blocking=True)
+    a, b = asyncckpt.load(tmp_path / "a"), asyncckpt.load(tmp_path / "b")
+    assert torch.equal(a["t7"], torch.full((3,), 7.0)) and torch.equal(b["t7"], torch.full((3,), -1.0))
+    assert torch.equal(b["t19999"], torch.full((3,), 19999.0))
