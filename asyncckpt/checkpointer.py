@@ -621,6 +621,8 @@ class AsyncCheckpointer:
                         errors.append(exc)
         finally:
             self.queue.close(abort=True)
+            self._plans.clear()  # the last state's tensors are no longer needed
+            self._program = None
         if errors:
             if len(errors) > 1:
                 log.warning("asyncckpt: %d saves failed; raising the first: %s", len(errors),
