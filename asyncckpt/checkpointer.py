@@ -8,7 +8,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -16,14 +16,23 @@ from .completion import dist_active
 from .control import CleanupOp, CommitOp, DrainOp, ReserveStagingOp, RetentionOp
 from .engine import NativeSink, SaveJob, SaveResult
 from .errors import BadInputError, CheckpointError, CheckpointExistsError, WorkerDiedError
-from .format import check_compression
-from .plan import INLINE_MAX, Plan, plan_state
+from .format import Entry, Node, check_compression
+from .plan import INLINE_MAX, Packed, Plan, PlanCache, plan_state
 from .queue import AsyncCallsQueue, Job, Stage
 from .retention import RetentionPolicy
 from .runtime.messages import Kind
 from .runtime.protocol import ControlPayload, SavePayload
 from .snapshot import SnapshotMode, SnapshotPolicy
-from .staging import SharedRef, SharedRegistry, SnapshotGuard, SnapshotSpec, TrainerCopies, share_in_place
+from .staging import (
+    CopyProgram,
+    SharedRef,
+    SharedRegistry,
+    SnapshotGuard,
+    SnapshotSpec,
+    TrainerCopies,
+    share_in_place,
+    start_fd_sharing,
+)
 from .storage import check_scheme, split_uri
 from .storage.layouts import data_prefix
 from .tiers import TieredPath, Tiers
@@ -35,6 +44,19 @@ log = logging.getLogger("asyncckpt")
 #: CPU state of at most this many bytes (to be shared with the worker) is copied by ``save()``
 #: itself: the copy costs less than a round trip to the worker and is consistent at once.
 TRAINER_COPY_MAX = 4 << 20
+
+
+@dataclass
+class _Program:
+    """What ``save()`` does for one layout, worked out once (:class:`~asyncckpt.plan.PlanCache`)."""
+
+    layout_id: int
+    shared: list[int]  # entries the worker copies from shared memory / IPC
+    copy: CopyProgram | None  # the entries this thread copies now
+    cuda: bool
+    entries: Packed
+    tree: Node
+    packed_tree: Packed
 
 
 @dataclass
@@ -171,6 +193,8 @@ class AsyncCheckpointer:
         opts = {"max_in_flight": max_in_flight, **(worker_options or {})}
         self.queue = AsyncCallsQueue(group=process_group, worker_options=opts, finish_at_exit=finish_at_exit)
         self._registry = SharedRegistry()
+        self._plans = PlanCache()
+        self._program: _Program | None = None
         self._copies = TrainerCopies(max_in_flight + 1)
         self._registry_gen = -1
         self._handles: dict[int, SaveHandle] = {}
@@ -259,16 +283,20 @@ class AsyncCheckpointer:
 
     def warm_up(self, state_dict: Any = None) -> None:
         """Do now what the first save would otherwise do on the training loop: start the worker,
-        move ``state_dict``'s tensors to shared memory, allocate and touch the staging slots.
+        plan ``state_dict`` (later saves of the same structure reuse the plan), move its tensors
+        to shared memory, allocate the copy slabs here and the staging slots in the worker.
 
-        Optional: without it the first ``save()`` pays for these once (documented in docs/snapshot.md).
+        Optional: without it the first ``save()`` pays for these once (docs/snapshot.md, "Cost").
         """
         self.queue.start_worker()
         if state_dict is None:
             return
-        plan = plan_state(state_dict, allow_pickle=self.allow_pickle, inline_max=0)
-        shared, _ = self._split(plan)
-        share_in_place(shared.values())
+        plan = self._plans.plan(state_dict, allow_pickle=self.allow_pickle, full=lambda *a, **k: plan_state(*a, **k))
+        prog = self._program_for(plan)
+        share_in_place(plan.tensors[i] for i in prog.shared)
+        if prog.copy is not None:
+            self._copies.reserve(prog.copy.nbytes)
+        start_fd_sharing()
         job = Job([Stage(Kind.CONTROL, ControlPayload([ReserveStagingOp(plan.data_nbytes)]))], label="warm-up")
         self.queue.schedule_job(job, world=1, detached=True)
 
@@ -316,7 +344,8 @@ class AsyncCheckpointer:
             raise CheckpointError("this AsyncCheckpointer is closed")
         t0 = time.perf_counter()
         root, name, storage_options, tiers = self._resolve(path)
-        plan = plan_state(state_dict, allow_pickle=self.allow_pickle, inline_max=0)
+        plan = self._plans.plan(state_dict, allow_pickle=self.allow_pickle,
+                                full=lambda *a, **k: plan_state(*a, **k))
         shown = os.fspath(path)
         if any(h.name == name and h.path == shown and not h.done for h in self._handles.values()):
             raise CheckpointExistsError(f"{shown} is already being saved; wait for it or choose another name")
@@ -332,11 +361,12 @@ class AsyncCheckpointer:
         if self._registry_gen != self.queue.worker_generation:
             self._registry.reset()
             self._registry_gen = self.queue.worker_generation
-        if any(t.is_cuda for t in plan.tensors.values()):
+        prog = self._program_for(plan)
+        if prog.cuda:
             torch.cuda.current_stream().synchronize()  # kernels writing the state must be done before IPC reads it
-        shared, copied = self._split(plan)
+        shared = {i: plan.tensors[i] for i in prog.shared}
         self._copies.release(self.queue.snapshot_taken)
-        runs = self._copy_now(plan, copied)
+        runs = self._copy_now(prog.copy, plan.leaves, plan.moved)
         refs, new, release = self._registry.prepare({**shared, **self._copies.bases()})
         if new:
             self._policy.storages_moved()
@@ -356,7 +386,8 @@ class AsyncCheckpointer:
         rank, world = self.rank, self.world_size
         job = SaveJob(
             root=root, name=name, rank=rank, world_size=world, step=step,
-            entries=plan.entries, tree=plan.tree, data_nbytes=plan.data_nbytes, overwrite=overwrite,
+            entries=cast("list[Entry]", prog.entries), tree=cast(Node, self._packed_tree(prog, plan.tree)),
+            data_nbytes=plan.data_nbytes, overwrite=overwrite,
             chunk_size=self.chunk_size, io_concurrency=self.io_concurrency,
             storage_options=storage_options, layout=self.layout, data_prefix=data_prefix(self.layout, name, step),
             features=plan.features, compression=self.compression, compression_level=self.compression_level,
@@ -423,15 +454,37 @@ class AsyncCheckpointer:
             shared = {}
         return shared, copied
 
-    def _copy_now(self, plan: Plan, copied: dict[int, torch.Tensor]) -> tuple[int, list[tuple[int, int, int]]] | None:
-        if not copied:
+    def _program_for(self, plan: Plan) -> _Program:
+        """The save program of ``plan``'s layout: the cached one when the layout is the same."""
+        prog = self._program
+        if prog is not None and plan.layout_id and prog.layout_id == plan.layout_id:
+            return prog
+        shared, copied = self._split(plan)
+        items = sorted(((plan.entries[i].offset, plan.entries[i].nbytes, t, plan.own.get(i, -1))
+                        for i, t in copied.items()), key=lambda x: (x[0], x[1]))
+        prog = _Program(
+            plan.layout_id, list(shared), CopyProgram(items) if items else None,
+            any(t.is_cuda for t in plan.tensors.values()), Packed(plan.entries, "entries"),
+            plan.tree, Packed(plan.tree, "tree"),
+        )
+        self._program = prog if plan.layout_id else None
+        return prog
+
+    @staticmethod
+    def _packed_tree(prog: _Program, tree: Node) -> Packed:
+        if tree is not prog.tree:  # plain values changed: the same layout, another tree
+            prog.tree, prog.packed_tree = tree, Packed(tree, "tree")
+        return prog.packed_tree
+
+    def _copy_now(self, program: CopyProgram | None, leaves: list[torch.Tensor],
+                  moved: list[int]) -> tuple[int, list[tuple[int, int, int]]] | None:
+        if program is None:
             return None
-        items = sorted((plan.entries[i].offset, plan.entries[i].nbytes, t) for i, t in copied.items())
-        got = self._copies.copy(items)
+        got = self._copies.copy(program, leaves, moved)
         while got is None:  # every slab still waits for its snapshot
             self.queue.wait_snapshot()
             self._copies.release(self.queue.snapshot_taken)
-            got = self._copies.copy(items)
+            got = self._copies.copy(program, leaves, moved)
         return got
 
     def _retention_ops(self, root: str, options: dict[str, Any], policy: RetentionPolicy | None,
@@ -573,6 +626,8 @@ class AsyncCheckpointer:
                         errors.append(exc)
         finally:
             self.queue.close(abort=True)
+            self._plans.clear()  # the last state's tensors are no longer needed
+            self._program = None
         if errors:
             if len(errors) > 1:
                 log.warning("asyncckpt: %d saves failed; raising the first: %s", len(errors),

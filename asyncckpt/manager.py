@@ -166,6 +166,7 @@ class CheckpointManager:
                          (1.0 if isinstance(st, LocalStorage) else 10.0), clock=clock)
             for st in self._storages
         ]
+        self._warm = False  # the first maybe_save that does not save warms the checkpointer up
         self._retry_torn = False  # an "auto" save was torn: save again at the next maybe_save
         self._pending: dict[int, _Pending] = {}
         self._hooked: set[int] = set()
@@ -462,6 +463,11 @@ class CheckpointManager:
         handle = None
         if by_steps or time_due:
             handle = self._start_save(int(step), state, "steps" if by_steps else "time")
+        elif not self._warm:
+            # Once, on a step that does not save: plan the state, allocate the copy slabs and the
+            # worker's staging, so the first save costs the loop what the later ones do.
+            self.ckpt.warm_up(self._state_for_save(int(step), state))
+        self._warm = True
         self.last_step = int(step)
         return handle
 

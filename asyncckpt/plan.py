@@ -7,11 +7,16 @@ Runs in the trainer inside ``save()``; its cost is bounded by metadata work, not
 from __future__ import annotations
 
 import collections
+import gc
+import itertools
+import math
+import operator
 import pickle
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 
@@ -19,7 +24,7 @@ from .dtypes import torch_dtype_name
 from .errors import BadInputError
 from .format import ALIGN, SHARED_STORAGE, BigIntNode, BytesNode, DictNode, Entry, ListNode, Node, RefNode, ValueNode
 
-__all__ = ["INLINE_MAX", "Plan", "plan_state", "tensor_bytes", "validate_key"]
+__all__ = ["INLINE_MAX", "Packed", "Plan", "PlanCache", "decode_packed", "plan_state", "tensor_bytes", "validate_key"]
 
 #: Tensors at most this large are copied into the request at ``save()`` time (cheaper than
 #: sharing their memory, and immediately consistent); larger ones are snapshotted by the worker.
@@ -47,6 +52,19 @@ class Plan:
     shared: dict[int, tuple[torch.device, int, int]] = field(default_factory=dict)
     #: shared storage -> index of the entry holding its bytes
     storage_entries: dict[tuple[torch.device, int, int], int] = field(default_factory=dict)
+    #: the state's tensors in walk order (what a :class:`PlanCache` compares the next state with)
+    leaves: list[torch.Tensor] = field(default_factory=list)
+    #: entry index -> position in ``leaves`` of the tensor that owns its bytes (not views, not bases)
+    own: dict[int, int] = field(default_factory=dict)
+    #: storage entry index -> (key, position in ``leaves``) of the tensors that are views of it
+    member_pos: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
+    #: the same for every plan of one layout (a :class:`PlanCache` hit keeps it); 0: not cached
+    layout_id: int = 0
+    #: leaf positions whose tensor moved since the layout was made (copied afresh, not through views)
+    moved: list[int] = field(default_factory=list)
+    #: False when a later state of the same structure cannot reuse this layout (pickled objects,
+    #: conjugate/negative views: what they save is not the leaf itself)
+    cacheable: bool = True
 
     def add(self, key: str, kind: str, dtype: str, shape: list[int], nbytes: int) -> int:
         offset = -(-self.data_nbytes // ALIGN) * ALIGN
@@ -155,6 +173,7 @@ def _plan_view(plan: Plan, t: torch.Tensor, key: tuple[torch.device, int, int], 
         if SHARED_STORAGE not in plan.features:
             plan.features.append(SHARED_STORAGE)
     plan.members[sidx].append((path, t))
+    plan.member_pos.setdefault(sidx, []).append((path, len(plan.leaves) - 1))
     offset = plan.entries[sidx].offset
     plan.entries.append(Entry(key=path, kind="tensor", dtype=torch_dtype_name(t.dtype, path), shape=list(t.shape),
                               offset=offset, nbytes=t.numel() * t.element_size(), view_of=sidx,
@@ -180,12 +199,14 @@ def _plan_tensor(plan: Plan, t: torch.Tensor, path: str) -> Node:
     if t.device.type not in ("cpu", "cuda"):
         raise BadInputError(f"{path}: tensors on device {t.device} are not supported (cpu and cuda are)")
     key = plan.shared.get(id(t)) if plan.shared else None
+    plan.leaves.append(t)
     t = t.detach()
     if key is not None and not (t.is_conj() or t.is_neg()):
         torch_dtype_name(t.dtype, path)  # refuse an unsupported dtype before the storage is planned
         return _plan_view(plan, t, key, path)
     if t.is_conj() or t.is_neg():
         t = t.resolve_conj().resolve_neg()
+        plan.cacheable = False
     dtype = torch_dtype_name(t.dtype, path)
     nbytes = t.numel() * t.element_size()
     idx = plan.add(path, "tensor", dtype, list(t.shape), nbytes)
@@ -193,6 +214,7 @@ def _plan_tensor(plan: Plan, t: torch.Tensor, path: str) -> Node:
         plan.inline[idx] = tensor_bytes(t)
     else:
         plan.tensors[idx] = t
+        plan.own[idx] = len(plan.leaves) - 1
     return RefNode(index=idx)
 
 
@@ -222,7 +244,11 @@ def _walk(plan: Plan, obj: Any, path: str, allow_pickle: bool, seen: set[int]) -
         return _plan_ndarray(plan, obj, path)
     if isinstance(obj, np.generic) and obj.dtype.kind in "biuf":
         return ValueNode(value=obj.item())
+    if isinstance(obj, np.generic):
+        plan.cacheable = False
     if isinstance(obj, (bytes, bytearray)):
+        if type(obj) is not bytes:
+            plan.cacheable = False
         return BytesNode(value=bytes(obj))
     if isinstance(obj, (dict, collections.OrderedDict)) and type(obj) in (dict, collections.OrderedDict):
         if id(obj) in seen:
@@ -252,6 +278,7 @@ def _plan_pickle(plan: Plan, obj: Any, path: str) -> Node:
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
         raise BadInputError(f"{path}: cannot pickle {type(obj).__qualname__}: {exc}") from exc
+    plan.cacheable = False
     idx = plan.add(path, "pickle", "bytes", [len(data)], len(data))
     plan.inline[idx] = data
     return RefNode(index=idx)
@@ -272,3 +299,281 @@ def plan_state(state: Any, *, allow_pickle: bool = False, inline_max: int = INLI
     plan.shared = _shared_storages(root)
     plan.tree = _walk(plan, root, "", allow_pickle, set())
     return plan
+
+
+# -- reusing a layout ------------------------------------------------------------------------------
+
+_TENSORS = frozenset(_PLAIN)
+_SCALARS = frozenset({type(None), bool, int, float, str, bytes})
+_MAX_DEPTH = 100  # deeper (or cyclic) states are planned in full, which reports a cycle by name
+_shape = operator.attrgetter("shape")
+_dtype = operator.attrgetter("dtype")
+_layout_ids = itertools.count(1)
+
+
+def _scalar_node(v: Any) -> Node:
+    if isinstance(v, np.generic):
+        return ValueNode(value=v.item())
+    if type(v) is int and not _I64[0] <= v <= _I64[1]:
+        return BigIntNode(value=str(v))
+    if type(v) is bytes:
+        return BytesNode(value=v)
+    return ValueNode(value=v)
+
+
+def _flatten(obj: Any, sig: list[Any], tensors: list[Any], scalars: list[Any], arrays: list[np.ndarray],
+             depth: int) -> bool:
+    """Collect the leaves of ``obj`` in :func:`_walk`'s order; False for what only a full plan handles."""
+    if depth > _MAX_DEPTH:
+        return False
+    t = type(obj)
+    if t is dict or t is collections.OrderedDict:
+        sig.append(t)
+        sig.append(tuple(obj))
+        sig.append(frozenset(map(type, obj)))  # with equal keys: every key keeps its type (1 vs True)
+        vals: Any = obj.values()
+    elif t is list or t is tuple:
+        sig.append(t)
+        sig.append(len(obj))
+        vals = obj
+    else:  # the root is always a container
+        return False
+    types = list(map(type, vals))
+    sig.extend(types)
+    kinds = set(types)
+    if kinds <= _TENSORS:
+        tensors.extend(vals)
+        return True
+    if kinds <= _SCALARS:
+        scalars.extend(vals)
+        return True
+    for v, tv in zip(vals, types):
+        if tv in _TENSORS:
+            tensors.append(v)
+        elif tv in _SCALARS:
+            scalars.append(v)
+        elif tv is dict or tv is collections.OrderedDict or tv is list or tv is tuple:
+            if not _flatten(v, sig, tensors, scalars, arrays, depth + 1):
+                return False
+        elif tv is np.ndarray:
+            if v.dtype.hasobject or v.dtype.byteorder == ">":
+                return False
+            arrays.append(v)
+        elif isinstance(v, np.generic) and v.dtype.kind in "biuf":
+            scalars.append(v)
+        else:
+            return False
+    return True
+
+
+def _same_values(a: list[Any], b: list[Any]) -> bool:
+    """Equal and indistinguishable once stored (``0.0 == -0.0``, but their bits differ)."""
+    if a != b:
+        return False
+    return all(math.copysign(1.0, x) == math.copysign(1.0, y)
+               for x, y in zip(a, b) if isinstance(x, (float, np.floating)) and x == 0)
+
+
+def _retree(node: Node, values: Iterator[Any]) -> Node:
+    """``node`` with its scalar leaves replaced, in walk order, by ``values``."""
+    if isinstance(node, DictNode):
+        return DictNode(keys=node.keys, values=[_retree(v, values) for v in node.values], ordered=node.ordered)
+    if isinstance(node, ListNode):
+        return ListNode(items=[_retree(v, values) for v in node.items], tuple=node.tuple)
+    if isinstance(node, RefNode):
+        return node
+    return _scalar_node(next(values))
+
+
+class PlanCache:
+    """Plans a state, reusing the layout of the previous state when the structure is the same.
+
+    A training loop saves the same structure again and again (the same keys, the same tensors
+    with new values). The next state reuses the previous layout, entries and tree when its keys,
+    containers and leaf types are the same and each tensor has the same data pointer, shape,
+    strides and dtype (plain values may differ: only the tree is rebuilt then). Checking that
+    costs a few C-level passes over the tensors, not a plan. The cache keeps the previous
+    state's tensors referenced (so an address seen again is the same storage) until a state of
+    another layout is planned or :meth:`clear` is called.
+    """
+
+    def __init__(self) -> None:
+        self._plan: Plan | None = None
+        self._sig: list[Any] = []
+        self._meta: tuple[list[int], list[Any], list[Any], list[Any]] | None = None
+        self._scalars: list[Any] = []
+        self._arrays: list[tuple[np.dtype[Any], tuple[int, ...]]] = []
+        self._array_entries: list[int] = []
+        self._storages: set[int] = set()  # storage addresses of the cached plan's tensors
+        self._members: set[int] = set()  # leaf positions of tensors that share a storage
+        self.hits = 0
+        self.misses = 0
+
+    def clear(self) -> None:
+        self._plan, self._meta, self._sig, self._scalars = None, None, [], []
+
+    def plan(self, state: Any, *, allow_pickle: bool = False,
+             full: Callable[..., Plan] | None = None) -> Plan:
+        """A plan of ``state`` (``inline_max=0``: every tensor is listed); ``full`` plans a miss."""
+        if not isinstance(state, Mapping):
+            raise BadInputError(f"a state dict must be a mapping, got {type(state).__name__}")
+        root = dict(state) if type(state) not in (dict, collections.OrderedDict) else state
+        sig: list[Any] = []
+        tensors: list[Any] = []
+        scalars: list[Any] = []
+        arrays: list[np.ndarray] = []
+        # These passes allocate a few small objects per tensor (torch.Size, stride tuples) and no
+        # cycle: with the collector on, a large state triggers full collections in the middle
+        # (a 50,000-tensor state: several times slower).
+        collect = gc.isenabled()
+        gc.disable()
+        try:
+            ok = _flatten(root, sig, tensors, scalars, arrays, 0)
+            cached = self._plan
+            meta = self._metadata(tensors) if ok and cached is not None and sig == self._sig else None
+        finally:
+            if collect:
+                gc.enable()
+        if meta is not None and cached is not None:
+            moved = self._moved(meta, tensors)
+            if moved is not None and [(a.dtype, a.shape) for a in arrays] == self._arrays:
+                self.hits += 1
+                plan = self._reuse(cached, tensors, scalars, arrays)
+                plan.moved = moved
+                return plan
+        self.misses += 1
+        plan = (full or plan_state)(root, allow_pickle=allow_pickle, inline_max=0)
+        self._plan = None
+        if ok and plan.cacheable and len(plan.leaves) == len(tensors):
+            meta = self._metadata(tensors)
+            if meta is not None:
+                plan.layout_id = next(_layout_ids)
+                self._plan, self._sig, self._meta, self._scalars = plan, sig, meta, scalars
+                self._storages = {k[1] for k in map(_storage_key, tensors) if k is not None}
+                self._members = {p for ms in plan.member_pos.values() for _, p in ms}
+                self._arrays = [(a.dtype, a.shape) for a in arrays]
+                self._array_entries = [i for i, e in enumerate(plan.entries) if e.kind == "ndarray"]
+        return plan
+
+    @staticmethod
+    def _metadata(tensors: list[torch.Tensor]) -> tuple[list[int], list[Any], list[Any], list[Any]] | None:
+        try:
+            return (list(map(torch.Tensor.data_ptr, tensors)), list(map(_shape, tensors)),
+                    list(map(torch.Tensor.stride, tensors)), list(map(_dtype, tensors)))
+        except (RuntimeError, NotImplementedError):  # sparse and other tensors without a plain layout
+            return None
+
+    def _moved(self, meta: tuple[list[int], list[Any], list[Any], list[Any]], tensors: list[torch.Tensor]) -> list[int] | None:
+        """Leaf positions whose tensor lives elsewhere now (same shape, strides, dtype), or None when
+        the layout cannot be reused: another shape, or a moved tensor that shares a storage.
+
+        A tensor made afresh each save (``torch.get_rng_state()``) keeps the layout when its new
+        storage is its own: not one of the cached state's (still referenced, so no other tensor
+        can have been given its address) nor another moved tensor's.
+        """
+        old = self._meta
+        assert old is not None
+        if meta[1:] != old[1:]:
+            return None
+        if meta[0] == old[0]:
+            return []
+        moved = [i for i, (a, b) in enumerate(zip(meta[0], old[0])) if a != b]
+        seen: set[int] = set()
+        for i in moved:
+            if i in self._members:
+                return None
+            key = _storage_key(tensors[i])
+            if key is None:
+                continue
+            if key[1] in self._storages or key[1] in seen:
+                return None
+            seen.add(key[1])
+        return moved
+
+    def _reuse(self, cached: Plan, tensors: list[torch.Tensor], scalars: list[Any], arrays: list[np.ndarray]) -> Plan:
+        tree = cached.tree if _same_values(scalars, self._scalars) else _retree(cached.tree, iter(scalars))
+        plan = Plan(tree=tree, entries=cached.entries, data_nbytes=cached.data_nbytes, inline_max=0,
+                    features=cached.features, leaves=tensors, own=cached.own, member_pos=cached.member_pos,
+                    layout_id=cached.layout_id, storage_entries=cached.storage_entries)
+        plan.tensors = _LazyTensors(plan, cached)  # type: ignore[assignment]
+        plan.members = {s: [(k, tensors[p].detach()) for k, p in ms] for s, ms in cached.member_pos.items()}
+        for i, a in zip(self._array_entries, arrays):
+            plan.inline[i] = np.ascontiguousarray(a).tobytes()
+        return plan
+
+
+class _LazyTensors(dict):  # type: ignore[type-arg]
+    """``Plan.tensors`` of a reused layout: one entry costs one lookup; the whole dict is built only
+    when iterated (a save that needs a few entries never pays for 50,000)."""
+
+    def __init__(self, plan: Plan, cached: Plan) -> None:
+        super().__init__()
+        self._leaves: list[torch.Tensor] | None = plan.leaves
+        self._cached = cached
+
+    def _one(self, k: int) -> torch.Tensor:
+        p = self._cached.own.get(k)
+        if p is None:
+            return self._cached.tensors[k]  # a shared storage's base (the same storage: same address)
+        assert self._leaves is not None
+        return self._leaves[p].detach()
+
+    def fill(self) -> _LazyTensors:
+        if self._leaves is not None:
+            for k in self._cached.tensors:
+                super().__setitem__(k, self._one(k))
+            self._leaves = None
+        return self
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return self._one(k) if self._leaves is not None else dict.__getitem__(self, k)
+
+    def __iter__(self) -> Iterator[int]:
+        return dict.__iter__(self.fill())
+
+    def __len__(self) -> int:
+        return len(self._cached.tensors)
+
+    def __contains__(self, k: object) -> bool:
+        return k in self._cached.tensors
+
+    def items(self) -> Any:
+        return dict.items(self.fill())
+
+    def values(self) -> Any:
+        return dict.values(self.fill())
+
+    def keys(self) -> Any:
+        return dict.keys(self.fill())
+
+    def get(self, k: int, default: Any = None) -> Any:
+        return self[k] if k in self._cached.tensors else default
+
+
+_encoder = msgspec.msgpack.Encoder()
+_DECODERS: dict[str, Any] = {}
+
+
+def decode_packed(kind: str, blob: bytes) -> Any:
+    """Unpickling side of :class:`Packed` (runs in the worker)."""
+    dec = _DECODERS.get(kind)
+    if dec is None:
+        dec = _DECODERS[kind] = msgspec.msgpack.Decoder(list[Entry] if kind == "entries" else Node)
+    return dec.decode(blob)
+
+
+class Packed:
+    """Entries or a tree that pickle as their msgpack bytes, encoded once per layout.
+
+    Pickling 50,000 msgspec Structs one by one costs the loop tens of milliseconds; these bytes
+    cost a memcpy, and the worker unpickles them as the plain list / Node.
+    """
+
+    __slots__ = ("blob", "kind")
+
+    def __init__(self, value: Any, kind: str) -> None:
+        self.kind = kind
+        self.blob = _encoder.encode(value)
+
+    def __reduce__(self) -> tuple[Any, tuple[str, bytes]]:
+        return (decode_packed, (self.kind, self.blob))

@@ -17,8 +17,9 @@ import asyncio
 import ctypes
 import itertools
 import mmap
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .runtime.context import WorkerContext
 
 __all__ = [
+    "CopyProgram",
     "SharedRef",
     "SharedRegistry",
     "SnapshotGuard",
@@ -37,7 +39,9 @@ __all__ = [
     "StagingPool",
     "StagingSlot",
     "TrainerCopies",
+    "flat_bytes",
     "share_in_place",
+    "start_fd_sharing",
     "take_snapshot",
 ]
 
@@ -119,6 +123,18 @@ class TrainerCopies:
             if done(idx):
                 del self._busy[i]
 
+    def reserve(self, nbytes: int) -> None:
+        """Allocate (and touch) every slab for copies of ``nbytes`` now, not in the first saves."""
+        cap = max(1 << 20, 1 << (max(nbytes, 1) - 1).bit_length())
+        for i in range(self.max_slabs):
+            if i < len(self._slabs) and (self._slabs[i].numel() >= nbytes or i in self._busy):
+                continue
+            slab = torch.zeros(cap, dtype=torch.uint8).share_memory_()
+            if i < len(self._slabs):
+                self._slabs[i] = slab
+            else:
+                self._slabs.append(slab)
+
     def busy(self, slab: int, call_idx: int) -> None:
         self._busy[slab] = call_idx
 
@@ -137,41 +153,121 @@ class TrainerCopies:
             return i
         return None
 
-    def copy(self, items: list[tuple[int, int, torch.Tensor]]) -> tuple[int, list[tuple[int, int, int]]] | None:
-        """Copy ``items`` ((data-file offset, nbytes, tensor), sorted by offset) into a free slab.
+    def copy(self, program: CopyProgram, leaves: list[torch.Tensor],
+             moved: list[int]) -> tuple[int, list[tuple[int, int, int]]] | None:
+        """Run ``program`` (the state's ``leaves`` fill its per-save inputs) into a free slab.
 
         Returns (slab index, runs as (file offset, slab offset, length)), or None when every slab
         is still in use (the caller waits for a snapshot and asks again).
         """
-        runs: list[list[int]] = []
-        for off, n, _ in items:
-            if runs and off - runs[-1][1] < 64:  # adjacent but for alignment padding
-                runs[-1][1] = off + n
-            else:
-                runs.append([off, off + n])
-        spans, pos = [], 0
-        for a, b in runs:
-            pos = -(-pos // 64) * 64  # file offsets are 64-aligned: keep the slab's too (typed views)
-            spans.append((a, pos, b - a))
-            pos += b - a
-        slab_i = self._slab_for(pos)
+        slab_i = self._slab_for(program.nbytes)
         if slab_i is None:
             return None
-        slab = self._slabs[slab_i]
-        slab[:pos].zero_()  # alignment padding must not carry bytes of an earlier save
-        r, (a, s0, length) = 0, spans[0]
-        for off, n, t in items:
-            while off >= a + length:
+        program.run(self._slabs[slab_i][: program.nbytes], leaves, moved)
+        return slab_i, program.spans
+
+
+def flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bytes as a 1-D uint8 tensor: a view when ``t`` is contiguous, else a copy."""
+    src = t.detach()
+    bits = _BITS.get(src.element_size())
+    if bits is not None and src.dtype != bits:
+        src = src.view(bits)  # a byte copy works for every dtype (bits8, float8 ... have no copy kernel)
+    return src.contiguous().reshape(-1).view(torch.uint8)
+
+
+_ZEROS = torch.zeros(64, dtype=torch.uint8)
+
+
+class CopyProgram:
+    """How ``save()`` copies many small CPU tensors into a slab: one ``torch.cat`` (one C call).
+
+    Built once per layout (see :class:`~asyncckpt.plan.PlanCache`): the inputs are flat byte views
+    of the tensors (which keep their addresses while the layout holds) with zero padding between
+    them, so the slab holds the data file's runs byte for byte, gaps zeroed. Tensors that are not
+    contiguous are copied afresh each save (``patches``: input index -> leaf position).
+    """
+
+    def __init__(self, items: list[tuple[int, int, torch.Tensor, int]]) -> None:
+        """``items``: (data-file offset, nbytes, tensor, its position among the state's leaves or -1), by offset."""
+        runs: list[list[int]] = []
+        for off, n, _, _ in items:
+            if runs and off - runs[-1][1] < 64:  # adjacent but for alignment padding
+                runs[-1][1] = max(runs[-1][1], off + n)
+            else:
+                runs.append([off, off + n])
+        self.spans: list[tuple[int, int, int]] = []
+        pos = 0
+        for a, b in runs:
+            pos = -(-pos // 64) * 64  # file offsets are 64-aligned: keep the slab's too (typed views)
+            self.spans.append((a, pos, b - a))
+            pos += b - a
+        self.nbytes = pos
+        self.inputs: list[torch.Tensor] = []
+        self.patches: list[tuple[int, int]] = []
+        self.by_leaf: dict[int, int] = {}  # leaf position -> input index
+        slab_pos, r = 0, -1
+        run_end = 0  # file offset where the current run's bytes so far end
+        for off, n, t, leaf in items:
+            while r + 1 < len(self.spans) and off >= self.spans[r + 1][0]:
                 r += 1
-                a, s0, length = spans[r]
-            if n:
-                dst = slab[s0 + off - a : s0 + off - a + n]
-                src = t.detach().reshape(-1)
-                bits = _BITS.get(src.element_size())
-                if bits is not None and src.dtype != bits:
-                    src = src.view(bits)
-                dst.view(src.dtype).copy_(src)
-        return slab_i, spans
+                a, s0, _ = self.spans[r]
+                self._pad(s0 - slab_pos)
+                slab_pos, run_end = s0, a
+            if n == 0:
+                continue
+            self._pad(off - run_end)
+            slab_pos += off - run_end
+            if leaf >= 0:
+                self.by_leaf[leaf] = len(self.inputs)
+                if not t.is_contiguous():
+                    self.patches.append((len(self.inputs), leaf))
+            self.inputs.append(flat_bytes(t))
+            slab_pos += n
+            run_end = off + n
+        self._pad(self.nbytes - slab_pos)
+
+    def _pad(self, n: int) -> None:
+        while n > 0:
+            self.inputs.append(_ZEROS[: min(n, 64)])
+            n -= 64
+
+    def run(self, out: torch.Tensor, leaves: list[torch.Tensor], moved: Sequence[int] = ()) -> None:
+        """Copy the state (``leaves``; those at positions ``moved`` live elsewhere now) into ``out``."""
+        inputs = self.inputs
+        if self.patches or moved:
+            inputs = list(inputs)
+            for k, leaf in self.patches:
+                inputs[k] = flat_bytes(leaves[leaf])
+            for leaf in moved:
+                k = self.by_leaf.get(leaf)
+                if k is not None:
+                    inputs[k] = flat_bytes(leaves[leaf])
+        if inputs:
+            torch.cat(inputs, out=out)
+
+
+_fd_sharing_started = False
+
+
+def start_fd_sharing() -> None:
+    """Start multiprocessing's fd-sharing listener (a thread) now: the first CPU storage sent to
+    the worker would otherwise start it inside a ``save()``."""
+    global _fd_sharing_started
+    if _fd_sharing_started:
+        return
+    from multiprocessing import reduction
+
+    r, w = os.pipe()
+    try:
+        shared = reduction.DupFd(r)  # registers a duplicate with the sharer, which starts it
+        detach = getattr(shared, "detach", None)
+        if detach is not None:
+            os.close(detach())  # take the duplicate back through the listener: nothing stays registered
+    finally:
+        os.close(r)
+        os.close(w)
+    _fd_sharing_started = True
 
 
 def share_in_place(tensors: Iterable[torch.Tensor], min_nbytes: int = 64 * 1024) -> int:

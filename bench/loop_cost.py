@@ -12,8 +12,13 @@ load average printed with them):
    itself on save steps (median, p99). Next to it: ``torch.save`` and ``dcp.async_save`` of the same
    state (the time the loop is blocked per save), local disk.
 2. **step-time inflation** of that loop with a save every 50 steps (target: <= 5 %).
-3. **save() of N small tensors** (1,000 .. 100,000 tensors of 64 bytes): the time ``save`` blocks.
-4. **first save vs later saves** of the same state right after construction.
+3. **save() of N small tensors** (1,000 .. 100,000 tensors of 64 bytes): the time ``save`` blocks
+   (median of 3 saves of the same structure after a first one), and per tensor (O(N) check).
+4. **first save vs later saves** of the same state right after construction: a bare
+   ``AsyncCheckpointer``, one after ``warm_up(state)``, and a ``CheckpointManager`` (which warms
+   up at its first ``maybe_save`` that does not save).
+
+Every figure is a median over repetitions inside this one run; a summary table closes the output.
 """
 
 from __future__ import annotations
@@ -67,7 +72,10 @@ def _pct(xs: list[float], q: float) -> float:
 
 def loop_per_save(root: str, options: dict[str, Any], steps: int, every: int, repeats: int) -> dict[str, Any]:
     """Extra loop time per save (interleaved with-save / without-save runs) and the maybe_save call."""
-    extra, calls, base_means = [], [], []
+    extra: list[float] = []
+    calls: list[float] = []
+    waited: list[bool] = []
+    base_means: list[float] = []
     for _ in range(repeats):
         model, opt, sched = _model()
         _steps(model, opt, sched, 20)
@@ -79,10 +87,12 @@ def loop_per_save(root: str, options: dict[str, Any], steps: int, every: int, re
             offset = every
 
             def hook(step: int, mgr: Any = mgr, state: Any = state, offset: int = offset) -> None:
+                full = mgr.in_flight >= mgr.ckpt.max_in_flight  # this call will wait for a slot
                 t0 = time.perf_counter()
                 h = mgr.maybe_save(offset + step, state)
                 if h is not None:
                     calls.append(time.perf_counter() - t0)
+                    waited.append(full)
 
             timed = _steps(model, opt, sched, steps, hook)
         n_saves = steps // every
@@ -93,6 +103,9 @@ def loop_per_save(root: str, options: dict[str, Any], steps: int, every: int, re
         "loop_s_per_save_runs": extra,
         "maybe_save_call_median_s": statistics.median(calls),
         "maybe_save_call_p99_s": _pct(calls, 0.99),
+        "maybe_save_calls": len(calls),
+        # saves asked for while max_in_flight saves were still writing: maybe_save waits (when_full="wait")
+        "maybe_save_calls_waiting_for_a_slot": sum(waited),
         "step_s_median": statistics.median(base_means),
     }
 
@@ -141,15 +154,18 @@ def inflation(root: str, steps: int, every: int, repeats: int) -> dict[str, Any]
     return {"inflation_median": statistics.median(ratios), "inflation_runs": ratios}
 
 
-def many_tensors(root: str, counts: list[int]) -> dict[str, Any]:
+def many_tensors(root: str, counts: list[int], first: dict[str, float]) -> dict[str, Any]:
+    """save() of ``n`` small tensors: median of 5 saves after a first one (whose time goes to ``first``)."""
     out = {}
     for n in counts:
         state = {f"layer{i}.weight": torch.randn(16) for i in range(n)}
         with asyncckpt.AsyncCheckpointer(snapshot="lazy") as ck:
+            t0 = time.perf_counter()
             ck.save(state, os.path.join(root, f"n{n}-warm"))
+            first[str(n)] = time.perf_counter() - t0
             ck.finalize(blocking=True)
             ts = []
-            for i in range(3):
+            for i in range(5):
                 t0 = time.perf_counter()
                 ck.save(state, os.path.join(root, f"n{n}-{i}"))
                 ts.append(time.perf_counter() - t0)
@@ -158,22 +174,95 @@ def many_tensors(root: str, counts: list[int]) -> dict[str, Any]:
     return out
 
 
-def first_vs_later(root: str) -> dict[str, Any]:
+def _first_and_later(root: str, warm: bool) -> tuple[float, float]:
     model, opt, sched = _model()
     _steps(model, opt, sched, 3)
-    state = {"model": model.state_dict(), "optim": opt.state_dict()}
     with asyncckpt.AsyncCheckpointer(optimizers=opt) as ck:
+        if warm:
+            ck.warm_up({"model": model.state_dict(), "optim": opt.state_dict()})
         t0 = time.perf_counter()
-        ck.save(state, os.path.join(root, "first"))
+        ck.save({"model": model.state_dict(), "optim": opt.state_dict()}, os.path.join(root, f"first-{warm}"))
         first = time.perf_counter() - t0
         ck.finalize(blocking=True)
         later = []
         for i in range(5):
             t0 = time.perf_counter()
-            ck.save({"model": model.state_dict(), "optim": opt.state_dict()}, os.path.join(root, f"later{i}"))
+            ck.save({"model": model.state_dict(), "optim": opt.state_dict()}, os.path.join(root, f"later-{warm}-{i}"))
             later.append(time.perf_counter() - t0)
             ck.finalize(blocking=True)
-    return {"first_s": first, "later_s_median": statistics.median(later), "ratio": first / statistics.median(later)}
+    return first, statistics.median(later)
+
+
+def _manager_first_and_later(root: str, every: int) -> tuple[float, float]:
+    model, opt, sched = _model()
+    calls: list[float] = []
+    with asyncckpt.CheckpointManager(root, every_steps=every, keep_last=2, signals=()) as mgr:
+        state = {"model": model, "optim": opt, "sched": sched}
+
+        def hook(step: int) -> None:
+            t0 = time.perf_counter()
+            if mgr.maybe_save(step, state) is not None:
+                calls.append(time.perf_counter() - t0)
+                mgr.wait()  # not timed: each save starts from an idle worker, as the first one does
+
+        _steps(model, opt, sched, every * 6, hook)
+    return calls[0], statistics.median(calls[1:])
+
+
+def first_vs_later(root: str, repeats: int) -> dict[str, Any]:
+    """The first save of a fresh checkpointer against later ones (each a median over ``repeats`` fresh runs)."""
+    out: dict[str, Any] = {}
+    for label, fn in (("bare", lambda i: _first_and_later(os.path.join(root, f"b{i}"), False)),
+                      ("warm_up", lambda i: _first_and_later(os.path.join(root, f"w{i}"), True)),
+                      ("manager", lambda i: _manager_first_and_later(os.path.join(root, f"m{i}"), 10))):
+        firsts, laters = zip(*(fn(i) for i in range(repeats)))
+        f, later = statistics.median(firsts), statistics.median(laters)
+        out[label] = {"first_s": f, "later_s": later, "ratio": f / later}
+    return out
+
+
+def _ms(x: float) -> str:
+    return f"{1e3 * x:8.2f} ms"
+
+
+def summary(res: dict[str, Any]) -> None:
+    """The closing table: every figure of this run with its target."""
+    print("\n== summary (medians over repetitions in this run) ==")
+    print(f"load average at start {res['load_average_start']}, at end {res['load_average_end']}, "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}")
+    others = res.get("others", {})
+    ts, dcp = others.get("torch.save_s_median"), others.get("dcp.async_save_s_median")
+    print("loop time per save, examples/train.py model (~1 MiB, MLP + AdamW + cosine), save every 50 steps:")
+    for key, val in res.items():
+        if not key.startswith("per_save["):
+            continue
+        if "error" in val:
+            print(f"  {key[9:-1]:8s} unavailable: {val['error']}")
+            continue
+        print(f"  {key[9:-1]:8s} maybe_save call median {_ms(val['maybe_save_call_median_s'])}  "
+              f"p99 {_ms(val['maybe_save_call_p99_s'])}  ({val['maybe_save_calls']} saves, "
+              f"{val['maybe_save_calls_waiting_for_a_slot']} waited for a slot); "
+              f"extra loop time per save {_ms(val['loop_s_per_save_median'])}  [target <= 1 ms median, <= 5 ms p99]")
+    if ts is not None:
+        print(f"  torch.save (local, blocking)      {_ms(ts)}")
+        print(f"  dcp.async_save (local, call+wait) {_ms(dcp)}")
+        mine = res.get("per_save[local]", {}).get("maybe_save_call_median_s")
+        if mine:
+            print(f"  ratio asyncckpt/torch.save {mine / ts:.2f}, asyncckpt/dcp.async_save {mine / dcp:.2f}")
+    inf = res.get("inflation[every 50]")
+    if inf:
+        print(f"step-time inflation, save every 50 steps: {100 * inf['inflation_median']:+.1f} % "
+              f"(runs {', '.join(f'{100 * r:+.1f}' for r in inf['inflation_runs'])}) [target <= 5 %]")
+    many = res.get("save_s_by_tensor_count", {})
+    if many:
+        print("save() of N small tensors (16 float32 each): " + ", ".join(
+            f"{int(n):,}: {_ms(t).strip()} ({1e6 * t / int(n):.2f} us/tensor)" for n, t in many.items())
+            + " [target: 50,000 <= 50 ms, O(N)]")
+        print("  the first save of each (plans the layout): " + ", ".join(
+            f"{int(n):,}: {_ms(t).strip()}" for n, t in res.get("save_s_by_tensor_count_first", {}).items()))
+    for label, v in res.get("first_vs_later", {}).items():
+        print(f"first save vs later ({label:7s}): first {_ms(v['first_s'])}, later {_ms(v['later_s'])}, "
+              f"ratio {v['ratio']:.2f} [target <= 2]")
 
 
 def main() -> None:
@@ -189,34 +278,42 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends:
             root, options = os.path.join(tmp, backend), {}
-            if backend == "moto":
-                from tests.s3_servers import MotoServer
+            try:
+                if backend == "moto":
+                    from tests.s3_servers import MotoServer
 
-                srv: Any = MotoServer()
-                srv.start()
-                servers.append(srv)
-                root, options = f"s3://{srv.create_bucket()}/run", srv.options()
-            elif backend == "seaweed":
-                from tests.s3_servers import SeaweedServer
+                    srv: Any = MotoServer()
+                    srv.start()
+                    servers.append(srv)
+                    root, options = f"s3://{srv.create_bucket()}/run", srv.options()
+                elif backend == "seaweed":
+                    from tests.s3_servers import SeaweedServer
 
-                srv = SeaweedServer(Path(tmp) / "weed")
-                srv.start()
-                servers.append(srv)
-                root, options = f"s3://{srv.create_bucket()}/run", srv.options()
+                    srv = SeaweedServer(Path(tmp) / "weed")
+                    srv.start()
+                    servers.append(srv)
+                    root, options = f"s3://{srv.create_bucket()}/run", srv.options()
+            except Exception as exc:  # noqa: BLE001 - a server that cannot start here is reported, not fatal
+                res[f"per_save[{backend}]"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                print(backend, "unavailable:", res[f"per_save[{backend}]"]["error"], flush=True)
+                continue
             res[f"per_save[{backend}]"] = loop_per_save(root, options, steps, every, reps)
             print(backend, json.dumps(res[f"per_save[{backend}]"]), flush=True)
         res["others"] = others_per_save(os.path.join(tmp, "others"), 5 if args.quick else 20)
         print("others", json.dumps(res["others"]), flush=True)
         res["inflation[every 50]"] = inflation(os.path.join(tmp, "infl"), steps, 50, reps)
         print("inflation", json.dumps(res["inflation[every 50]"]), flush=True)
+        res["save_s_by_tensor_count_first"] = {}
         res["save_s_by_tensor_count"] = many_tensors(os.path.join(tmp, "many"),
-                                                     [1000, 10000] if args.quick else [1000, 10000, 50000, 100000])
+                                                     [1000, 10000] if args.quick else [1000, 10000, 50000, 100000],
+                                                     res["save_s_by_tensor_count_first"])
         print("tensors", json.dumps(res["save_s_by_tensor_count"]), flush=True)
-        res["first_vs_later"] = first_vs_later(os.path.join(tmp, "first"))
+        res["first_vs_later"] = first_vs_later(os.path.join(tmp, "first"), 3 if args.quick else 5)
         print("first", json.dumps(res["first_vs_later"]), flush=True)
         for srv in servers:
             srv.stop() if hasattr(srv, "stop") else srv.kill()
     res["load_average_end"] = os.getloadavg()
+    summary(res)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
 

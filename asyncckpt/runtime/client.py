@@ -15,10 +15,12 @@ import multiprocessing
 import os
 import pickle
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
@@ -49,9 +51,17 @@ def dumps_payload(obj: Any, what: str) -> bytes:
         ) from exc
 
 
+def _length(data: bytes) -> tuple[bytes, ...]:
+    """The length prefix ``multiprocessing.connection.Connection`` reads before a message."""
+    n = len(data)
+    return (struct.pack("!i", n),) if n <= 0x7FFFFFFF else (struct.pack("!i", -1), struct.pack("!Q", n))
+
+
 class WorkerClient:
     """One worker process. ``on_frame(kind, idx, payload)`` runs on the receiver thread for each
-    frame; ``on_dead(error)`` once, when the worker is gone. Sending is thread-safe."""
+    frame; ``on_dead(error)`` once, when the worker is gone. Sending is thread-safe and never
+    blocks: what the socket cannot take at once (a large request, a worker still starting) is
+    written by a sender thread, in order."""
 
     def __init__(self, config: dict[str, Any], on_frame: Callable[[Kind, int, bytes], None],
                  on_dead: Callable[[WorkerDiedError], None]) -> None:
@@ -68,7 +78,11 @@ class WorkerClient:
             self.proc: WorkerProcess = launch_worker(child.fileno(), env)
         finally:
             child.close()
-        self._conn = Connection(parent.detach())
+        self._sock = parent  # sends (MSG_DONTWAIT per call; the fd stays blocking for the receiver)
+        self._conn = Connection(os.dup(parent.fileno()))
+        self._backlog: deque[memoryview] = deque()  # frames (or their rest) the sender thread writes
+        self._wake = threading.Condition(self._send_lock)
+        self._tx: threading.Thread | None = None
         cfg = WorkerConfig(
             parent_pid=os.getpid(),
             authkey=bytes(multiprocessing.current_process().authkey),
@@ -90,14 +104,44 @@ class WorkerClient:
         return self.died is None and self.proc.poll() is None
 
     def send(self, kind: Kind, idx: int, payload: bytes = b"") -> None:
+        """Send one frame (header and payload in one write: one wake-up of the worker, not two)."""
         if self.died is not None:
             raise self.died
         try:
+            frame = b"".join((*_length(head := encode_header(kind, idx)), head, *_length(payload), payload))
             with self._send_lock:
-                self._conn.send_bytes(encode_header(kind, idx))
-                self._conn.send_bytes(payload)
+                if self._backlog:  # keep the order: behind what the sender thread still writes
+                    self._backlog.append(memoryview(frame))
+                    return
+                try:
+                    sent = self._sock.send(frame, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                if sent < len(frame):
+                    self._backlog.append(memoryview(frame)[sent:])
+                    if self._tx is None:
+                        self._tx = threading.Thread(target=self._send_backlog, name="asyncckpt-tx", daemon=True)
+                        self._tx.start()
+                    self._wake.notify()
         except (OSError, EOFError, ValueError) as exc:
             raise self._mark_dead(f"sending to it failed ({type(exc).__name__})") from exc
+
+    def _send_backlog(self) -> None:
+        while True:
+            with self._send_lock:
+                while not self._backlog and self.died is None:
+                    self._wake.wait()
+                if self.died is not None:
+                    self._backlog.clear()
+                    return
+                data = self._backlog[0]
+            try:
+                self._sock.sendall(data)  # blocking: this thread waits for the worker, not the trainer
+            except OSError as exc:
+                self._mark_dead(f"sending to it failed ({type(exc).__name__})")
+                return
+            with self._send_lock:
+                self._backlog.popleft()
 
     def _receive(self) -> None:
         while True:
@@ -106,6 +150,8 @@ class WorkerClient:
                 payload = self._conn.recv_bytes()
             except (EOFError, OSError, ValueError):
                 err = self._mark_dead("its pipe closed")
+                with self._send_lock:
+                    self._wake.notify_all()  # a waiting sender thread ends
                 self._on_dead(err)
                 return
             kind = Kind(head.kind)
@@ -146,10 +192,13 @@ class WorkerClient:
                 log.warning("asyncckpt worker %s did not stop in %.0f s; killing it", self.proc.pid, timeout)
         self.kill()
         self._rx.join(5)
-        try:
-            self._conn.close()
-        except OSError:
-            pass
+        with self._send_lock:
+            self._wake.notify_all()  # the sender thread sees ``died`` (set by the receiver) and ends
+        for closable in (self._conn, self._sock):
+            try:
+                closable.close()
+            except OSError:
+                pass
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -1,0 +1,142 @@
+"""A repeated save of the same structure reuses the previous layout (asyncckpt.plan.PlanCache):
+every change that matters must still reach the checkpoint exactly, and bad input must still fail."""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import asyncckpt
+from asyncckpt.errors import BadInputError
+from asyncckpt.plan import PlanCache
+
+
+def _saved(ck: asyncckpt.AsyncCheckpointer, state: dict, path) -> dict:
+    ck.save(state, path)
+    ck.finalize(blocking=True)
+    return asyncckpt.load(path)
+
+
+def test_values_changed_in_place_between_saves_are_saved(tmp_path):
+    state = {f"w{i}": torch.full((i % 7 + 1,), float(i)) for i in range(300)}
+    state["grid"] = torch.arange(64.0).reshape(8, 8).t()  # not contiguous: copied afresh each save
+    with asyncckpt.AsyncCheckpointer() as ck:
+        for round_ in range(3):
+            for t in state.values():
+                t.add_(1.0)
+            out = _saved(ck, state, tmp_path / f"r{round_}")
+            for k, t in state.items():
+                assert torch.equal(out[k], t), (round_, k)
+    cache = PlanCache()
+    for _ in range(3):
+        cache.plan(state)
+    assert cache.hits == 2
+
+
+def test_plain_values_change_the_tree_not_the_layout(tmp_path):
+    w = torch.zeros(4)
+    with asyncckpt.AsyncCheckpointer() as ck:
+        for i, (lr, flag, name, big) in enumerate([(0.1, True, "a", 1), (0.2, False, "b", 1 << 70), (-0.0, True, "c", 3)]):
+            state = {"w": w, "lr": lr, "flag": flag, "name": name, "big": big, "np": np.float32(lr)}
+            out = _saved(ck, state, tmp_path / f"s{i}")
+            assert out["lr"] == lr and math.copysign(1, out["lr"]) == math.copysign(1, lr)
+            assert out["flag"] is flag and out["name"] == name and out["big"] == big
+            assert out["np"] == np.float32(lr).item()
+    cache = PlanCache()
+    cache.plan({"w": w, "lr": 0.1})
+    plan = cache.plan({"w": w, "lr": 0.2})
+    assert cache.hits == 1 and plan.tree.values[1].value == 0.2  # type: ignore[attr-defined]
+
+
+def test_zero_and_negative_zero_are_told_apart():
+    cache = PlanCache()
+    w = torch.zeros(2)
+    cache.plan({"w": w, "x": 0.0})
+    plan = cache.plan({"w": w, "x": -0.0})
+    assert math.copysign(1, plan.tree.values[1].value) == -1  # type: ignore[attr-defined]
+
+
+def test_a_replaced_tensor_or_new_shape_is_planned_again(tmp_path):
+    a = torch.arange(10.0)
+    with asyncckpt.AsyncCheckpointer() as ck:
+        _saved(ck, {"a": a, "b": torch.ones(3)}, tmp_path / "s0")
+        out = _saved(ck, {"a": a.clone() * 2, "b": torch.ones(3)}, tmp_path / "s1")  # new storages
+        assert torch.equal(out["a"], a * 2)
+        out = _saved(ck, {"a": a[:4], "b": torch.ones(3)}, tmp_path / "s2")  # same address, other shape
+        assert torch.equal(out["a"], a[:4])
+        out = _saved(ck, {"a": a.view(torch.int32), "b": torch.ones(3)}, tmp_path / "s3")  # other dtype
+        assert torch.equal(out["a"], a.view(torch.int32))
+        out = _saved(ck, {"a": a, "c": torch.ones(3)}, tmp_path / "s4")  # other keys
+        assert set(out) == {"a", "c"}
+
+
+def test_tied_tensors_stay_tied_on_a_reused_layout(tmp_path):
+    base = torch.arange(32.0)
+    with asyncckpt.AsyncCheckpointer() as ck:
+        for i in range(2):
+            base.add_(1)
+            out = _saved(ck, {"x": base[:16], "y": base[8:], "z": torch.ones(2)}, tmp_path / f"s{i}")
+            assert torch.equal(out["x"], base[:16]) and torch.equal(out["y"], base[8:])
+            out["x"][8] = -1
+            assert out["y"][0] == -1  # still views of one storage
+
+
+def test_bad_input_after_a_good_save_still_fails(tmp_path):
+    w = torch.ones(2)
+    with asyncckpt.AsyncCheckpointer() as ck:
+        _saved(ck, {1: w}, tmp_path / "s0")
+        with pytest.raises(BadInputError):
+            ck.save({True: w}, tmp_path / "s1")  # equal to 1, but a bool key
+        cyc: dict = {"w": w}
+        cyc["self"] = cyc
+        with pytest.raises(BadInputError, match="cycle"):
+            ck.save(cyc, tmp_path / "s2")
+        with pytest.raises(BadInputError):
+            ck.save({1: w.to_sparse()}, tmp_path / "s3")
+
+
+def test_ordered_dicts_lists_tuples_and_arrays_round_trip_on_a_reused_layout(tmp_path):
+    arr = np.arange(6, dtype=np.int64)
+    with asyncckpt.AsyncCheckpointer() as ck:
+        for i in range(2):
+            arr += 1
+            state = {"od": collections.OrderedDict(b=torch.full((2,), float(i)), a=[1, (2, torch.ones(1) * i)]),
+                     "arr": arr}
+            out = _saved(ck, state, tmp_path / f"s{i}")
+            assert isinstance(out["od"], collections.OrderedDict) and list(out["od"]) == ["b", "a"]
+            assert torch.equal(out["od"]["b"], state["od"]["b"])
+            assert isinstance(out["od"]["a"][1], tuple) and torch.equal(out["od"]["a"][1][1], torch.ones(1) * i)
+            assert np.array_equal(out["arr"], arr)
+
+
+def test_warm_up_then_saves_of_the_warmed_structure_are_exact(tmp_path):
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    with asyncckpt.AsyncCheckpointer(optimizers=opt) as ck:
+        ck.warm_up({"model": model.state_dict(), "optim": opt.state_dict()})
+        for i in range(2):
+            model(torch.randn(2, 8)).sum().backward()
+            opt.step()
+            state = {"model": model.state_dict(), "optim": opt.state_dict(), "rng": torch.get_rng_state()}
+            out = _saved(ck, state, tmp_path / f"s{i}")
+            assert torch.equal(out["model"]["weight"], model.weight)
+            assert torch.equal(out["optim"]["state"][0]["exp_avg"], opt.state[model.weight]["exp_avg"])
+            assert torch.equal(out["rng"], state["rng"])  # a tensor made afresh each save
+
+
+def test_a_request_larger_than_the_socket_takes_is_sent_right_after_construction(tmp_path):
+    state = {f"t{i}": torch.full((3,), float(i)) for i in range(20000)}  # ~1 MiB of entries
+    with asyncckpt.AsyncCheckpointer() as ck:  # the worker is still starting
+        ck.save(state, tmp_path / "a")
+        state["t7"].fill_(-1)  # copied at save(): later changes are not in the checkpoint
+        ck.save(state, tmp_path / "b")
+        ck.finalize(blocking=True)
+    a, b = asyncckpt.load(tmp_path / "a"), asyncckpt.load(tmp_path / "b")
+    assert torch.equal(a["t7"], torch.full((3,), 7.0)) and torch.equal(b["t7"], torch.full((3,), -1.0))
+    assert torch.equal(b["t19999"], torch.full((3,), 19999.0))
