@@ -160,3 +160,18 @@ def test_unknown_start_mode_warns_and_uses_the_template():
     assert got["worker"]["ppid"] != got["trainer"]
     assert "ASYNCCKPT_WORKER_START='bogus'" in got["stderr"] and "template or spawn" in got["stderr"]
 
+
+
+def test_queues_left_open_at_exit_stop_their_forked_workers_without_a_kill():
+    # At interpreter shutdown the thread that hears the template's exit reports no longer runs;
+    # stopping a forked worker must still see it leave instead of waiting out its timeout and killing it.
+    got = _run("""
+        from tests._worker_fns import echo
+        qs = [AsyncCallsQueue() for _ in range(2)]
+        for q in qs:
+            q.schedule_async_request(AsyncRequest(echo, (1,)))
+            q.maybe_finalize_async_calls(blocking=True, no_dist=True)
+        print(json.dumps({"pids": [q.worker_pid for q in qs]}))
+    """)
+    assert "did not stop" not in got["stderr"] and "killing it" not in got["stderr"]
+    assert not any(_alive(p) for p in got["pids"])

@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections import deque
 from typing import Any, Protocol
@@ -209,28 +210,27 @@ class ForkedWorker:
             return self._code()
 
     def wait(self, timeout: float | None = None) -> int:
-        with self._t.cond:
-            ok = self._t.cond.wait_for(lambda: self._code() is not None or (self._t.dead and self._known),
-                                       timeout)
-            code = self._code()
-        if not ok or code is None:
-            if self._t.dead and self._pid is not None:
-                code = self._wait_orphan(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        gone_since: float | None = None
+        while True:
+            with self._t.cond:
+                code = self._code()
+                if code is None:
+                    self._t.cond.wait(0.05)
+                    code = self._code()
                 if code is not None:
                     return code
-            raise subprocess.TimeoutExpired(f"asyncckpt worker {self._pid}", timeout or 0.0)
-        return code
-
-    def _wait_orphan(self, timeout: float | None) -> int | None:
-        import time
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._pid is not None and _alive(self._pid):
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
-            time.sleep(0.02)
-        self.returncode = 255
-        return 255
+                pid = self._pid if self._known else None
+            now = time.monotonic()
+            if pid is not None and not _alive(pid):
+                # Exited, but its template has not said how: the template is gone, or this interpreter
+                # is shutting down and the thread that would hear it no longer runs. Do not wait forever.
+                gone_since = now if gone_since is None else gone_since
+                if now - gone_since > 0.5:
+                    self.returncode = 255
+                    return 255
+            if deadline is not None and now >= deadline:
+                raise subprocess.TimeoutExpired(f"asyncckpt worker {self._pid}", timeout or 0.0)
 
     def kill(self) -> None:
         if not self._wait_known(30) or self._pid is None or self.poll() is not None:
