@@ -21,7 +21,7 @@ from .plan import INLINE_MAX, Packed, Plan, PlanCache, plan_state
 from .queue import AsyncCallsQueue, Job, Stage
 from .retention import RetentionPolicy
 from .runtime.messages import Kind
-from .runtime.protocol import ControlPayload, SavePayload
+from .runtime.protocol import ControlOp, ControlPayload, SavePayload
 from .snapshot import SnapshotMode, SnapshotPolicy
 from .staging import (
     CopyProgram,
@@ -97,7 +97,7 @@ def check_local_writable(root: str) -> None:
         raise BadInputError(f"cannot save under {path}: {probe} is not writable by this process")
 
 
-def check_when_full(when_full: str | None, on_full: str | None, owner: str) -> str:
+def check_when_full(when_full: str | None, on_full: str | None, owner: str) -> Literal["wait", "skip"]:
     """The back-pressure option (``on_full`` is the deprecated spelling of ``when_full``)."""
     if on_full is not None:
         warnings.warn(f"{owner}(on_full=...) is deprecated; use when_full=...", DeprecationWarning, stacklevel=3)
@@ -107,7 +107,7 @@ def check_when_full(when_full: str | None, on_full: str | None, owner: str) -> s
     when_full = when_full or "wait"
     if when_full not in ("wait", "skip"):
         raise BadInputError(f"when_full must be 'wait' or 'skip', got {when_full!r}")
-    return when_full
+    return "wait" if when_full == "wait" else "skip"
 
 
 class AsyncCheckpointer:
@@ -201,7 +201,7 @@ class AsyncCheckpointer:
         self._draining: set[str] = set()
         self._checked_roots: set[str] = set()
         self._committed: dict[tuple[str, str], None] = {}  # (root, name) committed here, newest last
-        self._cleanups: dict[int, tuple[list[CleanupOp], int]] = {}  # call index -> cleanup if it fails, world
+        self._cleanups: dict[int, tuple[list[ControlOp], int]] = {}  # call index -> cleanup if it fails, world
         self._closed = False
         self._deferred: list[BaseException] = []  # failures met while save() waited for a slot
         self.skipped = 0
@@ -401,7 +401,7 @@ class AsyncCheckpointer:
             retention=self._retention_ops(root, storage_options, retention, tiers, 0, step),
             milestone="committed",
         )
-        cleanup = [CleanupOp(root, storage_options, prefixes)]
+        cleanup: list[ControlOp] = [CleanupOp(root, storage_options, prefixes)]
         finalize_fns: list[Callable[[], Any]] = []
         if world == 1:
             then: list[Any] = [commit]

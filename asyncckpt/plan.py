@@ -177,7 +177,7 @@ def _plan_view(plan: Plan, t: torch.Tensor, key: tuple[torch.device, int, int], 
     offset = plan.entries[sidx].offset
     plan.entries.append(Entry(key=path, kind="tensor", dtype=torch_dtype_name(t.dtype, path), shape=list(t.shape),
                               offset=offset, nbytes=t.numel() * t.element_size(), view_of=sidx,
-                              stride=list(t.stride()), storage_offset=t.storage_offset()))
+                              stride=list(t.stride()), storage_offset=int(t.storage_offset())))
     return RefNode(index=len(plan.entries) - 1)
 
 

@@ -249,6 +249,12 @@ class _Call:
     def finished(self) -> bool:
         return self.done or self.error is not None
 
+    def is_acked(self) -> bool:
+        return self.acked
+
+    def is_finished(self) -> bool:
+        return self.finished
+
 
 def _rebuild_error(info: ErrorInfo) -> BaseException:
     """The worker's exception as the trainer raises it: traceback in attributes, one frame line in the message."""
@@ -687,9 +693,9 @@ class AsyncCallsQueue:
             call = self._calls[0]
             self.verify_snapshots()
             if blocking:
-                self._wait(lambda call=call: call.acked)
+                self._wait(call.is_acked)
                 self.verify_snapshots()
-                self._wait(lambda call=call: call.finished)
+                self._wait(call.is_finished)
             local = FAILED if call.error is not None else (0 if call.done else UNFINISHED)
             total = self._global(call, local, no_dist)
             if total >= FAILED:

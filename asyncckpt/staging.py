@@ -240,9 +240,9 @@ class CopyProgram:
             for k, leaf in self.patches:
                 inputs[k] = flat_bytes(leaves[leaf])
             for leaf in moved:
-                k = self.by_leaf.get(leaf)
-                if k is not None:
-                    inputs[k] = flat_bytes(leaves[leaf])
+                slot = self.by_leaf.get(leaf)
+                if slot is not None:
+                    inputs[slot] = flat_bytes(leaves[leaf])
         if inputs:
             torch.cat(inputs, out=out)
 
@@ -318,7 +318,7 @@ class SharedRegistry:
                 self._by_key[key] = hit
                 new[hit[0]] = base
             used.add(key)
-            refs[idx] = SharedRef(hit[0], t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset())
+            refs[idx] = SharedRef(hit[0], t.dtype, tuple(t.shape), tuple(t.stride()), int(t.storage_offset()))
         release = [sid for k, (sid, _) in self._by_key.items() if k not in used]
         for k in [k for k in self._by_key if k not in used]:
             del self._by_key[k]
@@ -337,7 +337,7 @@ class StagingSlot:
         else:
             self._mmap = mmap.mmap(-1, self.capacity)
             self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
-        self.view = memoryview(self.tensor.numpy())
+        self.view = self.tensor.numpy().data
 
     def close(self) -> None:
         self.view.release()

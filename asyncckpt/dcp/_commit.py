@@ -205,6 +205,7 @@ async def commit_dcp(
         refs.append(ManifestRef(rank=rank, file=rank_record_file(rank, generation), nbytes=len(blob), checksum=checksum(blob),
                                 data_nbytes=sum(f.nbytes for f in rec.files)))
     for fqn, smd in metadata.state_dict_metadata.items():
+        missing: list[Any]
         if isinstance(smd, TensorStorageMetadata):
             missing = [c.offsets for c in smd.chunks if MetadataIndex(fqn, c.offsets) not in storage_data]
         elif isinstance(smd, BytesStorageMetadata):

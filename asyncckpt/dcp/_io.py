@@ -17,7 +17,7 @@ import io
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -240,7 +240,7 @@ def write_file(
             if it.kind == "bytes":
                 out.write(data)
             else:
-                torch.save(data, out)
+                torch.save(data, cast(IO[bytes], out))  # a writable file object is all torch.save needs
             if extensions:
                 out.close()  # flushes the transforms' last bytes into the sink
             transforms.append(descriptors or None)

@@ -12,10 +12,10 @@ import asyncio
 import io
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator
 from concurrent.futures import Future as _CFuture
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
@@ -198,9 +198,10 @@ class AsyncStorageReader(StorageReader):
         md, index = run_sync(self._read_metadata(kwargs.get("rank")))
         self._set_index(index)
         self._metadata = md
-        if getattr(md, "storage_meta", None) is None:
-            md.storage_meta = StorageMeta()
-        md.storage_meta.load_id = self.load_id
+        meta = getattr(md, "storage_meta", None)
+        if meta is None:
+            meta = md.storage_meta = StorageMeta()
+        meta.load_id = self.load_id
         return md
 
     async def _read_metadata(self, rank: int | None) -> tuple[Metadata, IndexRecord | None]:
@@ -325,7 +326,7 @@ class AsyncStorageReader(StorageReader):
     async def _fetch(self, storage: Storage, r: _Range, sem: asyncio.Semaphore) -> np.ndarray:
         key = join_key(self.name, r.file)
         buf = np.empty(r.end - r.start, dtype=np.uint8)
-        view = memoryview(buf)
+        view = buf.data
 
         async def piece(lo: int, hi: int) -> None:
             async with sem:
@@ -346,7 +347,7 @@ class AsyncStorageReader(StorageReader):
                     f"{where}: item {sidx.fqn!r} (bytes [{off}, {off + length})) has no checksum in "
                     f"{CHECKSUMS_FILE}; the checkpoint's records disagree. Load an older checkpoint."
                 )
-            crc = checksum(memoryview(buf)[off - r.start : off - r.start + length])
+            crc = checksum(buf.data[off - r.start : off - r.start + length])
             if crc != expected:
                 raise IntegrityError(
                     f"{where}: checksum mismatch in item {sidx.fqn!r} (chunk offset "
@@ -354,7 +355,7 @@ class AsyncStorageReader(StorageReader):
                     f"crc32c {crc:#010x}, expected {expected:#010x}). The checkpoint is corrupt: load an older one."
                 )
 
-    def _batches(self, storage: Storage, ranges: list[_Range]) -> Iterator[tuple[_Range, np.ndarray]]:
+    def _batches(self, storage: Storage, ranges: list[_Range]) -> Generator[tuple[_Range, np.ndarray], None, None]:
         """Yield fetched ranges in order; at most ``max_inflight_bytes`` (or one range) ahead."""
         loop = _get_loop()
         sem_holder: dict[str, asyncio.Semaphore] = {}
@@ -419,7 +420,7 @@ class AsyncStorageReader(StorageReader):
             return
         try:
             with torch.serialization.safe_globals(SAFE_LEAF_TYPES):  # DCP's leaf types besides tensors
-                torch.load(_MemReader(raw), map_location="cpu", weights_only=True)
+                torch.load(cast(IO[bytes], _MemReader(raw)), map_location="cpu", weights_only=True)
         except Exception as exc:
             raise BadInputError(
                 f"{where}: item {sidx.fqn!r} holds a pickled object that torch's weights-only loader refuses "
@@ -453,7 +454,7 @@ class AsyncStorageReader(StorageReader):
             for r, buf in batches:
                 where = f"{storage.uri}/{join_key(self.name, r.file)}"
                 for sidx, off, length in r.members:
-                    raw = self._untransform(where, sidx, memoryview(buf)[off - r.start : off - r.start + length])
+                    raw = self._untransform(where, sidx, buf.data[off - r.start : off - r.start + length])
                     items = reqs[sidx]
                     if items[0].type == LoadItemType.BYTE_IO:
                         self._check_bytes_item(where, sidx, raw)
@@ -461,7 +462,7 @@ class AsyncStorageReader(StorageReader):
                             planner.load_bytes(ri, io.BytesIO(bytes(raw)))
                         continue
                     try:
-                        tensor = torch.load(_MemReader(raw), map_location="cpu", weights_only=True)
+                        tensor = torch.load(cast(IO[bytes], _MemReader(raw)), map_location="cpu", weights_only=True)
                     except Exception as exc:
                         raise IntegrityError(
                             f"{where}: item {sidx.fqn!r} at bytes [{off}, {off + length}) is not a readable tensor "

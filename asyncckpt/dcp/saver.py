@@ -37,7 +37,7 @@ from ..completion import global_state
 from ..errors import BadInputError, CheckpointError, RemoteRankError
 from ..queue import AsyncCallsQueue, Job, Stage
 from ..runtime.messages import Kind
-from ..runtime.protocol import ControlPayload, SavePayload
+from ..runtime.protocol import ControlOp, ControlPayload, SavePayload
 from ..snapshot import check_snapshot_mode
 from ..staging import SnapshotGuard
 from ._errors import DcpCheckpointException, as_checkpoint_exception
@@ -155,7 +155,7 @@ def save_state_dict_async_plan(
         if "storage_meta" in inspect.signature(planner.set_up_planner).parameters:
             planner.set_up_planner(state_dict=state_dict, storage_meta=storage_meta, is_coordinator=dw.is_coordinator)
         else:  # planners written for older torch
-            planner.set_up_planner(state_dict, dw.is_coordinator)  # type: ignore[call-arg]
+            planner.set_up_planner(state_dict, dw.is_coordinator)  # type: ignore[call-arg, arg-type]
         storage_writer.set_up_storage_writer(dw.is_coordinator, rank=dw.rank, use_collectives=use_collectives,
                                              deferred_target=True)
         local_plan = storage_writer.prepare_local_plan(planner.create_local_plan())
@@ -360,18 +360,19 @@ def finalize_async_saves(blocking: bool = False, *, queue: AsyncCallsQueue | Non
 def _job(plan: AsyncSavePlan, writer: AsyncStorageWriter, q: AsyncCallsQueue, world: int,
          handle: AsyncSaveHandle) -> tuple[Job, str]:
     dcp_job, named = writer.prepare_job(q)
+    spec = dcp_job.snapshot  # travels as the payload's snapshot, not inside the job
+    assert spec is not None  # prepare_job always plans one
+    dcp_job.snapshot = None
     label = f"DCP save of {writer.uri}"
     guard = SnapshotGuard(named)
     metadata = plan.metadata
     if not plan.collective or world == 1:
         # This rank's worker commits right after its write: no trainer call, no extra stage.
         assert metadata is not None
-        then = [writer.commit_op(metadata, world_size=plan.world_size, save_id=plan.save_id)]
-        payload = SavePayload(DcpSink(), dcp_job.snapshot, dcp_job, dcp_job.timeout_s, then=then, guarded=True)
-        dcp_job.snapshot = None  # travels as the payload's snapshot
+        then: list[ControlOp] = [writer.commit_op(metadata, world_size=plan.world_size, save_id=plan.save_id)]
+        payload = SavePayload(DcpSink(), spec, dcp_job, dcp_job.timeout_s, then=then, guarded=True)
         return Job([Stage(Kind.SAVE, payload)], [handle._finalize], guard=guard, label=label, confirm=True), "then"
-    payload = SavePayload(DcpSink(), dcp_job.snapshot, dcp_job, dcp_job.timeout_s)
-    dcp_job.snapshot = None
+    payload = SavePayload(DcpSink(), spec, dcp_job, dcp_job.timeout_s)
 
     def commit() -> ControlPayload:  # built when every rank has written (pickles the metadata then)
         assert metadata is not None

@@ -120,12 +120,12 @@ def _split_files(prefix: str, items: list[ItemSpec], n: int, *, single_file_per_
         for k, i in enumerate(byte_items):
             buckets[k % bins].append(i)
         for i in tensor_items:
-            b = min(range(bins), key=sizes.__getitem__)
-            buckets[b].append(i)
-            sizes[b] += items[i].nbytes
-        for b in buckets:
-            if b:
-                out.append(FileSpec(head + data_file_name(prefix, count), sorted(b)))
+            smallest = min(range(bins), key=sizes.__getitem__)
+            buckets[smallest].append(i)
+            sizes[smallest] += items[i].nbytes
+        for bucket in buckets:
+            if bucket:
+                out.append(FileSpec(head + data_file_name(prefix, count), sorted(bucket)))
                 count += 1
     return out or [FileSpec(data_file_name(prefix, 0), [])]
 

@@ -14,6 +14,7 @@ Several processes (DDP, FSDP, DeepSpeed) or XLA fall back to the stock synchrono
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import random
@@ -42,10 +43,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("asyncckpt.integrations.transformers needs the 'transformers' package: "
                       "pip install 'asyncckpt[transformers]'") from exc
 
-try:
-    from transformers.trainer_utils import rotate_checkpoints
-except ImportError:  # pragma: no cover - transformers 4.x prunes with a Trainer method
-    rotate_checkpoints = None
+# transformers 5 prunes with this function; 4.x with a Trainer method (then None)
+rotate_checkpoints: Any = getattr(importlib.import_module("transformers.trainer_utils"), "rotate_checkpoints", None)
 
 __all__ = ["PARTIAL_SUFFIX", "AsyncckptTrainerMixin"]
 
