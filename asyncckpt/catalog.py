@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from .errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError, FormatError, IntegrityError
 from .format import (
@@ -26,6 +28,7 @@ from .format import (
     LatestRecord,
     ManifestRef,
     RankManifest,
+    RefTarget,
     checksum,
     data_file,
     data_file_rank,
@@ -36,10 +39,14 @@ from .format import (
     encode_latest,
     manifest_file,
     manifest_file_rank,
+    owned_offsets,
+    read_entries,
+    resolve_reference,
 )
 from .storage import Storage, join_key
 
 __all__ = [
+    "RETIRED_FILE",
     "CheckpointInfo",
     "check_checkpoint",
     "commit_checkpoint",
@@ -51,6 +58,9 @@ __all__ = [
     "read_commit",
     "read_latest",
     "read_manifest",
+    "read_references",
+    "read_target",
+    "referenced_by",
     "resolve_name",
     "set_latest",
 ]
@@ -110,6 +120,82 @@ async def read_manifest(
             f"to save {ref.save_id}: the files come from different checkpoints; load another checkpoint"
         )
     return msgspec.structs.replace(m, data_file=_data_key(m, name, where))
+
+
+async def read_target(storage: Storage, m: RankManifest, t: RefTarget) -> RankManifest:
+    """The manifest reference target ``t`` of ``m`` names (a sibling under the same root), checked against
+    the size, CRC32C and save id ``m`` recorded for it; IntegrityError naming both when it cannot be read."""
+    where = f"{storage.uri}/{m.name}"
+    rank = manifest_file_rank(t.manifest)
+    if rank is None:
+        raise FormatError(f"{where}: a reference names {t.file!r}, which is not a manifest")
+    ref = ManifestRef(rank=rank[0], file=t.manifest, nbytes=t.nbytes, checksum=t.checksum, data_nbytes=0,
+                      save_id=t.save_id)
+    try:
+        return await read_manifest(storage, t.name, rank[0], ref)
+    except CheckpointError as exc:
+        raise IntegrityError(f"{where}: rank {m.rank} stores some of its entries by reference in {storage.uri}/"
+                             f"{t.file}, which cannot be read ({exc}); the checkpoint cannot be loaded") from exc
+
+
+async def read_references(storage: Storage, m: RankManifest, indices: Collection[int],
+                          on_bytes: Callable[[int, int, np.ndarray], Any]) -> None:
+    """Read the verified bytes of the reference entries ``indices`` of ``m`` from the files that hold them:
+    ``on_bytes(entry, offset in entry, bytes)`` per piece. Only the chunks holding them are read, each
+    checked against its CRC32C; a failure names the file, the bytes, and this checkpoint's keys."""
+    by_target: dict[int, list[int]] = {}
+    for i in indices:
+        by_target.setdefault(m.entries[i].ref, []).append(i)
+    for t_idx, idx in sorted(by_target.items()):
+        t = m.refs[t_idx]
+        tm = await read_target(storage, m, t)
+        where = f"{storage.uri}/{m.name} (rank {m.rank})"
+        offsets = owned_offsets(tm)
+        js = {resolve_reference(m.entries[i], tm, offsets, where): i for i in idx}
+        try:
+            await read_entries(storage, tm, list(js), lambda j, off, data, js=js: on_bytes(js[j], off, data),
+                               every_chunk=False)
+        except IntegrityError as exc:
+            keys = [m.entries[i].key for i in idx]
+            raise IntegrityError(f"{where}: keys {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''} are stored "
+                                 f"by reference in {storage.uri}/{tm.data_file}, which fails verification: {exc}"
+                                 ) from exc
+
+
+async def referenced_by(storage: Storage, exclude: Collection[str] = ()) -> dict[str, set[str]]:
+    """Mark phase: root-relative manifest keys that references of the other checkpoints under the root
+    point into -> the checkpoints referencing them. Every checkpoint counts (committed, or a save in
+    progress with manifests written) except ``exclude`` and retired ones (deleted but kept for others)."""
+    out: dict[str, set[str]] = {}
+    names: dict[str, set[str]] = {}
+    for k in await storage.list(""):
+        head, _, rest = k.partition("/")
+        if rest and "/" not in rest:
+            names.setdefault(head, set()).add(rest)
+    for name, files in names.items():
+        if name in exclude or RETIRED_FILE in files:
+            continue
+        for fname in sorted(files):
+            got = manifest_file_rank(fname)
+            if got is None:
+                continue
+            try:
+                blob = await storage.read(join_key(name, fname))
+                m = decode_manifest(blob, f"{storage.uri}/{join_key(name, fname)}")
+            except CheckpointNotFoundError:
+                continue
+            except (FormatError, IntegrityError) as exc:
+                # a manifest that cannot be read may reference anything: keep everything rather than guess
+                raise IntegrityError(f"cannot tell what {storage.uri}/{name} references ({exc}); nothing that "
+                                     "may be referenced is deleted until it is repaired or deleted") from exc
+            for t in m.refs:
+                out.setdefault(t.file, set()).add(name)
+    return out
+
+
+#: Written (empty) in a deleted checkpoint's directory whose files other checkpoints still reference:
+#: it is no longer a checkpoint (no COMMIT); its files go once nothing references them.
+RETIRED_FILE = "RETIRED"
 
 
 def _data_key(m: RankManifest, name: str, where: str) -> str:
@@ -187,6 +273,12 @@ async def commit_checkpoint(
         size, want = await storage.size(m.data_file), ChunkGeometry.of(m).stored_nbytes
         if size != want:
             raise IntegrityError(f"{storage.uri}/{m.data_file}: rank {rank} data is {size} bytes, its manifest says {want}")
+        for t in m.refs:  # what it references must still be there (retention may have run meanwhile)
+            tm = await read_target(storage, m, t)
+            tsize, twant = await storage.size(tm.data_file), ChunkGeometry.of(tm).stored_nbytes
+            if tsize != twant:
+                raise IntegrityError(f"{storage.uri}/{tm.data_file}: referenced by rank {rank} of {name}, is {tsize} "
+                                     f"bytes, its manifest says {twant}; nothing was committed")
         refs.append(ManifestRef(rank=rank, file=fname, nbytes=len(blob), checksum=checksum(blob), data_nbytes=size,
                                 save_id=m.save_id))
         total += size + len(blob)
