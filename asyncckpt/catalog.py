@@ -23,6 +23,7 @@ from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     LATEST_FILE,
+    REFS,
     ChunkGeometry,
     CommitRecord,
     LatestRecord,
@@ -61,8 +62,10 @@ __all__ = [
     "read_references",
     "read_target",
     "referenced_by",
+    "referenced_nbytes",
     "resolve_name",
     "set_latest",
+    "verify_references",
 ]
 
 log = logging.getLogger("asyncckpt")
@@ -162,6 +165,35 @@ async def read_references(storage: Storage, m: RankManifest, indices: Collection
                                  ) from exc
 
 
+async def verify_references(storage: Storage, m: RankManifest, progress: Callable[[int], Any] | None = None
+                            ) -> tuple[int, list[str]]:
+    """Read and verify the bytes ``m``'s references point at, target by target; (bytes checked, problems)."""
+    checked = 0
+    problems: list[str] = []
+    by_target: dict[int, list[int]] = {}
+    for i, e in enumerate(m.entries):
+        if e.ref >= 0:
+            by_target.setdefault(e.ref, []).append(i)
+
+    def on_bytes(i: int, off: int, data: np.ndarray) -> None:
+        nonlocal checked
+        checked += len(data)
+        if progress is not None:
+            progress(len(data))
+
+    for idx in by_target.values():
+        try:
+            await read_references(storage, m, idx, on_bytes)
+        except (FormatError, IntegrityError) as exc:
+            problems.append(str(exc))
+    return checked, problems
+
+
+def referenced_nbytes(m: RankManifest) -> int:
+    """Bytes of ``m``'s entries stored by reference (in sibling checkpoints)."""
+    return sum(e.nbytes for e in m.entries if e.ref >= 0)
+
+
 async def referenced_by(storage: Storage, exclude: Collection[str] = ()) -> dict[str, set[str]]:
     """Mark phase: root-relative manifest keys that references of the other checkpoints under the root
     point into -> the checkpoints referencing them. Every checkpoint counts (committed, or a save in
@@ -173,7 +205,7 @@ async def referenced_by(storage: Storage, exclude: Collection[str] = ()) -> dict
         if rest and "/" not in rest:
             names.setdefault(head, set()).add(rest)
     for name, files in names.items():
-        if name in exclude or RETIRED_FILE in files:
+        if name in exclude or (RETIRED_FILE in files and COMMIT_FILE not in files):
             continue
         for fname in sorted(files):
             got = manifest_file_rank(fname)
@@ -330,6 +362,7 @@ async def drop_other_generations(storage: Storage, name: str, record: CommitReco
                 keep.add(m.data_file)
                 prefixes.add(m.data_file.rpartition("/")[0])
         doomed: list[str] = []
+        refs = False
         if old is not None and old.kind == "asyncckpt":
             for ref in old.manifests:
                 if join_key(name, ref.file) in keep:
@@ -339,11 +372,19 @@ async def drop_other_generations(storage: Storage, name: str, record: CommitReco
                 except CheckpointError:
                     continue
                 doomed.append(m.data_file)
+                refs = refs or REFS in m.features
         for prefix in sorted(prefixes):
             for key in await storage.list(prefix):
                 rest = key[len(prefix) + 1 :]
                 if "/" not in rest and (data_file_rank(rest) or manifest_file_rank(rest)):
                     doomed.append(key)
+        if refs:  # files of the replaced generation that other checkpoints reference stay (with their data)
+            for mkey in await referenced_by(storage, exclude={name}):
+                if mkey.partition("/")[0] == name:
+                    keep.add(mkey)
+                    m = await read_manifest(storage, name, manifest_file_rank(mkey.partition("/")[2])[0],
+                                            file=mkey.partition("/")[2])
+                    keep.add(m.data_file)
         # data first, manifests last: a rerun after an interruption still finds what to remove
         doomed = sorted(dict.fromkeys(k for k in doomed if k not in keep), key=lambda k: k.endswith(".manifest"))
         for key in doomed:
@@ -430,6 +471,10 @@ async def list_all(storage: Storage, *, check: bool = False) -> list[CheckpointI
     out: list[CheckpointInfo] = []
     for name, files in names.items():
         path = f"{storage.uri.rstrip('/')}/{name}"
+        if COMMIT_FILE not in files and RETIRED_FILE in files:
+            out.append(CheckpointInfo(name, path, None, 0.0, 0, False, problem=(
+                "deleted; files other checkpoints reference are kept until nothing references them")))
+            continue
         if COMMIT_FILE not in files:
             # Only files directly under NAME/ make it a checkpoint; deeper ones are data under a
             # spread layout prefix (HH/NAME/...), owned by the checkpoint whose manifest names them.

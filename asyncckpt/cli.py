@@ -29,7 +29,14 @@ from tqdm import tqdm
 
 from . import __version__
 from ._loop import run_sync
-from .catalog import CheckpointInfo, read_latest, read_manifest
+from .catalog import (
+    CheckpointInfo,
+    read_latest,
+    read_manifest,
+    read_references,
+    referenced_nbytes,
+    verify_references,
+)
 from .deletion import DeleteReport, delete_async
 from .errors import (
     BadInputError,
@@ -490,12 +497,16 @@ def _verify_one(path: str, args: argparse.Namespace) -> int:
                 files += 1
             except CheckpointError as exc:
                 problems.append(str(exc))
-        total = sum(m.data_nbytes for m in manifests)
+        total = sum(m.data_nbytes + referenced_nbytes(m) for m in manifests)
         with _progress(args, total, f"verify {ck.name}") as bar:
             for m in manifests:
                 n, probs = run_sync(verify_rank(ck.storage, m, bar.update))
                 checked += n
                 files += 1
+                problems += probs
+                n, probs = run_sync(verify_references(ck.storage, m, bar.update))  # bytes stored by reference
+                checked += n
+                files += len(m.refs)
                 problems += probs
     finally:
         run_sync(ck.storage.close())
@@ -599,8 +610,15 @@ class _CountingFile:
 
 
 def _stream_entries(storage: Storage, m: RankManifest, wanted: list[int], bar: tqdm, on_bytes: Any) -> None:
-    """Read and verify every chunk; hand the ``wanted`` entries' ``(entry index, offset in entry, bytes)`` on."""
-    run_sync(read_entries(storage, m, wanted, on_bytes, progress=bar.update))
+    """Read and verify every chunk (and those holding the entries stored by reference); hand the ``wanted``
+    entries' ``(entry index, offset in entry, bytes)`` on."""
+    run_sync(read_entries(storage, m, [i for i in wanted if m.entries[i].ref < 0], on_bytes, progress=bar.update))
+
+    def counted(i: int, off: int, data: np.ndarray) -> None:
+        on_bytes(i, off, data)
+        bar.update(len(data))
+
+    run_sync(read_references(storage, m, [i for i in wanted if m.entries[i].ref >= 0], counted))
 
 
 def _export_safetensors(ck: _Ckpt, m: RankManifest, node: Node, tmp: Path, args: argparse.Namespace) -> tuple[int, list[str]]:
@@ -657,7 +675,7 @@ def _export_safetensors(ck: _Ckpt, m: RankManifest, node: Node, tmp: Path, args:
                 write_at(data.data, base + out_off[idx] + off)
 
         direct = [c[1] for c in chosen if m.entries[c[1]].view_of < 0]
-        with _progress(args, m.data_nbytes, f"export {ck.name}") as bar:
+        with _progress(args, m.data_nbytes + referenced_nbytes(m), f"export {ck.name}") as bar:
             _stream_entries(ck.storage, m, sorted(set(direct) | set(held)), bar, put)
         values = entry_values(m, held, views, f"{ck.path}/{m.data_file}")
         for idx in views:
@@ -686,7 +704,7 @@ def _export_pt(ck: _Ckpt, m: RankManifest, node: Node, tmp: Path, args: argparse
     def put(idx: int, off: int, data: np.ndarray) -> None:
         bufs[idx][off : off + len(data)] = data
 
-    with _progress(args, m.data_nbytes, f"read {ck.name}") as bar:
+    with _progress(args, m.data_nbytes + referenced_nbytes(m), f"read {ck.name}") as bar:
         _stream_entries(ck.storage, m, list(bufs), bar, put)
     where = f"{ck.path}/{m.data_file}"
     values = entry_values(m, bufs, wanted, where)
