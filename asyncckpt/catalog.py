@@ -86,6 +86,10 @@ class CheckpointInfo:
     is_latest: bool = False
     tiers: list[str] = field(default_factory=list)
     problem: str = ""
+    logical_nbytes: int = 0  # its size with the bytes it references in sibling checkpoints (incremental saves)
+
+    def __post_init__(self) -> None:
+        self.logical_nbytes = self.logical_nbytes or self.nbytes
 
 
 async def read_manifest(
@@ -292,7 +296,8 @@ async def commit_checkpoint(
     generation, old = await next_generation(storage, name, overwrite=overwrite)
     refs: list[ManifestRef] = []
     data_keys: list[str] = []
-    total = 0
+    total = referenced = 0
+    uses_refs = False
     for rank in range(world_size):
         fname = manifest_file(rank, generation)
         key = join_key(name, fname)
@@ -314,6 +319,8 @@ async def commit_checkpoint(
         refs.append(ManifestRef(rank=rank, file=fname, nbytes=len(blob), checksum=checksum(blob), data_nbytes=size,
                                 save_id=m.save_id))
         total += size + len(blob)
+        referenced += referenced_nbytes(m)
+        uses_refs = uses_refs or REFS in m.features
     record = CommitRecord(
         format=FORMAT_NAME,
         version=FORMAT_VERSION,
@@ -327,6 +334,7 @@ async def commit_checkpoint(
         layout=layout,
         metadata=dict(metadata or {}),
         generation=generation,
+        logical_nbytes=total + referenced if uses_refs else msgspec.UNSET,
     )
     if not await storage.put_record(join_key(name, COMMIT_FILE), encode_commit(record), if_absent=not overwrite):
         raise CheckpointExistsError(f"{storage.uri}/{name} was committed by someone else meanwhile; nothing was changed")
@@ -498,6 +506,7 @@ async def list_all(storage: Storage, *, check: bool = False) -> list[CheckpointI
                 rec.created,
                 rec.total_nbytes,
                 True,
+                logical_nbytes=rec.logical_nbytes if isinstance(rec.logical_nbytes, int) else rec.total_nbytes,
                 world_size=rec.world_size,
                 kind=rec.kind,
                 is_latest=latest is not None and latest.name == name,

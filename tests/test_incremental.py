@@ -199,6 +199,27 @@ def test_deleting_any_subset_keeps_the_others_loading(template: tuple[Path, list
     check_remaining(root, states, set(doomed))
 
 
+def test_ls_and_inspect_show_logical_and_stored_sizes(template: tuple[Path, list[Any]],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    src, _ = template
+    assert cli.main(["ls", "--json", str(src)]) == 0
+    listed = {c["name"]: c for c in json.loads(capsys.readouterr().out)["checkpoints"]}
+    assert listed["s0"]["logical_nbytes"] == listed["s0"]["nbytes"]
+    for name in ("s1", "s5"):
+        assert listed[name]["nbytes"] < listed[name]["logical_nbytes"] / 5
+        assert abs(listed[name]["logical_nbytes"] - listed["s0"]["logical_nbytes"]) < 1024
+    assert cli.main(["inspect", "--json", str(src / "s5")]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    rank = shown["ranks"][0]
+    assert rank["references"] == ["s0/rank-00000.manifest", "s4/rank-00000.manifest"]
+    assert rank["referenced_nbytes"] == 300 * 300 * 4 + 200 * 100 * 4
+    assert shown["logical_nbytes"] == listed["s5"]["logical_nbytes"]
+    assert cli.main(["inspect", str(src / "s5")]) == 0
+    assert "by reference" in capsys.readouterr().out
+
+
 def test_delete_keeps_referenced_files_until_nothing_references_them(template: tuple[Path, list[Any]],
                                                                      tmp_path: Path) -> None:
     src, states = template

@@ -224,6 +224,8 @@ class CommitRecord(msgspec.Struct, frozen=True):
     kind: str = "asyncckpt"  # "asyncckpt" or "dcp"
     metadata: dict[str, str] = {}
     generation: int = 0  # which file names hold this checkpoint's ranks (see manifest_file); bumped by overwrites
+    # feature "refs" in a manifest: stored plus referenced bytes (absent when it equals total_nbytes)
+    logical_nbytes: Union[int, msgspec.UnsetType] = msgspec.UNSET
 
 
 class LatestRecord(msgspec.Struct, frozen=True):
