@@ -416,3 +416,24 @@ def test_incremental_through_s3_save_load_retention(moto_server: Any, s3_bucket:
     asyncckpt.delete(f"{root}/step-05", force=True, storage_options=s3opts)
     assert not [k for k in run_sync(storage.list("")) if k.endswith((".data", ".manifest"))]
     assert moto_server.incomplete_uploads(s3_bucket) == []
+
+
+def test_tiers_drain_incremental_checkpoints_by_reference(tmp_path: Path) -> None:
+    fast, slow = tmp_path / "fast", tmp_path / "durable"
+    tiers = asyncckpt.Tiers(fast, slow, keep=[2, 3])
+    const = torch.randn(256, 256)
+    states = []
+    with asyncckpt.AsyncCheckpointer(incremental=True, snapshot="blocking") as ck:
+        for step in range(6):
+            state = {"const": const, "step_t": torch.full((128,), float(step))}
+            states.append(snapshot(state))
+            h = ck.save(state, tiers / f"s{step}", step=step)
+            ck.finalize(blocking=True)
+            assert h is not None and h.durable
+    for root, kept in ((fast, (4, 5)), (slow, (3, 4, 5))):
+        committed = sorted(int(p.parent.name[1:]) for p in root.glob("*/COMMIT"))
+        assert committed == list(kept)
+        for step in kept:
+            assert_bit_exact(asyncckpt.load(root / f"s{step}"), states[step])
+        assert data_bytes(root / "s5") < 256 * 256 * 4 / 10  # stored by reference there too
+        assert (root / "s0" / RETIRED_FILE).exists()
