@@ -107,7 +107,7 @@ class Entry(msgspec.Struct, frozen=True, omit_defaults=True):
     view_of: int = -1  # index of the storage entry this tensor is a view of; -1: owns its bytes
     stride: list[int] = []  # a view's strides, in elements
     storage_offset: int = 0  # a view's offset into its storage, in elements
-    # feature "refs": BLAKE2b-64 of the entry's raw bytes (every stored entry of an incremental save)
+    # feature "refs": XXH3-128 of the entry's raw bytes (every stored entry of an incremental save)
     digest: bytes = b""
     # feature "refs": index into RankManifest.refs; the bytes are entry ``offset`` of that manifest's image
     ref: int = -1
@@ -425,8 +425,8 @@ def _check_refs(m: RankManifest, where: str) -> None:
         _check_entry(e, 1 << 62, where)
 
 
-#: Bytes of ``Entry.digest`` (BLAKE2b with this digest size).
-DIGEST_SIZE = 8
+#: Bytes of ``Entry.digest`` (XXH3-128).
+DIGEST_SIZE = 16
 
 
 def _check_entry(e: Entry, data_nbytes: int, where: str) -> None:

@@ -10,21 +10,26 @@ entry was a reference): one hop.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import msgspec
+import xxhash
 
 from ..errors import FormatError
-from .records import ALIGN, DIGEST_SIZE, Entry, RankManifest, RefTarget
+from .records import ALIGN, Entry, RankManifest, RefTarget
 
 __all__ = ["ReferencePlan", "digest", "owned_offsets", "plan_references", "referenced_files", "resolve_reference"]
 
 
 def digest(data: memoryview | bytes) -> bytes:
-    """BLAKE2b-64 of ``data`` (the GIL is released while hashing large buffers)."""
-    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+    """XXH3-128 of ``data``, big-endian (``DIGEST_SIZE`` bytes).
+
+    A non-cryptographic hash: it proves equality of bytes written by this job's own training
+    (a 2**-128 accidental collision), not against an adversary who crafts tensors; ~20x faster
+    than BLAKE2b, which made hashing the cost of an incremental save.
+    """
+    return xxhash.xxh3_128_digest(data)
 
 
 @dataclass(frozen=True)
