@@ -229,6 +229,30 @@ async def referenced_by(storage: Storage, exclude: Collection[str] = ()) -> dict
     return out
 
 
+class BasePins:
+    """The base checkpoints (names under one root) that incremental saves being written in this process
+    read: deletion keeps them (their references are not on storage until the manifest is written)."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, int] = {}
+        self._epoch: dict[str, int] = {}
+
+    def hold(self, name: str) -> None:
+        self._held[name] = self._held.get(name, 0) + 1
+        self._epoch[name] = self._epoch.get(name, 0) + 1
+
+    def release(self, name: str) -> None:
+        self._held[name] -= 1
+
+    def token(self, name: str) -> tuple[bool, int]:
+        """Whether ``name`` is held now, and how often it was held so far."""
+        return self._held.get(name, 0) > 0, self._epoch.get(name, 0)
+
+    def held_since(self, name: str, token: tuple[bool, int]) -> bool:
+        """Whether ``name`` was held at any moment since ``token`` was taken."""
+        return token[0] or self._held.get(name, 0) > 0 or self._epoch.get(name, 0) != token[1]
+
+
 #: Written (empty) in a deleted checkpoint's directory whose files other checkpoints still reference:
 #: it is no longer a checkpoint (no COMMIT); its files go once nothing references them.
 RETIRED_FILE = "RETIRED"
@@ -607,7 +631,7 @@ async def check_checkpoint(storage: Storage, name: str, *, sem: asyncio.Semaphor
     return "; ".join(bad[:3]) + (f"; ... ({len(bad)} problems)" if len(bad) > 3 else "")
 
 
-async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False) -> Any:
+async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False, pins: BasePins | None = None) -> Any:
     """Delete checkpoint ``name``, proven by its own records, COMMIT first; see :mod:`asyncckpt.deletion`.
 
     The one deletion used by the CLI, :func:`asyncckpt.delete`, retention and tier pruning.
@@ -615,4 +639,4 @@ async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False)
     """
     from .deletion import delete_checkpoint as _delete  # deletion builds on this module
 
-    return await _delete(storage, name, force=force)
+    return await _delete(storage, name, force=force, pins=pins)

@@ -28,7 +28,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._loop import run_sync
-from .catalog import RETIRED_FILE, list_all, read_commit, read_latest, read_manifest, referenced_by, set_latest
+from .catalog import (
+    RETIRED_FILE,
+    BasePins,
+    list_all,
+    read_commit,
+    read_latest,
+    read_manifest,
+    referenced_by,
+    set_latest,
+)
 from .errors import (
     BadInputError,
     CheckpointError,
@@ -305,10 +314,12 @@ async def _move_latest_off(storage: Storage, name: str) -> str:
     return ""
 
 
-async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False) -> DeleteReport:
+async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False,
+                            pins: BasePins | None = None) -> DeleteReport:
     """Delete checkpoint ``name`` under ``storage`` as its records prove and name it (see the module docstring).
 
-    Refuses (DeleteRefusedError) the checkpoint ``latest`` points to unless ``force``, which first
+    ``pins``: the bases of incremental saves being written in this process, refused too
+    (DeleteRefusedError). Refuses (DeleteRefusedError) the checkpoint ``latest`` points to unless ``force``, which first
     moves ``latest`` to the newest other complete checkpoint (or removes it). Raises
     NotACheckpointError when nothing proves ``name`` is a checkpoint, CheckpointNotFoundError when
     nothing is there.
@@ -320,6 +331,7 @@ async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False)
         raise BadInputError(f"{where}: not a checkpoint name ({exc})") from exc
     if "/" in name or not name:
         raise BadInputError(f"{where}: a checkpoint name is one path component")
+    token = pins.token(name) if pins is not None else (False, 0)
     found = await _examine(storage, name)
     if isinstance(found, str):
         if not found or not await _exists_at(storage, name):
@@ -352,6 +364,9 @@ async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False)
                         "leads to stays (delete it by its own path)"]
         log.info("deleted the link %s (-> %s)", where, target)
         return report
+    if pins is not None and pins.held_since(name, token):  # checked with no await before the first removal
+        raise DeleteRefusedError(f"{where} is the base of an incremental save being written; not deleted (retention "
+                                 "tries again on its next pass)")
     report.deleted = await _remove(storage, name, found)
     report.notes = found.notes
     if found.refs:

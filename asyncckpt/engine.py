@@ -20,7 +20,7 @@ import msgspec
 import numpy as np
 
 from ._loop import gather_or_cancel
-from .catalog import next_generation, read_commit, read_manifest
+from .catalog import BasePins, next_generation, read_commit, read_manifest
 from .errors import CheckpointError
 from .format import (
     CHECKSUM_ALGO,
@@ -101,6 +101,19 @@ class NativeSink:
     """Writes asyncckpt's own format: ``NAME/rank-R.data`` in checksummed chunks, then ``rank-R.manifest``."""
 
     async def write(self, ctx: WorkerContext, job: SaveJob, staged: Staged) -> SaveResult:
+        # An incremental save's base stays pinned until its manifest is written (from then on deletion's
+        # mark phase sees the references): retention on this worker keeps it (control.RetentionOp).
+        pins = ctx.pins.setdefault(job.root, BasePins()) if job.incremental and job.base else None
+        if pins is not None and job.base:
+            pins.hold(job.base)
+        try:
+            return await self.write_pinned(ctx, job, staged)
+        finally:
+            if pins is not None and job.base:
+                pins.release(job.base)
+
+    async def write_pinned(self, ctx: WorkerContext, job: SaveJob, staged: Staged) -> SaveResult:
+        """:meth:`write` once the base is pinned."""
         t0 = time.perf_counter()
         storage = ctx.storage(job.root, job.storage_options)
         # An overwrite writes the next generation's files beside the committed checkpoint, which

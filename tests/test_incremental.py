@@ -437,3 +437,40 @@ def test_tiers_drain_incremental_checkpoints_by_reference(tmp_path: Path) -> Non
             assert_bit_exact(asyncckpt.load(root / f"s{step}"), states[step])
         assert data_bytes(root / "s5") < 256 * 256 * 4 / 10  # stored by reference there too
         assert (root / "s0" / RETIRED_FILE).exists()
+
+
+def test_keep_last_one_with_saves_in_flight_never_loses_a_base(tmp_path: Path) -> None:
+    """keep_last=1 with two saves in flight: a save's base may be the one retention lets go next."""
+    const = torch.randn(512, 512)
+    states = {}
+    with asyncckpt.CheckpointManager(tmp_path, every_steps=1, keep_last=1, incremental=True, max_in_flight=2,
+                                     snapshot="blocking", rng=False, signals=()) as mgr:
+        for step in range(1, 13):
+            state = {"const": const, "x": torch.full((1000,), float(step))}
+            states[step] = snapshot(state)
+            mgr.save(step, state)
+    names = [i.name for i in asyncckpt.list_checkpoints(tmp_path) if i.complete]
+    assert names == ["step-00000012"]
+    got = asyncckpt.load(tmp_path / names[0])
+    assert_bit_exact({k: got[k] for k in ("const", "x")}, states[12])
+
+
+def test_bench_incremental_smoke(tmp_path: Path) -> None:
+    """bench/incremental.py end to end on a tiny state: every row, bytes written (no timing asserts)."""
+    import json
+
+    out = tmp_path / "out.json"
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(root / "bench" / "incremental.py"), "--mib", "2", "--tensors", "20",
+                        "--saves", "1", "--dir", str(tmp_path), "--json", str(out)],
+                       cwd=root, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["changed_fraction"], r["mode"]) for r in rows] == [
+        (f, m) for f in (0.01, 0.1, 1.0) for m in ("full", "incremental")]
+    by = {(r["changed_fraction"], r["mode"]): r["bytes_written"]["median"] for r in rows}
+    state = rows[0]["state_bytes"]
+    assert all(by[(f, "full")] >= state for f in (0.01, 0.1, 1.0))
+    assert by[(0.01, "incremental")] < state / 10 and by[(0.1, "incremental")] < state / 5
+    assert by[(1.0, "incremental")] >= state
+    assert "incremental" in p.stdout
