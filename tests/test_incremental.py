@@ -33,6 +33,7 @@ from asyncckpt.format import (
 )
 from asyncckpt.format.crc import checksum
 from asyncckpt.storage import LocalStorage, open_storage
+from tests._dist import run_ranks
 
 
 def flat(state: Any, prefix: str = "") -> dict[str, Any]:
@@ -474,3 +475,47 @@ def test_bench_incremental_smoke(tmp_path: Path) -> None:
     assert by[(0.01, "incremental")] < state / 10 and by[(0.1, "incremental")] < state / 5
     assert by[(1.0, "incremental")] >= state
     assert "incremental" in p.stdout
+
+
+def test_incremental_with_zstd_compression(tmp_path: Path) -> None:
+    pytest.importorskip("zstandard")
+    const = torch.zeros(1 << 20)  # compresses: the base's chunks are zstd frames
+    states = []
+    with asyncckpt.AsyncCheckpointer(incremental=True, compression="zstd", snapshot="blocking",
+                                     chunk_size=5 << 20) as ck:
+        for step in range(3):
+            state = {"const": const, "moving": torch.randn(50_000), "step": step}
+            states.append(snapshot(state))
+            ck.save(state, f"{tmp_path}/z{step}", step=step)
+            ck.finalize(blocking=True)
+    for step in range(3):
+        assert_bit_exact(asyncckpt.load(tmp_path / f"z{step}"), states[step])
+        assert_bit_exact(asyncckpt.load(tmp_path / f"z{step}", keys=["const"]), {"const": states[step]["const"]})
+    m = decode_manifest((tmp_path / "z2" / "rank-00000.manifest").read_bytes(), "m")
+    assert {"zstd", REFS} <= set(m.features) and [e.key for e in m.entries if e.ref >= 0] == ["const"]
+    assert cli.main(["verify", str(tmp_path / "z2")]) == 0
+
+
+def _two_rank_body(rank: int, world: int, root: str) -> dict[str, Any]:
+    torch.manual_seed(rank)
+    frozen = torch.randn(100_000) + rank
+    with asyncckpt.AsyncCheckpointer(incremental=True, snapshot="blocking") as ck:
+        for step in range(3):
+            ck.save({"frozen": frozen, "x": torch.full((1000,), float(step + 10 * rank))}, f"{root}/m{step}", step=step)
+            ck.finalize(blocking=True)
+    torch.distributed.barrier()
+    ok = []
+    for step in range(3):
+        got = asyncckpt.load(f"{root}/m{step}")
+        ok.append(torch.equal(got["frozen"], frozen) and torch.equal(got["x"], torch.full((1000,), float(step + 10 * rank))))
+    return {"ok": ok}
+
+
+@pytest.mark.multiproc
+def test_two_ranks_reference_their_own_rank_of_the_base(tmp_path: Path) -> None:
+    res = run_ranks(2, _two_rank_body, tmp_path, str(tmp_path))
+    assert [r["ok"] for r in res] == [[True] * 3, [True] * 3]
+    for rank in range(2):
+        m = decode_manifest((tmp_path / "m2" / f"rank-{rank:05d}.manifest").read_bytes(), "m")
+        assert [t.file for t in m.refs] == [f"m0/rank-{rank:05d}.manifest"]
+        assert data_bytes(tmp_path / "m2") < 100_000
