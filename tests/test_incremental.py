@@ -519,3 +519,21 @@ def test_two_ranks_reference_their_own_rank_of_the_base(tmp_path: Path) -> None:
         m = decode_manifest((tmp_path / "m2" / f"rank-{rank:05d}.manifest").read_bytes(), "m")
         assert [t.file for t in m.refs] == [f"m0/rank-{rank:05d}.manifest"]
         assert data_bytes(tmp_path / "m2") < 100_000
+
+
+def test_overwrite_of_a_referenced_name_keeps_what_others_reference(tmp_path: Path) -> None:
+    const = torch.randn(100_000)
+    with asyncckpt.AsyncCheckpointer(incremental=True, snapshot="blocking") as ck:
+        for name, x in (("a", 1.0), ("b", 2.0), ("a", 3.0), ("c", 4.0)):
+            ck.save({"const": const, "x": torch.full((10,), x)}, f"{tmp_path}/{name}", overwrite=True)
+            ck.finalize(blocking=True)
+    m = decode_manifest((tmp_path / "a" / "rank-00000.g1.manifest").read_bytes(), "m")
+    assert not m.refs  # a's bytes were b's reference target: stored again, never referenced by itself
+    for name, x in (("a", 3.0), ("b", 2.0), ("c", 4.0)):
+        got = asyncckpt.load(tmp_path / name)
+        assert torch.equal(got["const"], const) and torch.equal(got["x"], torch.full((10,), x))
+    assert (tmp_path / "a" / "rank-00000.manifest").exists()  # generation 0: b references it
+    asyncckpt.delete(tmp_path / "b")
+    asyncckpt.delete(tmp_path / "c", force=True)
+    for name in ("a",):
+        assert torch.equal(asyncckpt.load(tmp_path / name)["const"], const)

@@ -44,12 +44,13 @@ class ReferencePlan:
 
 
 def plan_references(entries: Sequence[Entry], digests: Mapping[int, bytes], base: RankManifest | None,
-                    base_target: RefTarget | None) -> ReferencePlan:
+                    base_target: RefTarget | None, name: str = "") -> ReferencePlan:
     """Turn the entries whose bytes equal the base's into references; lay the rest out again, packed.
 
     ``digests`` holds the digest of every entry that owns bytes; ``base`` is the base checkpoint's
     manifest of this rank (None: a full save that still records digests) and ``base_target`` the
-    reference to it.
+    reference to it. Bytes held by checkpoint ``name`` itself (an overwrite of a name the base
+    references) are stored again, never referenced: a checkpoint references only its siblings.
     """
     by_key: dict[str, Entry] = {}
     if base is not None:
@@ -78,8 +79,9 @@ def plan_references(entries: Sequence[Entry], digests: Mapping[int, bytes], base
         if (b is not None and base is not None and base_target is not None and b.digest == d and b.kind == e.kind
                 and b.dtype == e.dtype and b.shape == e.shape and b.nbytes == e.nbytes and e.nbytes > 0):
             t = base.refs[b.ref] if b.ref >= 0 else base_target
-            new[i] = msgspec.structs.replace(e, offset=b.offset, digest=d, ref=target(t))
-            continue
+            if t.name != name:
+                new[i] = msgspec.structs.replace(e, offset=b.offset, digest=d, ref=target(t))
+                continue
         off = -(-end // ALIGN) * ALIGN if e.nbytes else end
         moves.append((e.offset, off, e.nbytes))
         new[i] = msgspec.structs.replace(e, offset=off, digest=d)
