@@ -537,3 +537,21 @@ def test_overwrite_of_a_referenced_name_keeps_what_others_reference(tmp_path: Pa
     asyncckpt.delete(tmp_path / "c", force=True)
     for name in ("a",):
         assert torch.equal(asyncckpt.load(tmp_path / name)["const"], const)
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_export_follows_references(template: tuple[Path, list[Any]], tmp_path: Path, fmt: str,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    src, states = template
+    dest = tmp_path / f"s5.{fmt}"
+    assert cli.main(["export", str(src / "s5"), "--to", str(dest)]) == 0, capsys.readouterr().err
+    if fmt == "pt":
+        got = torch.load(dest, weights_only=True)
+        for k in ("const", "slow", "fast"):
+            assert torch.equal(got[k], states[5][k]), k
+        assert torch.equal(got["shared"][1], states[5]["shared"][1])
+    else:
+        safetensors_torch = pytest.importorskip("safetensors.torch")
+        got = safetensors_torch.load_file(dest)
+        for k in ("const", "slow", "fast"):
+            assert torch.equal(got[k], states[5][k]), k
