@@ -412,11 +412,11 @@ async def drop_other_generations(storage: Storage, name: str, record: CommitReco
                     doomed.append(key)
         if refs:  # files of the replaced generation that other checkpoints reference stay (with their data)
             for mkey in await referenced_by(storage, exclude={name}):
-                if mkey.partition("/")[0] == name:
+                head, _, fname = mkey.partition("/")
+                got = manifest_file_rank(fname)
+                if head == name and got is not None:
                     keep.add(mkey)
-                    m = await read_manifest(storage, name, manifest_file_rank(mkey.partition("/")[2])[0],
-                                            file=mkey.partition("/")[2])
-                    keep.add(m.data_file)
+                    keep.add((await read_manifest(storage, name, got[0], file=fname)).data_file)
         # data first, manifests last: a rerun after an interruption still finds what to remove
         doomed = sorted(dict.fromkeys(k for k in doomed if k not in keep), key=lambda k: k.endswith(".manifest"))
         for key in doomed:
