@@ -236,10 +236,13 @@ class BasePins:
     def __init__(self) -> None:
         self._held: dict[str, int] = {}
         self._epoch: dict[str, int] = {}
+        self._deleting: set[str] = set()
 
-    def hold(self, name: str) -> None:
+    def hold(self, name: str) -> bool:
+        """Pin ``name``; False when a deletion of it has begun (then the save must not use it as its base)."""
         self._held[name] = self._held.get(name, 0) + 1
         self._epoch[name] = self._epoch.get(name, 0) + 1
+        return name not in self._deleting
 
     def release(self, name: str) -> None:
         self._held[name] -= 1
@@ -251,6 +254,16 @@ class BasePins:
     def held_since(self, name: str, token: tuple[bool, int]) -> bool:
         """Whether ``name`` was held at any moment since ``token`` was taken."""
         return token[0] or self._held.get(name, 0) > 0 or self._epoch.get(name, 0) != token[1]
+
+    def begin_delete(self, name: str, token: tuple[bool, int]) -> bool:
+        """Start deleting ``name`` unless it was held since ``token``; from now on :meth:`hold` refuses it."""
+        if self.held_since(name, token):
+            return False
+        self._deleting.add(name)
+        return True
+
+    def end_delete(self, name: str) -> None:
+        self._deleting.discard(name)
 
 
 #: Written (empty) in a deleted checkpoint's directory whose files other checkpoints still reference:

@@ -364,10 +364,15 @@ async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False,
                         "leads to stays (delete it by its own path)"]
         log.info("deleted the link %s (-> %s)", where, target)
         return report
-    if pins is not None and pins.held_since(name, token):  # checked with no await before the first removal
+    # No await between the check and marking it deleted: a save pinning it from now on does not use it.
+    if pins is not None and not pins.begin_delete(name, token):
         raise DeleteRefusedError(f"{where} is the base of an incremental save being written; not deleted (retention "
                                  "tries again on its next pass)")
-    report.deleted = await _remove(storage, name, found)
+    try:
+        report.deleted = await _remove(storage, name, found)
+    finally:
+        if pins is not None:
+            pins.end_delete(name)
     report.notes = found.notes
     if found.refs:
         report.deleted += await sweep_retired(storage)

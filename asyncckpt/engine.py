@@ -13,7 +13,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -103,14 +103,15 @@ class NativeSink:
     async def write(self, ctx: WorkerContext, job: SaveJob, staged: Staged) -> SaveResult:
         # An incremental save's base stays pinned until its manifest is written (from then on deletion's
         # mark phase sees the references): retention on this worker keeps it (control.RetentionOp).
-        pins = ctx.pins.setdefault(job.root, BasePins()) if job.incremental and job.base else None
-        if pins is not None and job.base:
-            pins.hold(job.base)
+        base = job.base
+        pins = ctx.pins.setdefault(job.root, BasePins()) if job.incremental and base else None
+        if pins is not None and base and not pins.hold(base):
+            job = replace(job, base=None)  # being deleted: save in full
         try:
             return await self.write_pinned(ctx, job, staged)
         finally:
-            if pins is not None and job.base:
-                pins.release(job.base)
+            if pins is not None and base:
+                pins.release(base)
 
     async def write_pinned(self, ctx: WorkerContext, job: SaveJob, staged: Staged) -> SaveResult:
         """:meth:`write` once the base is pinned."""
