@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from .errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError, FormatError, IntegrityError
 from .format import (
@@ -21,11 +23,13 @@ from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     LATEST_FILE,
+    REFS,
     ChunkGeometry,
     CommitRecord,
     LatestRecord,
     ManifestRef,
     RankManifest,
+    RefTarget,
     checksum,
     data_file,
     data_file_rank,
@@ -36,10 +40,14 @@ from .format import (
     encode_latest,
     manifest_file,
     manifest_file_rank,
+    owned_offsets,
+    read_entries,
+    resolve_reference,
 )
 from .storage import Storage, join_key
 
 __all__ = [
+    "RETIRED_FILE",
     "CheckpointInfo",
     "check_checkpoint",
     "commit_checkpoint",
@@ -51,8 +59,13 @@ __all__ = [
     "read_commit",
     "read_latest",
     "read_manifest",
+    "read_references",
+    "read_target",
+    "referenced_by",
+    "referenced_nbytes",
     "resolve_name",
     "set_latest",
+    "verify_references",
 ]
 
 log = logging.getLogger("asyncckpt")
@@ -73,6 +86,10 @@ class CheckpointInfo:
     is_latest: bool = False
     tiers: list[str] = field(default_factory=list)
     problem: str = ""
+    logical_nbytes: int = 0  # its size with the bytes it references in sibling checkpoints (incremental saves)
+
+    def __post_init__(self) -> None:
+        self.logical_nbytes = self.logical_nbytes or self.nbytes
 
 
 async def read_manifest(
@@ -110,6 +127,148 @@ async def read_manifest(
             f"to save {ref.save_id}: the files come from different checkpoints; load another checkpoint"
         )
     return msgspec.structs.replace(m, data_file=_data_key(m, name, where))
+
+
+async def read_target(storage: Storage, m: RankManifest, t: RefTarget) -> RankManifest:
+    """The manifest reference target ``t`` of ``m`` names (a sibling under the same root), checked against
+    the size, CRC32C and save id ``m`` recorded for it; IntegrityError naming both when it cannot be read."""
+    where = f"{storage.uri}/{m.name}"
+    rank = manifest_file_rank(t.manifest)
+    if rank is None:
+        raise FormatError(f"{where}: a reference names {t.file!r}, which is not a manifest")
+    ref = ManifestRef(rank=rank[0], file=t.manifest, nbytes=t.nbytes, checksum=t.checksum, data_nbytes=0,
+                      save_id=t.save_id)
+    try:
+        return await read_manifest(storage, t.name, rank[0], ref)
+    except CheckpointError as exc:
+        raise IntegrityError(f"{where}: rank {m.rank} stores some of its entries by reference in {storage.uri}/"
+                             f"{t.file}, which cannot be read ({exc}); the checkpoint cannot be loaded") from exc
+
+
+async def read_references(storage: Storage, m: RankManifest, indices: Collection[int],
+                          on_bytes: Callable[[int, int, np.ndarray], Any]) -> None:
+    """Read the verified bytes of the reference entries ``indices`` of ``m`` from the files that hold them:
+    ``on_bytes(entry, offset in entry, bytes)`` per piece. Only the chunks holding them are read, each
+    checked against its CRC32C; a failure names the file, the bytes, and this checkpoint's keys."""
+    by_target: dict[int, list[int]] = {}
+    for i in indices:
+        by_target.setdefault(m.entries[i].ref, []).append(i)
+    for t_idx, idx in sorted(by_target.items()):
+        t = m.refs[t_idx]
+        tm = await read_target(storage, m, t)
+        where = f"{storage.uri}/{m.name} (rank {m.rank})"
+        offsets = owned_offsets(tm)
+        js = {resolve_reference(m.entries[i], tm, offsets, where): i for i in idx}
+        try:
+            await read_entries(storage, tm, list(js), lambda j, off, data, js=js: on_bytes(js[j], off, data),
+                               every_chunk=False)
+        except IntegrityError as exc:
+            keys = [m.entries[i].key for i in idx]
+            raise IntegrityError(f"{where}: keys {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''} are stored "
+                                 f"by reference in {storage.uri}/{tm.data_file}, which fails verification: {exc}"
+                                 ) from exc
+
+
+async def verify_references(storage: Storage, m: RankManifest, progress: Callable[[int], Any] | None = None
+                            ) -> tuple[int, list[str]]:
+    """Read and verify the bytes ``m``'s references point at, target by target; (bytes checked, problems)."""
+    checked = 0
+    problems: list[str] = []
+    by_target: dict[int, list[int]] = {}
+    for i, e in enumerate(m.entries):
+        if e.ref >= 0:
+            by_target.setdefault(e.ref, []).append(i)
+
+    def on_bytes(i: int, off: int, data: np.ndarray) -> None:
+        nonlocal checked
+        checked += len(data)
+        if progress is not None:
+            progress(len(data))
+
+    for idx in by_target.values():
+        try:
+            await read_references(storage, m, idx, on_bytes)
+        except (FormatError, IntegrityError) as exc:
+            problems.append(str(exc))
+    return checked, problems
+
+
+def referenced_nbytes(m: RankManifest) -> int:
+    """Bytes of ``m``'s entries stored by reference (in sibling checkpoints)."""
+    return sum(e.nbytes for e in m.entries if e.ref >= 0)
+
+
+async def referenced_by(storage: Storage, exclude: Collection[str] = ()) -> dict[str, set[str]]:
+    """Mark phase: root-relative manifest keys that references of the other checkpoints under the root
+    point into -> the checkpoints referencing them. Every checkpoint counts (committed, or a save in
+    progress with manifests written) except ``exclude`` and retired ones (deleted but kept for others)."""
+    out: dict[str, set[str]] = {}
+    names: dict[str, set[str]] = {}
+    for k in await storage.list(""):
+        head, _, rest = k.partition("/")
+        if rest and "/" not in rest:
+            names.setdefault(head, set()).add(rest)
+    for name, files in names.items():
+        if name in exclude or (RETIRED_FILE in files and COMMIT_FILE not in files):
+            continue
+        for fname in sorted(files):
+            got = manifest_file_rank(fname)
+            if got is None:
+                continue
+            try:
+                blob = await storage.read(join_key(name, fname))
+                m = decode_manifest(blob, f"{storage.uri}/{join_key(name, fname)}")
+            except CheckpointNotFoundError:
+                continue
+            except (FormatError, IntegrityError) as exc:
+                # a manifest that cannot be read may reference anything: keep everything rather than guess
+                raise IntegrityError(f"cannot tell what {storage.uri}/{name} references ({exc}); nothing that "
+                                     "may be referenced is deleted until it is repaired or deleted") from exc
+            for t in m.refs:
+                out.setdefault(t.file, set()).add(name)
+    return out
+
+
+class BasePins:
+    """The base checkpoints (names under one root) that incremental saves being written in this process
+    read: deletion keeps them (their references are not on storage until the manifest is written)."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, int] = {}
+        self._epoch: dict[str, int] = {}
+        self._deleting: set[str] = set()
+
+    def hold(self, name: str) -> bool:
+        """Pin ``name``; False when a deletion of it has begun (then the save must not use it as its base)."""
+        self._held[name] = self._held.get(name, 0) + 1
+        self._epoch[name] = self._epoch.get(name, 0) + 1
+        return name not in self._deleting
+
+    def release(self, name: str) -> None:
+        self._held[name] -= 1
+
+    def token(self, name: str) -> tuple[bool, int]:
+        """Whether ``name`` is held now, and how often it was held so far."""
+        return self._held.get(name, 0) > 0, self._epoch.get(name, 0)
+
+    def held_since(self, name: str, token: tuple[bool, int]) -> bool:
+        """Whether ``name`` was held at any moment since ``token`` was taken."""
+        return token[0] or self._held.get(name, 0) > 0 or self._epoch.get(name, 0) != token[1]
+
+    def begin_delete(self, name: str, token: tuple[bool, int]) -> bool:
+        """Start deleting ``name`` unless it was held since ``token``; from now on :meth:`hold` refuses it."""
+        if self.held_since(name, token):
+            return False
+        self._deleting.add(name)
+        return True
+
+    def end_delete(self, name: str) -> None:
+        self._deleting.discard(name)
+
+
+#: Written (empty) in a deleted checkpoint's directory whose files other checkpoints still reference:
+#: it is no longer a checkpoint (no COMMIT); its files go once nothing references them.
+RETIRED_FILE = "RETIRED"
 
 
 def _data_key(m: RankManifest, name: str, where: str) -> str:
@@ -174,7 +333,8 @@ async def commit_checkpoint(
     generation, old = await next_generation(storage, name, overwrite=overwrite)
     refs: list[ManifestRef] = []
     data_keys: list[str] = []
-    total = 0
+    total = referenced = 0
+    uses_refs = False
     for rank in range(world_size):
         fname = manifest_file(rank, generation)
         key = join_key(name, fname)
@@ -187,9 +347,17 @@ async def commit_checkpoint(
         size, want = await storage.size(m.data_file), ChunkGeometry.of(m).stored_nbytes
         if size != want:
             raise IntegrityError(f"{storage.uri}/{m.data_file}: rank {rank} data is {size} bytes, its manifest says {want}")
+        for t in m.refs:  # what it references must still be there (retention may have run meanwhile)
+            tm = await read_target(storage, m, t)
+            tsize, twant = await storage.size(tm.data_file), ChunkGeometry.of(tm).stored_nbytes
+            if tsize != twant:
+                raise IntegrityError(f"{storage.uri}/{tm.data_file}: referenced by rank {rank} of {name}, is {tsize} "
+                                     f"bytes, its manifest says {twant}; nothing was committed")
         refs.append(ManifestRef(rank=rank, file=fname, nbytes=len(blob), checksum=checksum(blob), data_nbytes=size,
                                 save_id=m.save_id))
         total += size + len(blob)
+        referenced += referenced_nbytes(m)
+        uses_refs = uses_refs or REFS in m.features
     record = CommitRecord(
         format=FORMAT_NAME,
         version=FORMAT_VERSION,
@@ -203,6 +371,7 @@ async def commit_checkpoint(
         layout=layout,
         metadata=dict(metadata or {}),
         generation=generation,
+        logical_nbytes=total + referenced if uses_refs else msgspec.UNSET,
     )
     if not await storage.put_record(join_key(name, COMMIT_FILE), encode_commit(record), if_absent=not overwrite):
         raise CheckpointExistsError(f"{storage.uri}/{name} was committed by someone else meanwhile; nothing was changed")
@@ -238,6 +407,7 @@ async def drop_other_generations(storage: Storage, name: str, record: CommitReco
                 keep.add(m.data_file)
                 prefixes.add(m.data_file.rpartition("/")[0])
         doomed: list[str] = []
+        refs = False
         if old is not None and old.kind == "asyncckpt":
             for ref in old.manifests:
                 if join_key(name, ref.file) in keep:
@@ -247,11 +417,19 @@ async def drop_other_generations(storage: Storage, name: str, record: CommitReco
                 except CheckpointError:
                     continue
                 doomed.append(m.data_file)
+                refs = refs or REFS in m.features
         for prefix in sorted(prefixes):
             for key in await storage.list(prefix):
                 rest = key[len(prefix) + 1 :]
                 if "/" not in rest and (data_file_rank(rest) or manifest_file_rank(rest)):
                     doomed.append(key)
+        if refs:  # files of the replaced generation that other checkpoints reference stay (with their data)
+            for mkey in await referenced_by(storage, exclude={name}):
+                head, _, fname = mkey.partition("/")
+                got = manifest_file_rank(fname)
+                if head == name and got is not None:
+                    keep.add(mkey)
+                    keep.add((await read_manifest(storage, name, got[0], file=fname)).data_file)
         # data first, manifests last: a rerun after an interruption still finds what to remove
         doomed = sorted(dict.fromkeys(k for k in doomed if k not in keep), key=lambda k: k.endswith(".manifest"))
         for key in doomed:
@@ -338,6 +516,10 @@ async def list_all(storage: Storage, *, check: bool = False) -> list[CheckpointI
     out: list[CheckpointInfo] = []
     for name, files in names.items():
         path = f"{storage.uri.rstrip('/')}/{name}"
+        if COMMIT_FILE not in files and RETIRED_FILE in files:
+            out.append(CheckpointInfo(name, path, None, 0.0, 0, False, problem=(
+                "deleted; files other checkpoints reference are kept until nothing references them")))
+            continue
         if COMMIT_FILE not in files:
             # Only files directly under NAME/ make it a checkpoint; deeper ones are data under a
             # spread layout prefix (HH/NAME/...), owned by the checkpoint whose manifest names them.
@@ -361,6 +543,7 @@ async def list_all(storage: Storage, *, check: bool = False) -> list[CheckpointI
                 rec.created,
                 rec.total_nbytes,
                 True,
+                logical_nbytes=rec.logical_nbytes if isinstance(rec.logical_nbytes, int) else rec.total_nbytes,
                 world_size=rec.world_size,
                 kind=rec.kind,
                 is_latest=latest is not None and latest.name == name,
@@ -461,7 +644,7 @@ async def check_checkpoint(storage: Storage, name: str, *, sem: asyncio.Semaphor
     return "; ".join(bad[:3]) + (f"; ... ({len(bad)} problems)" if len(bad) > 3 else "")
 
 
-async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False) -> Any:
+async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False, pins: BasePins | None = None) -> Any:
     """Delete checkpoint ``name``, proven by its own records, COMMIT first; see :mod:`asyncckpt.deletion`.
 
     The one deletion used by the CLI, :func:`asyncckpt.delete`, retention and tier pruning.
@@ -469,4 +652,4 @@ async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False)
     """
     from .deletion import delete_checkpoint as _delete  # deletion builds on this module
 
-    return await _delete(storage, name, force=force)
+    return await _delete(storage, name, force=force, pins=pins)

@@ -142,6 +142,8 @@ class AsyncCheckpointer:
         finish_at_exit: saves still pending at normal interpreter exit are finished (default).
         compression / compression_level: ``"zstd"`` compresses each chunk in the worker's threads
             (level 1..22, default 1; needs ``asyncckpt[zstd]``); None (default) writes the state as is.
+        incremental: entries whose bytes equal those of the last checkpoint committed here under the same
+            root are stored as references to them, not rewritten (feature ``refs``, docs/format.md).
     """
 
     def __init__(
@@ -167,8 +169,10 @@ class AsyncCheckpointer:
         on_full: Literal["wait", "skip"] | None = None,
         compression: Literal["zstd"] | None = None,
         compression_level: int | None = None,
+        incremental: bool = False,
     ) -> None:
         self.compression, self.compression_level = check_compression(compression, compression_level)
+        self.incremental = incremental
         if max_in_flight < 1:
             raise BadInputError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.when_full = check_when_full(when_full, on_full, "AsyncCheckpointer")
@@ -391,6 +395,8 @@ class AsyncCheckpointer:
             chunk_size=self.chunk_size, io_concurrency=self.io_concurrency,
             storage_options=storage_options, layout=self.layout, data_prefix=data_prefix(self.layout, name, step),
             features=plan.features, compression=self.compression, compression_level=self.compression_level,
+            incremental=self.incremental,
+            base=next((n for r, n in reversed(self._committed) if r == root and n != name), None),
         )
         handle = SaveHandle(shown, name, step, -1, time.time(), tiered=tiers is not None and len(tiers.uris) > 1,
                             root=root)

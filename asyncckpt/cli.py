@@ -29,7 +29,14 @@ from tqdm import tqdm
 
 from . import __version__
 from ._loop import run_sync
-from .catalog import CheckpointInfo, read_latest, read_manifest
+from .catalog import (
+    CheckpointInfo,
+    read_latest,
+    read_manifest,
+    read_references,
+    referenced_nbytes,
+    verify_references,
+)
 from .deletion import DeleteReport, delete_async
 from .errors import (
     BadInputError,
@@ -208,7 +215,7 @@ def _info_json(i: CheckpointInfo) -> dict[str, Any]:
     return {
         "name": i.name, "path": i.path, "step": i.step, "created": i.created, "nbytes": i.nbytes,
         "world_size": i.world_size, "kind": i.kind, "tiers": list(i.tiers), "is_latest": i.is_latest,
-        "complete": i.complete, "problem": i.problem or None,
+        "complete": i.complete, "problem": i.problem or None, "logical_nbytes": i.logical_nbytes,
     }
 
 
@@ -234,11 +241,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
     con = _console()
     table = Table(title=f"{storage.uri}: {len(complete)} complete checkpoint(s), newest first",
                   caption=f"({_LS_CHECKS})", box=box.SIMPLE_HEAD, title_justify="left", caption_justify="left")
+    # incremental checkpoints store less than they hold: then "size" is what is stored, "logical" what loads
+    logical = any(i.logical_nbytes != i.nbytes for i in complete)
     for col, just in (("step", "right"), ("name", "left"), ("created", "left"), ("size", "right"),
+                      *([("logical", "right")] if logical else []),
                       ("ranks", "right"), ("kind", "left"), ("tiers", "left"), ("latest", "left")):
         table.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
     for i in complete:
         table.add_row("-" if i.step is None else str(i.step), _text(i.name), _when(i.created), _size(i.nbytes),
+                      *([_size(i.logical_nbytes)] if logical else []),
                       str(i.world_size), i.kind, _text(", ".join(i.tiers)), "<- latest" if i.is_latest else "")
     con.print(table)
     if broken:
@@ -382,11 +393,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             "path": ck.path, "name": ck.name, "step": rec.step, "created": rec.created, "format": rec.format,
             "version": rec.version, "kind": rec.kind, "layout": rec.layout, "checksum_algo": rec.checksum_algo,
             "world_size": rec.world_size, "total_nbytes": rec.total_nbytes, "metadata": rec.metadata,
+            "logical_nbytes": rec.total_nbytes + sum(referenced_nbytes(m) for m in manifests),
             "is_latest": latest is not None and latest.name == ck.name,
             "ranks": [
                 {"rank": m.rank, "data_file": m.data_file, "data_nbytes": m.data_nbytes, "chunk_size": m.chunk_size,
                  "stored_nbytes": ChunkGeometry.of(m).stored_nbytes, "chunks": len(m.chunk_checksums),
-                 "manifest_nbytes": ref.nbytes, "entries": len(m.entries), "features": list(m.features)}
+                 "manifest_nbytes": ref.nbytes, "entries": len(m.entries), "features": list(m.features),
+                 "referenced_nbytes": referenced_nbytes(m), "references": [t.file for t in m.refs]}
                 for m, ref in zip(manifests, rec.manifests)
             ],
             "keys": {str(r): _json_rows(rows[r]) for r in ranks},
@@ -398,6 +411,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     con = _console()
+    referenced = sum(referenced_nbytes(m) for m in manifests)
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
     summary.add_column()
@@ -409,6 +423,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ("checksum", f"{rec.checksum_algo} per chunk; manifests checked against the commit record"),
         ("world size", str(rec.world_size)),
         ("total", f"{_size(rec.total_nbytes)} ({rec.total_nbytes} bytes)"),
+        *([("logical", f"{_size(rec.total_nbytes + referenced)} ({referenced} bytes stored by reference in "
+                       f"{', '.join(sorted({t.name for m in manifests for t in m.refs}))})")] if referenced else []),
         ("metadata", ", ".join(f"{k}={v}" for k, v in rec.metadata.items()) or "-"),
     ):
         summary.add_row(k, _text(v))
@@ -422,9 +438,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                    _size(m.chunk_size), _size(ref.nbytes), str(len(m.entries)))
     con.print(rt)
     for r in ranks:
-        stored = sum(1 for e in manifests[r].entries if e.view_of < 0)
-        con.print(_key_table(f"values of rank {r} ({len(rows[r])}; {stored} stored in the data file)",
-                             rows[r]))
+        stored = sum(1 for e in manifests[r].entries if e.view_of < 0 and e.ref < 0)
+        by_ref = sum(1 for e in manifests[r].entries if e.ref >= 0)
+        con.print(_key_table(f"values of rank {r} ({len(rows[r])}; {stored} stored in the data file"
+                             + (f", {by_ref} by reference to sibling checkpoints" if by_ref else "") + ")", rows[r]))
     return 0
 
 
@@ -490,12 +507,16 @@ def _verify_one(path: str, args: argparse.Namespace) -> int:
                 files += 1
             except CheckpointError as exc:
                 problems.append(str(exc))
-        total = sum(m.data_nbytes for m in manifests)
+        total = sum(m.data_nbytes + referenced_nbytes(m) for m in manifests)
         with _progress(args, total, f"verify {ck.name}") as bar:
             for m in manifests:
                 n, probs = run_sync(verify_rank(ck.storage, m, bar.update))
                 checked += n
                 files += 1
+                problems += probs
+                n, probs = run_sync(verify_references(ck.storage, m, bar.update))  # bytes stored by reference
+                checked += n
+                files += len(m.refs)
                 problems += probs
     finally:
         run_sync(ck.storage.close())
@@ -599,8 +620,15 @@ class _CountingFile:
 
 
 def _stream_entries(storage: Storage, m: RankManifest, wanted: list[int], bar: tqdm, on_bytes: Any) -> None:
-    """Read and verify every chunk; hand the ``wanted`` entries' ``(entry index, offset in entry, bytes)`` on."""
-    run_sync(read_entries(storage, m, wanted, on_bytes, progress=bar.update))
+    """Read and verify every chunk (and those holding the entries stored by reference); hand the ``wanted``
+    entries' ``(entry index, offset in entry, bytes)`` on."""
+    run_sync(read_entries(storage, m, [i for i in wanted if m.entries[i].ref < 0], on_bytes, progress=bar.update))
+
+    def counted(i: int, off: int, data: np.ndarray) -> None:
+        on_bytes(i, off, data)
+        bar.update(len(data))
+
+    run_sync(read_references(storage, m, [i for i in wanted if m.entries[i].ref >= 0], counted))
 
 
 def _export_safetensors(ck: _Ckpt, m: RankManifest, node: Node, tmp: Path, args: argparse.Namespace) -> tuple[int, list[str]]:
@@ -657,7 +685,7 @@ def _export_safetensors(ck: _Ckpt, m: RankManifest, node: Node, tmp: Path, args:
                 write_at(data.data, base + out_off[idx] + off)
 
         direct = [c[1] for c in chosen if m.entries[c[1]].view_of < 0]
-        with _progress(args, m.data_nbytes, f"export {ck.name}") as bar:
+        with _progress(args, m.data_nbytes + referenced_nbytes(m), f"export {ck.name}") as bar:
             _stream_entries(ck.storage, m, sorted(set(direct) | set(held)), bar, put)
         values = entry_values(m, held, views, f"{ck.path}/{m.data_file}")
         for idx in views:
@@ -686,7 +714,7 @@ def _export_pt(ck: _Ckpt, m: RankManifest, node: Node, tmp: Path, args: argparse
     def put(idx: int, off: int, data: np.ndarray) -> None:
         bufs[idx][off : off + len(data)] = data
 
-    with _progress(args, m.data_nbytes, f"read {ck.name}") as bar:
+    with _progress(args, m.data_nbytes + referenced_nbytes(m), f"read {ck.name}") as bar:
         _stream_entries(ck.storage, m, list(bufs), bar, put)
     where = f"{ck.path}/{m.data_file}"
     values = entry_values(m, bufs, wanted, where)

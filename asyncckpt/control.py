@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .catalog import commit_checkpoint, drop_stale_writes
+from .catalog import BasePins, commit_checkpoint, drop_stale_writes
 from .retention import RetentionPolicy, apply_retention
 
 if TYPE_CHECKING:
@@ -39,8 +39,9 @@ class RetentionOp:
 
     async def run(self, ctx: WorkerContext, prior: Any) -> Any:
         storage = ctx.storage(self.root, self.storage_options)
+        # the bases of incremental saves still being written here stay (their references are not on storage yet)
         await apply_retention(storage, self.policy, now=self.now, upto_step=self.upto_step, rank=self.rank,
-                              protect=self.protect)
+                              protect=self.protect, pins=ctx.pins.setdefault(self.root, BasePins()))
         return prior
 
 

@@ -28,7 +28,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._loop import run_sync
-from .catalog import list_all, read_commit, read_latest, read_manifest, set_latest
+from .catalog import (
+    RETIRED_FILE,
+    BasePins,
+    list_all,
+    read_commit,
+    read_latest,
+    read_manifest,
+    referenced_by,
+    set_latest,
+)
 from .errors import (
     BadInputError,
     CheckpointError,
@@ -39,13 +48,13 @@ from .errors import (
     NotACheckpointError,
     StorageError,
 )
-from .format import COMMIT_FILE, LATEST_FILE, CommitRecord, RankManifest, data_file, manifest_file_rank
+from .format import COMMIT_FILE, LATEST_FILE, REFS, CommitRecord, RankManifest, data_file, manifest_file_rank
 from .locate import describe_local, is_missing_bucket, local_path
 from .storage import AbortsIncompleteUploads, LocalStorage, Storage, join_key, open_storage, split_uri
 from .storage.layouts import data_prefix
 from .tiers import TieredPath, Tiers
 
-__all__ = ["DeleteReport", "delete", "delete_async", "delete_checkpoint"]
+__all__ = ["DeleteReport", "delete", "delete_async", "delete_checkpoint", "sweep_retired"]
 
 log = logging.getLogger("asyncckpt")
 
@@ -91,11 +100,18 @@ class _Plan:
     records: list[str] = field(default_factory=list)
     manifests: list[str] = field(default_factory=list)
     uploads: list[str] = field(default_factory=list)  # keys whose unfinished S3 uploads to abort
+    data_of: dict[str, str] = field(default_factory=dict)  # manifest key -> its data file's key
+    refs: bool = False  # a manifest uses feature "refs": others may reference its bytes, it may reference others'
+    referenced: dict[str, set[str]] = field(default_factory=dict)  # manifest key kept -> who references it
+    retired: str = ""  # the RETIRED marker's key when there is one
     kept: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def order(self) -> list[str]:
-        return list(dict.fromkeys(self.commit + self.data + self.records + self.manifests))
+        keep = {k for m in self.referenced for k in (m, self.data_of.get(m, m))}
+        marker = [self.retired] if self.retired and not self.referenced else []
+        return [k for k in dict.fromkeys(self.commit + self.data + self.records + self.manifests + marker)
+                if k not in keep]
 
 
 def _local_temps(storage: Storage, prefix: str) -> list[str]:
@@ -208,9 +224,13 @@ async def _examine(storage: Storage, name: str) -> _Plan | str:
             plan.records.append(key)
         elif _MANIFEST.fullmatch(fname):
             plan.manifests.append(key)
-    for m in manifests.values():
+    if RETIRED_FILE in direct:
+        plan.retired = join_key(name, RETIRED_FILE)
+    for fname, m in manifests.items():
+        plan.refs = plan.refs or REFS in m.features
         if _data_key_ok(m.data_file, name):
             plan.data.append(m.data_file)
+            plan.data_of[join_key(name, fname)] = m.data_file
         else:
             plan.notes.append(f"the manifest of rank {m.rank} names {m.data_file!r} as its data file, which is not "
                               "this checkpoint's key; left in place")
@@ -241,7 +261,12 @@ async def _examine(storage: Storage, name: str) -> _Plan | str:
     plan.data += temps
     if not plan.complete:
         plan.uploads += [k for k in plan.order() if not k.endswith(f"/{COMMIT_FILE}")]
-    mine = set(plan.order())
+    if plan.refs:  # mark: the files of this checkpoint that other checkpoints reference stay
+        refd = await referenced_by(storage, exclude={name})
+        plan.referenced = {k: refd[k] for k in plan.manifests if k in refd}
+    mine = set(plan.order()) | {k for m in plan.referenced for k in (m, plan.data_of.get(m, m))}
+    if plan.referenced or plan.retired:
+        mine.add(join_key(name, RETIRED_FILE))
     plan.kept = [k for k in await storage.list(name) if k not in mine]
     return plan
 
@@ -261,8 +286,14 @@ async def _why_not(storage: Storage, name: str, problems: list[str]) -> str:
     return f"it is a prefix holding {len(listed)} object(s) ({shown}) and none of asyncckpt's or DCP's records ({_RECORDS})"
 
 
-async def _remove(storage: Storage, plan: _Plan) -> list[str]:
+async def _remove(storage: Storage, name: str, plan: _Plan) -> list[str]:
     done: list[str] = []
+    if plan.referenced:
+        # Retired before COMMIT goes: a crash in between leaves it committed (COMMIT wins), never unmarked.
+        await storage.put_record(join_key(name, RETIRED_FILE), b"")
+        for m, who in sorted(plan.referenced.items()):
+            plan.notes.append(f"kept {m} and its data: referenced by {', '.join(sorted(who))}; they go once "
+                              "nothing references them")
     for key in plan.order():
         await storage.delete(key)
         done.append(key)
@@ -285,10 +316,12 @@ async def _move_latest_off(storage: Storage, name: str) -> str:
     return ""
 
 
-async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False) -> DeleteReport:
+async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False,
+                            pins: BasePins | None = None) -> DeleteReport:
     """Delete checkpoint ``name`` under ``storage`` as its records prove and name it (see the module docstring).
 
-    Refuses (DeleteRefusedError) the checkpoint ``latest`` points to unless ``force``, which first
+    ``pins``: the bases of incremental saves being written in this process, refused too
+    (DeleteRefusedError). Refuses (DeleteRefusedError) the checkpoint ``latest`` points to unless ``force``, which first
     moves ``latest`` to the newest other complete checkpoint (or removes it). Raises
     NotACheckpointError when nothing proves ``name`` is a checkpoint, CheckpointNotFoundError when
     nothing is there.
@@ -300,6 +333,7 @@ async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False)
         raise BadInputError(f"{where}: not a checkpoint name ({exc})") from exc
     if "/" in name or not name:
         raise BadInputError(f"{where}: a checkpoint name is one path component")
+    token = pins.token(name) if pins is not None else (False, 0)
     found = await _examine(storage, name)
     if isinstance(found, str):
         if not found or not await _exists_at(storage, name):
@@ -332,11 +366,55 @@ async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False)
                         "leads to stays (delete it by its own path)"]
         log.info("deleted the link %s (-> %s)", where, target)
         return report
-    report.deleted = await _remove(storage, found)
+    # No await between the check and marking it deleted: a save pinning it from now on does not use it.
+    if pins is not None and not pins.begin_delete(name, token):
+        raise DeleteRefusedError(f"{where} is the base of an incremental save being written; not deleted (retention "
+                                 "tries again on its next pass)")
+    try:
+        report.deleted = await _remove(storage, name, found)
+    finally:
+        if pins is not None:
+            pins.end_delete(name)
     report.notes = found.notes
+    if found.refs:
+        report.deleted += await sweep_retired(storage)
     log.info("deleted %s (%d keys%s)", where, len(report.deleted),
              f"; left in place: {', '.join(report.kept[:5])}" if report.kept else "")
     return report
+
+
+async def sweep_retired(storage: Storage) -> list[str]:
+    """Remove the files of deleted checkpoints that nothing references any more (data first, the
+    manifest next, the ``RETIRED`` marker last, so an interrupted sweep is finished by the next one)."""
+    retired = [k.partition("/")[0] for k in await storage.list("") if k.endswith(f"/{RETIRED_FILE}")
+               and k.count("/") == 1]
+    if not retired:
+        return []
+    refd = await referenced_by(storage)
+    done: list[str] = []
+    for name in retired:
+        if await storage.exists(join_key(name, COMMIT_FILE)):
+            continue  # committed again (a crash before its delete went on): not retired
+        found = await _examine(storage, name)
+        if isinstance(found, str):  # nothing left but the marker (an interrupted sweep)
+            await storage.delete(join_key(name, RETIRED_FILE))
+            done.append(join_key(name, RETIRED_FILE))
+            continue
+        left = False
+        for mkey in found.manifests:
+            if mkey in refd:
+                left = True
+                continue
+            for key in (found.data_of.get(mkey), mkey):
+                if key is not None:
+                    await storage.delete(key)
+                    done.append(key)
+        if not left:
+            await storage.delete(join_key(name, RETIRED_FILE))
+            done.append(join_key(name, RETIRED_FILE))
+    if done:
+        log.info("removed %d files of deleted checkpoints that nothing references any more", len(done))
+    return done
 
 
 async def _exists_at(storage: Storage, name: str) -> bool:

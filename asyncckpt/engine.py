@@ -13,27 +13,33 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import numpy as np
 
 from ._loop import gather_or_cancel
-from .catalog import next_generation
+from .catalog import BasePins, next_generation, read_commit, read_manifest
+from .errors import CheckpointError
 from .format import (
     CHECKSUM_ALGO,
     FORMAT_NAME,
+    REFS,
     ChunkInfo,
     Entry,
     Node,
     RankManifest,
+    RefTarget,
     checksum,
     chunk_count,
     data_file,
+    digest,
     encode_manifest,
     manifest_file,
     manifest_version,
     new_save_id,
+    plan_references,
 )
 from .format.compression import encode_chunk
 from .storage import Storage, join_key
@@ -69,6 +75,8 @@ class SaveJob:
     features: list[str] = field(default_factory=list)  # format features the entries use (docs/format.md)
     compression: str | None = None  # "zstd": each chunk compressed (feature "zstd"); None: the image as is
     compression_level: int = 0
+    incremental: bool = False  # record digests (feature "refs"); entries equal to ``base``'s become references
+    base: str | None = None  # the checkpoint (same root) this save's references may point into
 
     def __str__(self) -> str:
         return f"rank {self.rank} of {self.root.rstrip('/')}/{self.name}"
@@ -93,6 +101,20 @@ class NativeSink:
     """Writes asyncckpt's own format: ``NAME/rank-R.data`` in checksummed chunks, then ``rank-R.manifest``."""
 
     async def write(self, ctx: WorkerContext, job: SaveJob, staged: Staged) -> SaveResult:
+        # An incremental save's base stays pinned until its manifest is written (from then on deletion's
+        # mark phase sees the references): retention on this worker keeps it (control.RetentionOp).
+        base = job.base
+        pins = ctx.pins.setdefault(job.root, BasePins()) if job.incremental and base else None
+        if pins is not None and base and not pins.hold(base):
+            job = replace(job, base=None)  # being deleted: save in full
+        try:
+            return await self.write_pinned(ctx, job, staged)
+        finally:
+            if pins is not None and base:
+                pins.release(base)
+
+    async def write_pinned(self, ctx: WorkerContext, job: SaveJob, staged: Staged) -> SaveResult:
+        """:meth:`write` once the base is pinned."""
         t0 = time.perf_counter()
         storage = ctx.storage(job.root, job.storage_options)
         # An overwrite writes the next generation's files beside the committed checkpoint, which
@@ -101,6 +123,12 @@ class NativeSink:
         key = data_key(job, generation)
         image = staged.slot.view[: job.data_nbytes]
         features = list(job.features)
+        entries, nbytes = job.entries, job.data_nbytes
+        refs: list[RefTarget] = []
+        if job.incremental:
+            entries, refs, nbytes = await incremental_layout(storage, job, image)
+            image = image[:nbytes]
+            features.append(REFS)
         chunks: list[ChunkInfo] | msgspec.UnsetType = msgspec.UNSET
         if job.compression is None:
             crcs = await write_chunks(storage, key, image, job.chunk_size, job.io_concurrency)
@@ -116,24 +144,76 @@ class NativeSink:
             world_size=job.world_size,
             step=job.step,
             data_file=key,
-            data_nbytes=job.data_nbytes,
+            data_nbytes=nbytes,
             chunk_size=job.chunk_size,
             checksum_algo=CHECKSUM_ALGO,
             chunk_checksums=crcs,
-            entries=job.entries,
+            entries=entries,
             tree=job.tree,
             layout=job.layout,
             created=time.time(),
             features=features,
             save_id=new_save_id(),
             chunks=chunks,
+            refs=refs,
         )
         blob = encode_manifest(manifest)
         await storage.put_record(join_key(job.name, manifest_file(job.rank, generation)), blob)
         dt = time.perf_counter() - t0
         log.info("wrote rank part", extra={"rank": job.rank, "step": job.step, "op": "write",
-                                           "bytes": job.data_nbytes, "seconds": dt})
-        return SaveResult(job.rank, job.name, job.data_nbytes, checksum(blob), len(blob), staged.seconds, dt)
+                                           "bytes": nbytes, "seconds": dt})
+        return SaveResult(job.rank, job.name, nbytes, checksum(blob), len(blob), staged.seconds, dt)
+
+
+async def base_manifest(storage: Storage, job: SaveJob) -> tuple[RankManifest, RefTarget] | None:
+    """This rank's manifest of ``job.base`` and the reference to it, or None (then the save is full)."""
+    if job.base is None or job.base == job.name:
+        return None
+    try:
+        rec = await read_commit(storage, job.base)
+        if rec.kind != "asyncckpt" or not 0 <= job.rank < rec.world_size:
+            return None
+        ref = rec.manifests[job.rank]
+        m = await read_manifest(storage, job.base, job.rank, ref)
+    except CheckpointError as exc:  # deleted or damaged meanwhile: write everything
+        log.warning("incremental save %s: base %s cannot be read (%s); saving in full", job, job.base, exc)
+        return None
+    return m, RefTarget(join_key(job.base, ref.file), ref.nbytes, ref.checksum, ref.save_id)
+
+
+async def incremental_layout(storage: Storage, job: SaveJob, image: memoryview
+                             ) -> tuple[list[Entry], list[RefTarget], int]:
+    """Digest every stored entry of the staged ``image``, turn those equal to the base's into references
+    and pack the rest to the front of ``image`` (in place); (entries, refs, bytes left to write)."""
+    owned = [i for i, e in enumerate(job.entries) if e.view_of < 0]
+    groups: list[list[int]] = [[] for _ in range(max(1, job.io_concurrency))]
+    load = [0] * len(groups)
+    for i in sorted(owned, key=lambda i: -job.entries[i].nbytes):  # balance the bytes over the threads
+        g = load.index(min(load))
+        groups[g].append(i)
+        load[g] += job.entries[i].nbytes
+    digests: dict[int, bytes] = {}
+
+    def hash_group(idx: list[int]) -> None:
+        for i in idx:
+            e = job.entries[i]
+            digests[i] = digest(image[e.offset : e.offset + e.nbytes])
+
+    base = await base_manifest(storage, job)
+    await gather_or_cancel(asyncio.to_thread(hash_group, g) for g in groups if g)
+    plan = plan_references(job.entries, digests, *(base or (None, None)), name=job.name)
+
+    def pack() -> None:
+        buf = np.frombuffer(image, dtype=np.uint8)
+        end = 0
+        for old, new, n in plan.moves:
+            buf[end:new] = 0
+            if old != new:
+                buf[new : new + n] = buf[old : old + n]  # new <= old: numpy copies overlapping ranges correctly
+            end = new + n
+
+    await asyncio.to_thread(pack)
+    return plan.entries, plan.refs, plan.data_nbytes
 
 
 async def write_chunks(storage: Storage, key: str, data: memoryview, chunk_size: int, concurrency: int) -> list[int]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ._loop import run_sync
-from .catalog import read_latest, read_manifest
+from .catalog import read_latest, read_manifest, read_references
 from .errors import BadInputError, CheckpointError, CheckpointNotFoundError, IntegrityError, StorageError
 from .format import (
     SAME_SIZE_INT,
@@ -46,7 +46,8 @@ async def read_rank(storage: Storage, m: RankManifest, *, allow_pickle: bool = F
                     keys: Collection[str | int] | None = None) -> Any:
     """Rebuild one rank's state (or the top-level ``keys`` of it) from its manifest and verified data.
 
-    With ``keys``, only the chunks holding the selected values are read.
+    With ``keys``, only the chunks holding the selected values are read. Entries stored by reference
+    (incremental saves) are read, verified, from the sibling checkpoint that holds them.
     """
     where = f"{storage.uri}/{m.data_file}"
     tree = select_keys(m.tree, keys, where)
@@ -66,7 +67,9 @@ async def read_rank(storage: Storage, m: RankManifest, *, allow_pickle: bool = F
     def on_bytes(i: int, off: int, data: np.ndarray) -> None:
         buffers[i][off : off + len(data)] = data
 
-    await read_entries(storage, m, stored, on_bytes, every_chunk=keys is None, check_size=False)
+    own = [i for i in stored if m.entries[i].ref < 0]
+    await read_entries(storage, m, own, on_bytes, every_chunk=keys is None, check_size=False)
+    await read_references(storage, m, [i for i in stored if m.entries[i].ref >= 0], on_bytes)
     return build_tree(tree, entry_values(m, buffers, wanted, where), where)
 
 

@@ -94,7 +94,7 @@ class CheckpointManager:
             local root, 10 s elsewhere, where a background thread polls).
         clock / wall_clock: time sources (monotonic / Unix), injectable for tests.
         on_error: a failed save ``"raise"`` at the next call (default) or is only logged (``"warn"``).
-        storage_options, process_group, no_dist, allow_pickle, compression, compression_level and
+        storage_options, process_group, no_dist, allow_pickle, compression, compression_level, incremental and
         ``checkpointer_options`` go to the :class:`AsyncCheckpointer`.
     """
 
@@ -125,6 +125,7 @@ class CheckpointManager:
         on_full: Literal["wait", "skip"] | None = None,
         compression: Literal["zstd"] | None = None,
         compression_level: int | None = None,
+        incremental: bool = False,
     ) -> None:
         when_full = check_when_full(when_full, on_full, "CheckpointManager")
         if every_steps is not None and (isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 1):
@@ -157,7 +158,7 @@ class CheckpointManager:
             max_in_flight=max_in_flight, when_full=when_full, snapshot=snapshot, process_group=process_group,
             no_dist=no_dist,
             allow_pickle=allow_pickle, storage_options=self.storage_options, compression=compression,
-            compression_level=compression_level, **(checkpointer_options or {}),
+            compression_level=compression_level, incremental=incremental, **(checkpointer_options or {}),
         )
         self.group = process_group
         self._signals = SignalWatcher(signals).install()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._loop import run_sync
-from .catalog import CheckpointInfo, delete_checkpoint, list_all, read_latest
+from .catalog import BasePins, CheckpointInfo, delete_checkpoint, list_all, read_latest
 from .errors import BadInputError, CheckpointError, CheckpointNotFoundError, NotACheckpointError, StorageError
 from .locate import describe_local, is_missing_bucket, local_path
 from .logs import log_event
@@ -93,8 +93,11 @@ async def apply_retention(
     dry_run: bool = False,
     rank: int = 0,
     protect: set[str] | frozenset[str] = frozenset(),
+    pins: BasePins | None = None,
 ) -> list[CheckpointInfo]:
-    """Delete what ``policy`` lets go under ``storage``; returns those deleted (or, with ``dry_run``, to delete)."""
+    """Delete what ``policy`` lets go under ``storage``; returns those deleted (or, with ``dry_run``, to delete).
+
+    ``pins``: bases of incremental saves being written in this process; they are kept this time."""
     if not policy.active:
         return []
     infos = await list_all(storage)
@@ -111,7 +114,7 @@ async def apply_retention(
     for info in doomed:
         t0 = time.perf_counter()
         try:
-            await delete_checkpoint(storage, info.name)  # re-reads `latest` and refuses its target
+            await delete_checkpoint(storage, info.name, pins=pins)  # re-reads `latest` and refuses its target
         except CheckpointError as exc:  # one checkpoint that cannot go must not stop the others
             log_event(f"retention could not delete {info.path}: {exc}", op="delete", rank=rank, step=info.step,
                       level=30)

@@ -7,7 +7,8 @@
   rely on it;
 * every rank's worker then copies its data file and manifest to each durable tier, verifying
   every chunk's CRC32C on the way (the one verified-chunk reader, asyncckpt.format.chunks), and the coordinator writes the durable tier's COMMIT (and
-  ``latest``) once every rank has drained — the same global completion as a save;
+  ``latest``) once every rank has drained — the same global completion as a save; files an
+  incremental checkpoint references are there already (its base drained first) or are copied too;
 * ``load`` reads the fastest tier holding a complete, verified copy and falls back to the next
   when a tier is missing it or it fails verification;
 * ``keep`` is per-tier retention (keep the last N complete checkpoints; None keeps all).
@@ -24,7 +25,16 @@ from typing import Any
 import msgspec
 
 from .errors import BadInputError
-from .format import ChunkGeometry, RankManifest, data_file, encode_manifest, manifest_file, read_chunk
+from .format import (
+    COMMIT_FILE,
+    ChunkGeometry,
+    RankManifest,
+    checksum,
+    data_file,
+    encode_manifest,
+    manifest_file,
+    read_chunk,
+)
 from .storage import Storage, join_key, open_storage
 
 __all__ = ["TieredPath", "Tiers", "drain_rank"]
@@ -100,6 +110,33 @@ async def _copy_verified(src: Storage, dst: Storage, src_key: str, dst_key: str,
     await write_stream(writer, len(geo), piece, m.chunk_size, concurrency)
 
 
+async def _drain_references(src: Storage, dst: Storage, m: RankManifest, concurrency: int) -> int:
+    """Make the files ``m``'s references point into exist on ``dst`` as on ``src`` (they usually do: the
+    base drained before). One missing there is copied, verified, under its own key, marked retired
+    unless ``dst`` holds it committed; one that differs there refuses the drain, naming it."""
+    from .catalog import RETIRED_FILE, read_target
+    from .errors import CheckpointNotFoundError, IntegrityError
+
+    copied = 0
+    for t in m.refs:
+        tm = await read_target(src, m, t)  # checked against m's record of it
+        try:
+            blob = await dst.read(t.file)
+        except CheckpointNotFoundError:
+            blob = None
+        if blob is not None:
+            if len(blob) != t.nbytes or checksum(blob) != t.checksum:
+                raise IntegrityError(f"{dst.uri}/{t.file} differs from {src.uri}/{t.file}, which {m.name} references; "
+                                     f"{m.name} cannot be drained to {dst.uri} by reference (delete or rename it there)")
+            continue
+        if not await dst.exists(join_key(t.name, COMMIT_FILE)):
+            await dst.put_record(join_key(t.name, RETIRED_FILE), b"")  # swept once nothing references it
+        await _copy_verified(src, dst, tm.data_file, tm.data_file, tm, concurrency)
+        await dst.put_record(t.file, await src.read(t.file))
+        copied += ChunkGeometry.of(tm).stored_nbytes + t.nbytes
+    return copied
+
+
 async def drain_rank(storages: list[Storage], name: str, rank: int, concurrency: int = 4) -> dict[str, Any]:
     """Worker routine: copy this rank's files of ``name`` from ``storages[0]`` to every other one."""
     from .catalog import next_generation, read_commit, read_manifest
@@ -112,6 +149,7 @@ async def drain_rank(storages: list[Storage], name: str, rank: int, concurrency:
     for dst in storages[1:]:
         # Beside what the tier holds under this name, as a save there would: its commit switches.
         generation, _ = await next_generation(dst, name, overwrite=True)
+        copied += await _drain_references(src, dst, m, concurrency)
         dst_key = join_key(m.data_file.rpartition("/")[0], data_file(rank, generation))
         await _copy_verified(src, dst, m.data_file, dst_key, m, concurrency)
         blob = encode_manifest(msgspec.structs.replace(m, name=name, data_file=dst_key))

@@ -4,6 +4,7 @@
 * :mod:`.crc`: the checksum (CRC32C);
 * :mod:`.chunks`: chunk geometry and the one verified-chunk reader;
 * :mod:`.compression`: per-chunk compression (feature ``zstd``);
+* :mod:`.refs`: references between checkpoints (feature ``refs``, incremental saves);
 * :mod:`.tree`: the value-tree walker;
 * :mod:`.codec`: entry bytes to values (tensor, NumPy array, pickle) and foreign dtype names.
 
@@ -37,6 +38,7 @@ from .records import (
     ALIGN,
     CHUNK_CODECS,
     COMMIT_FILE,
+    DIGEST_SIZE,
     FORMAT_NAME,
     FORMAT_VERSION,
     KNOWN_FEATURES,
@@ -44,6 +46,7 @@ from .records import (
     MANIFEST_VERSION,
     MAX_ENTRIES,
     MAX_NDIM,
+    REFS,
     SHARED_STORAGE,
     ZSTD,
     BigIntNode,
@@ -58,7 +61,9 @@ from .records import (
     Node,
     RankManifest,
     RefNode,
+    RefTarget,
     ValueNode,
+    check_ref_target,
     data_file,
     data_file_rank,
     decode_commit,
@@ -72,6 +77,7 @@ from .records import (
     manifest_version,
     new_save_id,
 )
+from .refs import ReferencePlan, digest, owned_offsets, plan_references, referenced_files, resolve_reference
 from .tree import MAX_DEPTH, build_tree, leaves, refs, select_keys
 
 __all__ = [
@@ -80,6 +86,7 @@ __all__ = [
     "CHUNK_CODECS",
     "COMMIT_FILE",
     "COMPRESSIONS",
+    "DIGEST_SIZE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "KNOWN_FEATURES",
@@ -89,6 +96,7 @@ __all__ = [
     "MAX_ENTRIES",
     "MAX_NDIM",
     "READ_CONCURRENCY",
+    "REFS",
     "SAME_SIZE_INT",
     "SHARED_STORAGE",
     "ZSTD",
@@ -106,10 +114,13 @@ __all__ = [
     "Node",
     "RankManifest",
     "RefNode",
+    "RefTarget",
+    "ReferencePlan",
     "ValueNode",
     "build_tree",
     "check_compression",
     "check_data_file",
+    "check_ref_target",
     "checksum",
     "chunk_count",
     "data_file",
@@ -118,6 +129,7 @@ __all__ = [
     "decode_commit",
     "decode_latest",
     "decode_manifest",
+    "digest",
     "encode_chunk",
     "encode_commit",
     "encode_latest",
@@ -129,10 +141,14 @@ __all__ = [
     "manifest_file_rank",
     "manifest_version",
     "new_save_id",
+    "owned_offsets",
+    "plan_references",
     "read_chunk",
     "read_chunks",
     "read_entries",
+    "referenced_files",
     "refs",
+    "resolve_reference",
     "safetensors_dtype",
     "select_keys",
     "stored_entries",

@@ -93,7 +93,7 @@ class ChunkGeometry:
 def keys_in_range(m: RankManifest, start: int, end: int) -> list[str]:
     """The keys whose bytes lie in ``[start, end)`` of the data image (views by their storage), for messages."""
     hit = {i for i, e in enumerate(m.entries)
-           if e.view_of < 0 and e.nbytes and e.offset < end and e.offset + e.nbytes > start}
+           if e.view_of < 0 and e.ref < 0 and e.nbytes and e.offset < end and e.offset + e.nbytes > start}
     storages = {e.view_of for e in m.entries if e.view_of >= 0}
     keys = [e.key for i, e in enumerate(m.entries) if (i in hit and i not in storages) or e.view_of in hit]
     return keys or ["<padding>"]
@@ -189,7 +189,8 @@ async def read_entries(
     on_bytes: Callable[[int, int, np.ndarray], Any], *, every_chunk: bool = True,
     progress: Callable[[int], Any] | None = None, concurrency: int = READ_CONCURRENCY, check_size: bool = True,
 ) -> None:
-    """Read the verified bytes of the stored entries ``wanted``: ``on_bytes(entry, offset in entry, bytes)``
+    """Read the verified bytes of the stored entries ``wanted`` (entries whose bytes are in this data file, not
+    references: see ``catalog.read_references``): ``on_bytes(entry, offset in entry, bytes)``
     for each piece, in no particular order. ``every_chunk`` reads (and verifies) the whole file,
     otherwise only the chunks holding ``wanted``; ``progress`` gets each chunk's image length;
     ``check_size`` as for :func:`read_chunks`."""

@@ -27,6 +27,7 @@ __all__ = [
     "ALIGN",
     "CHUNK_CODECS",
     "COMMIT_FILE",
+    "DIGEST_SIZE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "KNOWN_FEATURES",
@@ -34,6 +35,7 @@ __all__ = [
     "MANIFEST_VERSION",
     "MAX_ENTRIES",
     "MAX_NDIM",
+    "REFS",
     "SHARED_STORAGE",
     "ZSTD",
     "BigIntNode",
@@ -48,7 +50,9 @@ __all__ = [
     "Node",
     "RankManifest",
     "RefNode",
+    "RefTarget",
     "ValueNode",
+    "check_ref_target",
     "data_file",
     "data_file_rank",
     "decode_commit",
@@ -72,7 +76,10 @@ MANIFEST_VERSION = 2
 SHARED_STORAGE = "shared-storage"
 #: Feature: chunks may be stored zstd-compressed; ``RankManifest.chunks`` says how each one is stored.
 ZSTD = "zstd"
-KNOWN_FEATURES = frozenset({SHARED_STORAGE, ZSTD})
+#: Feature: entries may be references (``Entry.ref``) to bytes stored by a sibling checkpoint of the
+#: same root (incremental saves); every stored entry records ``Entry.digest`` of its raw bytes.
+REFS = "refs"
+KNOWN_FEATURES = frozenset({SHARED_STORAGE, ZSTD, REFS})
 #: How a chunk can be stored: as is, or as one zstd frame.
 CHUNK_CODECS = ("none", ZSTD)
 ALIGN = 64
@@ -100,6 +107,10 @@ class Entry(msgspec.Struct, frozen=True, omit_defaults=True):
     view_of: int = -1  # index of the storage entry this tensor is a view of; -1: owns its bytes
     stride: list[int] = []  # a view's strides, in elements
     storage_offset: int = 0  # a view's offset into its storage, in elements
+    # feature "refs": XXH3-128 of the entry's raw bytes (every stored entry of an incremental save)
+    digest: bytes = b""
+    # feature "refs": index into RankManifest.refs; the bytes are entry ``offset`` of that manifest's image
+    ref: int = -1
 
 
 class ValueNode(msgspec.Struct, tag="value", frozen=True):
@@ -145,6 +156,26 @@ class ChunkInfo(msgspec.Struct, frozen=True, array_like=True):
     raw_crc32c: _U32  # CRC32C of its raw (image) bytes; chunk_checksums[i] covers the stored ones
 
 
+class RefTarget(msgspec.Struct, frozen=True, array_like=True):
+    """A manifest that references point into (feature ``refs``): ``NAME/rank-R[.gG].manifest`` of a sibling
+    checkpoint under the same root, bound by its size, CRC32C and save id."""
+
+    file: str  # key relative to the root
+    nbytes: int
+    checksum: _U32
+    save_id: str
+
+    @property
+    def name(self) -> str:
+        """The checkpoint holding the bytes."""
+        return self.file.partition("/")[0]
+
+    @property
+    def manifest(self) -> str:
+        """The manifest's file name inside that checkpoint."""
+        return self.file.partition("/")[2]
+
+
 class RankManifest(msgspec.Struct, frozen=True):
     format: str
     version: int
@@ -165,6 +196,9 @@ class RankManifest(msgspec.Struct, frozen=True):
     save_id: str = ""  # random per rank and save; COMMIT records it (binds the two without the name)
     # feature "zstd": how each chunk is stored; absent (not written at all) when every chunk is the image itself
     chunks: Union[list[ChunkInfo], msgspec.UnsetType] = msgspec.UNSET
+    # feature "refs": the manifests this one's reference entries point into (never one with references of its own
+    # for those entries: a reference always names the file that holds the bytes)
+    refs: list[RefTarget] = []
 
 
 class ManifestRef(msgspec.Struct, frozen=True):
@@ -190,6 +224,8 @@ class CommitRecord(msgspec.Struct, frozen=True):
     kind: str = "asyncckpt"  # "asyncckpt" or "dcp"
     metadata: dict[str, str] = {}
     generation: int = 0  # which file names hold this checkpoint's ranks (see manifest_file); bumped by overwrites
+    # feature "refs" in a manifest: stored plus referenced bytes (absent when it equals total_nbytes)
+    logical_nbytes: Union[int, msgspec.UnsetType] = msgspec.UNSET
 
 
 class LatestRecord(msgspec.Struct, frozen=True):
@@ -318,8 +354,9 @@ def decode_manifest(data: bytes, where: str) -> RankManifest:
             f"in chunks of {m.chunk_size} (expected {expect_chunks})"
         )
     _check_chunks(m, where)
+    _check_refs(m, where)
     end = 0
-    for e in sorted((e for e in m.entries if e.view_of < 0), key=lambda e: e.offset):
+    for e in sorted((e for e in m.entries if e.view_of < 0 and e.ref < 0), key=lambda e: e.offset):
         _check_entry(e, m.data_nbytes, where)
         if e.nbytes and e.offset < end:
             raise FormatError(f"{where}: key {e.key!r} overlaps the previous entry (offset {e.offset} < {end})")
@@ -353,6 +390,43 @@ def _check_chunks(m: RankManifest, where: str) -> None:
         if not ok:
             raise FormatError(f"{where}: chunk {i} ({c.codec}, {c.stored_nbytes} bytes stored for {raw}) is "
                               "recorded inconsistently")
+
+
+def check_ref_target(t: RefTarget, name: str, where: str) -> None:
+    """``t`` names a manifest of a sibling checkpoint under the same root, else FormatError naming it."""
+    parts = t.file.split("/")
+    ok = (len(parts) == 2 and parts[0] not in ("", ".", "..") and parts[0] != name and "\\" not in t.file
+          and manifest_file_rank(parts[1]) is not None)
+    if ok:
+        try:
+            ok = check_key(t.file) == t.file
+        except IntegrityError:
+            ok = False
+    if not ok:
+        raise FormatError(f"{where}: a reference names {t.file!r}, which is not a manifest of a sibling checkpoint "
+                          "under the same root; references outside the checkpoint's root are refused")
+
+
+def _check_refs(m: RankManifest, where: str) -> None:
+    """Feature ``refs``: declared when used; every reference names a sibling's manifest; reference entries own bytes."""
+    uses = bool(m.refs) or any(e.ref >= 0 or e.digest for e in m.entries)
+    if not uses:
+        return
+    if REFS not in m.features:
+        raise FormatError(f"{where}: the manifest holds references or digests without declaring the {REFS!r} feature")
+    for t in m.refs:
+        check_ref_target(t, m.name, where)
+    for e in m.entries:
+        if e.ref < 0:
+            continue
+        if e.ref >= len(m.refs) or e.view_of >= 0 or len(e.digest) != DIGEST_SIZE:
+            raise FormatError(f"{where}: key {e.key!r} is a malformed reference (ref {e.ref} of {len(m.refs)}, "
+                              f"view_of {e.view_of}, digest of {len(e.digest)} bytes)")
+        _check_entry(e, 1 << 62, where)
+
+
+#: Bytes of ``Entry.digest`` (XXH3-128).
+DIGEST_SIZE = 16
 
 
 def _check_entry(e: Entry, data_nbytes: int, where: str) -> None:

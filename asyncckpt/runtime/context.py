@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..catalog import BasePins
 from ..staging import StagingPool
 from ..storage import Storage, open_storage
 
@@ -46,6 +47,7 @@ class WorkerContext:
         self.pool = StagingPool(config.max_in_flight, config.pinned)
         self._sessions: dict[tuple[str, str], Storage] = {}
         self.cuda_stream: Any = None
+        self.pins: dict[str, BasePins] = {}  # root -> bases of incremental saves being written here
 
     def storage(self, root: str, options: dict[str, Any] | None = None) -> Storage:
         """The storage session for ``root`` with ``options``, opened once and reused."""

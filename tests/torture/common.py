@@ -27,6 +27,13 @@ CHUNK = 5 * MiB  # the smallest chunk AsyncCheckpointer accepts: several chunks 
 _NAME_RE = re.compile(r"^step-(\d+)$")
 
 
+def incremental() -> bool:
+    """TORTURE_INCREMENTAL=1: trainers save with incremental=True and the state holds a frozen tensor (the
+    same bytes every step), so saves reference the bytes of earlier checkpoints (read when asked: the
+    driver's checks and its trainers agree)."""
+    return os.environ.get("TORTURE_INCREMENTAL") == "1"
+
+
 def ckpt_name(step: int) -> str:
     return f"step-{step:06d}"
 
@@ -58,6 +65,7 @@ def make_state(numel: int) -> dict[str, Any]:
             "param_groups": [{"lr": 0.0, "params": [0]}],
         },
         "extra": np.zeros(100, dtype=np.int32),
+        **({"frozen": torch.arange(numel // 2, dtype=torch.float32)} if incremental() else {}),
         "step": -1,
         "rank": -1,
         "tag": "",

@@ -45,6 +45,20 @@ def test_crash_chain(tmp_path: Path, chain: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.fault
+@pytest.mark.parametrize("chain", [0, 1, 3, 4], ids=lambda c: "{1}-{2}-{0}rank".format(*crash.chain_kind(c)))
+def test_crash_chain_incremental(tmp_path: Path, chain: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same trials with incremental=True and a frozen tensor: saves reference earlier checkpoints' bytes,
+    retention deletes around the references; 0 lost or torn."""
+    monkeypatch.setenv("TORTURE_INCREMENTAL", "1")
+    stats = crash.run((chain + 1) * crash.CHAIN, CI_SEED, str(tmp_path), log=False, logdir=str(tmp_path / "logs"),
+                      chains={chain}, per_chain=CI_PER_CHAIN)
+    count("crash trials (incremental)", stats.trials)
+    assert stats.trials == CI_PER_CHAIN
+    _assert_clean(stats)
+
+
+@pytest.mark.slow
+@pytest.mark.fault
 @pytest.mark.multiproc
 def test_crash_regression_seed2_two_ranks(tmp_path: Path) -> None:
     """Seed 2, chain 2 (trials 8-9, 2 gloo ranks): trial 9 lost a finalized save before the fix."""

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt_name,
         diff_states,
         fill_state,
+        incremental,
         join,
         make_state,
         mutate_state,
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"READY {start}")
 
     ck = asyncckpt.AsyncCheckpointer(chunk_size=CHUNK, max_in_flight=2, storage_options=opts,
-                                    worker_options=_inject.WORKER_OPTIONS)
+                                    worker_options=_inject.WORKER_OPTIONS, incremental=incremental())
     worker_pid = ck.queue.worker_pid
     say(f"PID worker {worker_pid}")
     state = make_state(args.numel)
@@ -161,11 +162,12 @@ def _manager_loop(args: argparse.Namespace, rank: int, world: int, say: Any) -> 
     import asyncckpt
 
     from . import _inject
-    from .common import CHUNK, diff_states, fill_state, make_state, mutate_state, storage_options
+    from .common import CHUNK, diff_states, fill_state, incremental, make_state, mutate_state, storage_options
 
     mgr = asyncckpt.CheckpointManager(
         args.root, every_steps=1, keep_last=args.keep, name_format="step-{step:06d}", signals=None, rng=False,
         storage_options=storage_options(), checkpointer_options={"chunk_size": CHUNK, "worker_options": _inject.WORKER_OPTIONS},
+        incremental=incremental(),
     )
     state = make_state(args.numel)
     restored = mgr.restore(state)
