@@ -7,6 +7,7 @@ COMMIT is written only after every rank's data and manifest are durable.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -145,6 +146,12 @@ async def read_target(storage: Storage, m: RankManifest, t: RefTarget) -> RankMa
                              f"{t.file}, which cannot be read ({exc}); the checkpoint cannot be loaded") from exc
 
 
+def _relay(on_bytes: Callable[[int, int, np.ndarray], Any], js: dict[int, int], j: int, off: int,
+           data: np.ndarray) -> Any:
+    """Hand a target entry's bytes on under the referencing entry's index."""
+    return on_bytes(js[j], off, data)
+
+
 async def read_references(storage: Storage, m: RankManifest, indices: Collection[int],
                           on_bytes: Callable[[int, int, np.ndarray], Any]) -> None:
     """Read the verified bytes of the reference entries ``indices`` of ``m`` from the files that hold them:
@@ -160,8 +167,7 @@ async def read_references(storage: Storage, m: RankManifest, indices: Collection
         offsets = owned_offsets(tm)
         js = {resolve_reference(m.entries[i], tm, offsets, where): i for i in idx}
         try:
-            await read_entries(storage, tm, list(js), lambda j, off, data, js=js: on_bytes(js[j], off, data),
-                               every_chunk=False)
+            await read_entries(storage, tm, list(js), functools.partial(_relay, on_bytes, js), every_chunk=False)
         except IntegrityError as exc:
             keys = [m.entries[i].key for i in idx]
             raise IntegrityError(f"{where}: keys {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''} are stored "

@@ -201,7 +201,8 @@ async def incremental_layout(storage: Storage, job: SaveJob, image: memoryview
 
     base = await base_manifest(storage, job)
     await gather_or_cancel(asyncio.to_thread(hash_group, g) for g in groups if g)
-    plan = plan_references(job.entries, digests, *(base or (None, None)), name=job.name)
+    base_m, base_target = base if base is not None else (None, None)
+    plan = plan_references(job.entries, digests, base_m, base_target, name=job.name)
 
     def pack() -> None:
         buf = np.frombuffer(image, dtype=np.uint8)
