@@ -120,9 +120,7 @@ class _Template:
         self.rx.start()
 
     def fork(self, fd: int, env: dict[str, str]) -> ForkedWorker:
-        mask = os.umask(0o22)
-        os.umask(mask)
-        req = {"env": env, "cwd": os.getcwd(), "umask": mask, "trainer": os.getpid()}
+        req = {"env": env, "cwd": os.getcwd(), "umask": _umask(), "trainer": os.getpid()}
         w = ForkedWorker(self)
         with self.send_lock:
             with self.cond:
@@ -241,6 +239,20 @@ class ForkedWorker:
             pass
 
 
+def _umask() -> int:
+    """This process's umask, read without setting it (setting it, even back, races other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o22)  # no /proc: the only other way
+    os.umask(mask)
+    return mask
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -344,6 +356,7 @@ def _run_forked_worker(req: dict[str, Any], fd: int, template: int) -> None:
         os.environ.pop("ASYNCCKPT_WORKER_PATH", None)  # the HELLO frame carries the trainer's sys.path
         from .. import logs
 
+        logs.disable_logging()  # the template's setting was its start's; the trainer's now decides
         logs.configure_from_env()
         from . import server
 
