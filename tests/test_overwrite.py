@@ -7,12 +7,8 @@ symlinked checkpoint loads and verifies, and files from another checkpoint are s
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 import textwrap
 import threading
 from pathlib import Path
@@ -30,6 +26,7 @@ from asyncckpt.format import checksum, decode_commit, encode_commit
 from asyncckpt.storage import open_storage
 
 from ._dist import run_ranks
+from ._kill import kill_mid_run
 
 N = 1 << 18  # 1 MiB of float32 per checkpoint
 
@@ -126,18 +123,7 @@ def test_sigkill_during_overwrites_leaves_the_old_or_the_new_checkpoint(tmp_path
     rng = random.Random(18)
     last = 0
     for trial in range(4):
-        proc = subprocess.Popen([sys.executable, "-c", _OVERWRITER, str(path), str(4 * N), str(last * 100)],
-                                stdout=subprocess.PIPE, text=True)
-        try:
-            worker = int(proc.stdout.readline())
-            committed = int(proc.stdout.readline())  # one overwrite done: the worker is warm
-            threading.Event().wait(rng.uniform(0.0, 0.4))  # then kill it anywhere in the next ones
-            os.kill(worker, signal.SIGKILL)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(20)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        committed = kill_mid_run(_OVERWRITER, [str(path), str(4 * N), str(last * 100)], rng, 0.4)
         got = check_whole(asyncckpt.load(path))
         assert got >= committed, f"trial {trial}: step {got} loaded, but step {committed} had been committed"
         assert cli.main(["verify", str(path)]) == 0

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
 import textwrap
 import threading
 from pathlib import Path
@@ -28,6 +25,7 @@ from asyncckpt._loop import run_sync
 from asyncckpt.catalog import check_checkpoint
 from asyncckpt.dcp import AsyncStorageReader, AsyncStorageWriter, async_save
 from asyncckpt.storage import LocalStorage
+from tests._kill import kill_mid_run
 
 N = 1 << 16  # 256 KiB of float32: shared with the worker, not inlined
 
@@ -195,19 +193,7 @@ def test_worker_killed_mid_overwrite_leaves_a_loadable_checkpoint(tmp_path: Path
     rng = random.Random(18)
     last = 0
     for trial in range(4):
-        proc = subprocess.Popen([sys.executable, "-c", _OVERWRITER, str(path), str(16 * N), str(last * 100)],
-                                stdout=subprocess.PIPE, text=True)
-        try:
-            assert proc.stdout is not None
-            worker = int(proc.stdout.readline())
-            committed = int(proc.stdout.readline())  # one overwrite done: the worker is warm
-            threading.Event().wait(rng.uniform(0.0, 0.3))  # then kill it anywhere in the next ones
-            os.kill(worker, signal.SIGKILL)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(20)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        committed = kill_mid_run(_OVERWRITER, [str(path), str(16 * N), str(last * 100)], rng, 0.3)
         got = blank(16 * N)
         dcp.load(got, storage_reader=AsyncStorageReader(path))
         step = check_whole(got)

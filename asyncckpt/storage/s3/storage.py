@@ -235,7 +235,7 @@ class S3Storage(PrefixedStore):
             view,
             where=self.where(full),
             policy=self.config.policy,
-            op_timeout=self.op_timeout,
+            op_timeout=self.config.op_timeout,
             version=version,
             failures=failures,
         )
