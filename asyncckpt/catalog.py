@@ -272,9 +272,33 @@ class BasePins:
         self._deleting.discard(name)
 
 
-#: Written (empty) in a deleted checkpoint's directory whose files other checkpoints still reference:
-#: it is no longer a checkpoint (no COMMIT); its files go once nothing references them.
+#: Written in a deleted checkpoint's directory whose files other checkpoints still reference: it is no
+#: longer a checkpoint (no COMMIT); its files go once nothing references them. It holds the highest
+#: generation retired (ASCII digits; empty in markers written before that), so a new save of the same
+#: name writes past the retired files instead of over them.
 RETIRED_FILE = "RETIRED"
+
+
+def encode_retired(generation: int) -> bytes:
+    """The ``RETIRED`` marker's content: the highest generation of the retired files."""
+    return str(generation).encode()
+
+
+async def retired_generation(storage: Storage, name: str) -> int | None:
+    """The highest generation retired under ``name`` (None: no marker). An empty marker (older
+    writers) counts every rank file's generation under ``name``."""
+    try:
+        blob = await storage.read(join_key(name, RETIRED_FILE))
+    except CheckpointNotFoundError:
+        return None
+    if blob.strip().isdigit():
+        return int(blob)
+    gens = [-1]
+    for key in await storage.list(name):
+        got = manifest_file_rank(key.rpartition("/")[2]) or data_file_rank(key.rpartition("/")[2])
+        if got is not None:
+            gens.append(got[1])
+    return max(gens)
 
 
 def _data_key(m: RankManifest, name: str, where: str) -> str:
@@ -299,12 +323,15 @@ async def next_generation(storage: Storage, name: str, *, overwrite: bool) -> tu
     else one more than the committed generation, so an overwrite writes beside the checkpoint it
     replaces. Every rank and the commit compute it from the same COMMIT, which only this save's
     commit changes. Without ``overwrite`` a committed checkpoint raises CheckpointExistsError.
+    A deleted name whose files others still reference (a ``RETIRED`` marker) is written past
+    the retired generation, so those files are never overwritten.
     """
     key = join_key(name, COMMIT_FILE)
     try:
         blob = await storage.read(key)
     except CheckpointNotFoundError:
-        return 0, None
+        retired = await retired_generation(storage, name)
+        return (0 if retired is None else retired + 1), None
     if not overwrite:
         raise CheckpointExistsError(
             f"{storage.uri}/{name} already holds a committed checkpoint; nothing was written. "
@@ -401,6 +428,7 @@ async def drop_other_generations(storage: Storage, name: str, record: CommitReco
     stands; a reader still holding the replaced COMMIT retries with the new one.
     """
     keep: set[str] = set()
+    keep_manifests = {join_key(name, ref.file) for ref in record.manifests}
     prefixes = {name}
     for ref in record.manifests:
         keep.add(join_key(name, ref.file))
@@ -424,11 +452,14 @@ async def drop_other_generations(storage: Storage, name: str, record: CommitReco
                     continue
                 doomed.append(m.data_file)
                 refs = refs or REFS in m.features
+        retired = False
         for prefix in sorted(prefixes):
             for key in await storage.list(prefix):
                 rest = key[len(prefix) + 1 :]
                 if "/" not in rest and (data_file_rank(rest) or manifest_file_rank(rest)):
                     doomed.append(key)
+                retired = retired or (prefix == name and rest == RETIRED_FILE)
+        refs = refs or retired  # a deleted earlier save of this name left files others reference
         if refs:  # files of the replaced generation that other checkpoints reference stay (with their data)
             for mkey in await referenced_by(storage, exclude={name}):
                 head, _, fname = mkey.partition("/")
@@ -442,6 +473,9 @@ async def drop_other_generations(storage: Storage, name: str, record: CommitReco
             await storage.delete(key)
         if doomed:
             log.debug("removed %d files of replaced or torn saves of %s/%s", len(doomed), storage.uri, name)
+        if retired and not any(k.startswith(f"{name}/") and k.endswith(".manifest") and k not in keep_manifests
+                               for k in keep):
+            await storage.delete(join_key(name, RETIRED_FILE))  # nothing retired is left here
     except CheckpointError as exc:
         log.warning("could not remove the replaced files of %s/%s: %s", storage.uri, name, exc)
 

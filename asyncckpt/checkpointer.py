@@ -14,6 +14,7 @@ import torch
 
 from .completion import dist_active
 from .control import CleanupOp, CommitOp, DrainOp, ReserveStagingOp, RetentionOp
+from .deletion import on_delete
 from .engine import NativeSink, SaveJob, SaveResult
 from .errors import BadInputError, CheckpointError, CheckpointExistsError, WorkerDiedError
 from .format import Entry, Node, check_compression
@@ -205,6 +206,7 @@ class AsyncCheckpointer:
         self._draining: set[str] = set()
         self._checked_roots: set[str] = set()
         self._committed: dict[tuple[str, str], None] = {}  # (root, name) committed here, newest last
+        on_delete(self._forget)  # a name this process deletes may be saved again without overwrite
         self._cleanups: dict[int, tuple[list[ControlOp], int]] = {}  # call index -> cleanup if it fails, world
         self._closed = False
         self._deferred: list[BaseException] = []  # failures met while save() waited for a slot
@@ -305,6 +307,13 @@ class AsyncCheckpointer:
         self.queue.schedule_job(job, world=1, detached=True)
 
     # -- the save path -----------------------------------------------------------------------
+    def _forget(self, root_uri: str, name: str) -> None:
+        local = "://" not in root_uri or root_uri.startswith("file://")
+        where = os.path.realpath(root_uri.removeprefix("file://")) if local else root_uri
+        for r, n in list(self._committed):
+            if n == name and (os.path.realpath(r) if "://" not in r else r) == where:
+                del self._committed[(r, n)]
+
     def _resolve(self, path: str | os.PathLike[str] | TieredPath) -> tuple[str, str, dict[str, Any], Tiers | None]:
         tiers = path.tiers if isinstance(path, TieredPath) else None
         if tiers is not None:

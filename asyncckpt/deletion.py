@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,11 +33,13 @@ from ._loop import run_sync
 from .catalog import (
     RETIRED_FILE,
     BasePins,
+    encode_retired,
     list_all,
     read_commit,
     read_latest,
     read_manifest,
     referenced_by,
+    retired_generation,
     set_latest,
 )
 from .errors import (
@@ -48,13 +52,22 @@ from .errors import (
     NotACheckpointError,
     StorageError,
 )
-from .format import COMMIT_FILE, LATEST_FILE, REFS, CommitRecord, RankManifest, data_file, manifest_file_rank
+from .format import (
+    COMMIT_FILE,
+    LATEST_FILE,
+    REFS,
+    CommitRecord,
+    RankManifest,
+    data_file,
+    data_file_rank,
+    manifest_file_rank,
+)
 from .locate import describe_local, is_missing_bucket, local_path
 from .storage import AbortsIncompleteUploads, LocalStorage, Storage, join_key, open_storage, split_uri
 from .storage.layouts import data_prefix
 from .tiers import TieredPath, Tiers
 
-__all__ = ["DeleteReport", "delete", "delete_async", "delete_checkpoint", "sweep_retired"]
+__all__ = ["DeleteReport", "delete", "delete_async", "delete_checkpoint", "on_delete", "sweep_retired"]
 
 log = logging.getLogger("asyncckpt")
 
@@ -290,7 +303,9 @@ async def _remove(storage: Storage, name: str, plan: _Plan) -> list[str]:
     done: list[str] = []
     if plan.referenced:
         # Retired before COMMIT goes: a crash in between leaves it committed (COMMIT wins), never unmarked.
-        await storage.put_record(join_key(name, RETIRED_FILE), b"")
+        gens = [got[1] for key in plan.manifests + plan.data
+                if (got := manifest_file_rank(key.rpartition("/")[2]) or data_file_rank(key.rpartition("/")[2]))]
+        await storage.put_record(join_key(name, RETIRED_FILE), encode_retired(max(gens, default=0)))
         for m, who in sorted(plan.referenced.items()):
             plan.notes.append(f"kept {m} and its data: referenced by {', '.join(sorted(who))}; they go once "
                               "nothing references them")
@@ -314,6 +329,23 @@ async def _move_latest_off(storage: Storage, name: str) -> str:
         return rest[0].name
     await storage.delete(LATEST_FILE)
     return ""
+
+
+_on_delete: list[weakref.WeakMethod[Callable[[str, str], None]]] = []
+
+
+def on_delete(callback: Callable[[str, str], None]) -> None:
+    """Call the bound method ``callback(root_uri, name)`` after each checkpoint this process deletes
+    (held weakly: it stops with its object). Checkpointers use it to forget what they committed."""
+    _on_delete[:] = [r for r in _on_delete if r() is not None]
+    _on_delete.append(weakref.WeakMethod(callback))  # type: ignore[arg-type]
+
+
+def _deleted(storage: Storage, name: str) -> None:
+    for ref in list(_on_delete):
+        cb = ref()
+        if cb is not None:
+            cb(storage.uri, name)
 
 
 async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False,
@@ -375,6 +407,7 @@ async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False,
     finally:
         if pins is not None:
             pins.end_delete(name)
+    _deleted(storage, name)
     report.notes = found.notes
     if found.refs:
         report.deleted += await sweep_retired(storage)
@@ -393,27 +426,53 @@ async def sweep_retired(storage: Storage) -> list[str]:
     refd = await referenced_by(storage)
     done: list[str] = []
     for name in retired:
-        if await storage.exists(join_key(name, COMMIT_FILE)):
-            continue  # committed again (a crash before its delete went on): not retired
-        found = await _examine(storage, name)
-        if isinstance(found, str):  # nothing left but the marker (an interrupted sweep)
-            await storage.delete(join_key(name, RETIRED_FILE))
-            done.append(join_key(name, RETIRED_FILE))
-            continue
-        left = False
-        for mkey in found.manifests:
-            if mkey in refd:
-                left = True
-                continue
-            for key in (found.data_of.get(mkey), mkey):
-                if key is not None:
-                    await storage.delete(key)
-                    done.append(key)
-        if not left:
-            await storage.delete(join_key(name, RETIRED_FILE))
-            done.append(join_key(name, RETIRED_FILE))
+        try:
+            rec = await read_commit(storage, name)
+        except CheckpointNotFoundError:
+            rec = None
+        except (FormatError, IntegrityError):
+            continue  # a damaged COMMIT: what it holds is for `asyncckpt rm` to settle, not a sweep
+        done += await _sweep_name(storage, name, rec, refd)
     if done:
         log.info("removed %d files of deleted checkpoints that nothing references any more", len(done))
+    return done
+
+
+async def _sweep_name(storage: Storage, name: str, rec: CommitRecord | None, refd: dict[str, set[str]]) -> list[str]:
+    """Remove the unreferenced retired files of ``name`` (data, then manifest), and the marker once none
+    is left. Retired are the generations up to the marker's that ``rec`` (a COMMIT written since: the
+    name was saved again, or a crash stopped its deletion) does not hold. Files past the marker's
+    generation belong to a save of the name in progress: the marker stays, as its commit needs it."""
+    done: list[str] = []
+    upto = await retired_generation(storage, name)
+    if upto is None:
+        return done
+    current = {join_key(name, ref.file) for ref in rec.manifests} if rec is not None else set()
+    left = False
+    for key in await storage.list(name):
+        fname = key.rpartition("/")[2]
+        got = manifest_file_rank(fname)
+        newer = (got or data_file_rank(fname) or (0, -1))[1] > upto
+        if rec is None and newer:
+            left = True
+        if got is None or key in current or newer:
+            continue
+        if key in refd:
+            left = True
+            continue
+        try:
+            m = await read_manifest(storage, name, got[0], file=fname)
+        except CheckpointNotFoundError:
+            continue
+        except (FormatError, IntegrityError):
+            left = True  # cannot tell its data file: leave both
+            continue
+        for k in ((m.data_file,) if _data_key_ok(m.data_file, name) else ()) + (key,):
+            await storage.delete(k)
+            done.append(k)
+    if not left:
+        await storage.delete(join_key(name, RETIRED_FILE))
+        done.append(join_key(name, RETIRED_FILE))
     return done
 
 

@@ -33,6 +33,7 @@ from .format import (
     data_file,
     encode_manifest,
     manifest_file,
+    manifest_file_rank,
     read_chunk,
 )
 from .storage import Storage, join_key, open_storage
@@ -114,7 +115,7 @@ async def _drain_references(src: Storage, dst: Storage, m: RankManifest, concurr
     """Make the files ``m``'s references point into exist on ``dst`` as on ``src`` (they usually do: the
     base drained before). One missing there is copied, verified, under its own key, marked retired
     unless ``dst`` holds it committed; one that differs there refuses the drain, naming it."""
-    from .catalog import RETIRED_FILE, read_target
+    from .catalog import RETIRED_FILE, encode_retired, read_target, retired_generation
     from .errors import CheckpointNotFoundError, IntegrityError
 
     copied = 0
@@ -129,8 +130,10 @@ async def _drain_references(src: Storage, dst: Storage, m: RankManifest, concurr
                 raise IntegrityError(f"{dst.uri}/{t.file} differs from {src.uri}/{t.file}, which {m.name} references; "
                                      f"{m.name} cannot be drained to {dst.uri} by reference (delete or rename it there)")
             continue
-        if not await dst.exists(join_key(t.name, COMMIT_FILE)):
-            await dst.put_record(join_key(t.name, RETIRED_FILE), b"")  # swept once nothing references it
+        if not await dst.exists(join_key(t.name, COMMIT_FILE)):  # swept once nothing references it
+            got = manifest_file_rank(t.file.rpartition("/")[2])
+            gen = max(got[1] if got else 0, await retired_generation(dst, t.name) or 0)
+            await dst.put_record(join_key(t.name, RETIRED_FILE), encode_retired(gen))
         await _copy_verified(src, dst, tm.data_file, tm.data_file, tm, concurrency)
         await dst.put_record(t.file, await src.read(t.file))
         copied += ChunkGeometry.of(tm).stored_nbytes + t.nbytes

@@ -555,3 +555,30 @@ def test_export_follows_references(template: tuple[Path, list[Any]], tmp_path: P
         got = safetensors_torch.load_file(dest)
         for k in ("const", "slow", "fast"):
             assert torch.equal(got[k], states[5][k]), k
+
+
+def test_a_deleted_but_referenced_name_saved_again_keeps_its_referrers_loading(tmp_path: Path) -> None:
+    """``a`` is deleted while ``b`` references its bytes, then a new ``a`` is saved: the new save writes
+    beside the retired files, ``b`` keeps loading, and the retired files go once ``b`` is gone."""
+    const = torch.randn(100_000)
+    with asyncckpt.AsyncCheckpointer(incremental=True, snapshot="blocking") as ck:
+        ck.save({"const": const, "x": torch.full((10,), 1.0)}, f"{tmp_path}/a")
+        ck.finalize(blocking=True)
+        ck.save({"const": const, "x": torch.full((10,), 2.0)}, f"{tmp_path}/b")
+        ck.finalize(blocking=True)
+        assert decode_manifest((tmp_path / "b" / "rank-00000.manifest").read_bytes(), "m").refs
+        asyncckpt.delete(tmp_path / "a")
+        assert (tmp_path / "a" / RETIRED_FILE).exists()
+        other = torch.randn(100_000)
+        ck.save({"const": other, "x": torch.full((10,), 3.0)}, f"{tmp_path}/a")
+        ck.finalize(blocking=True)
+    got_b = asyncckpt.load(tmp_path / "b")
+    assert torch.equal(got_b["const"], const) and torch.equal(got_b["x"], torch.full((10,), 2.0))
+    got_a = asyncckpt.load(tmp_path / "a")
+    assert torch.equal(got_a["const"], other) and torch.equal(got_a["x"], torch.full((10,), 3.0))
+    # b goes: the retired generation of a is no longer referenced and is swept; the new a stays.
+    asyncckpt.delete(tmp_path / "b", force=True)
+    left = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert RETIRED_FILE not in left and "rank-00000.manifest" not in left, left
+    got_a = asyncckpt.load(tmp_path / "a")
+    assert torch.equal(got_a["const"], other)
