@@ -140,3 +140,20 @@ def test_a_request_larger_than_the_socket_takes_is_sent_right_after_construction
     a, b = asyncckpt.load(tmp_path / "a"), asyncckpt.load(tmp_path / "b")
     assert torch.equal(a["t7"], torch.full((3,), 7.0)) and torch.equal(b["t7"], torch.full((3,), -1.0))
     assert torch.equal(b["t19999"], torch.full((3,), 19999.0))
+
+
+def test_save_leaves_the_trainers_thread_count_alone(tmp_path):
+    """The small-tensor copy runs on one thread; the trainer's intra-op thread count is what it was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        state = {"w": [torch.randn(100) for _ in range(50)], "big": torch.randn(300, 300)}
+        with asyncckpt.AsyncCheckpointer(snapshot="blocking") as ck:
+            for step in range(3):
+                ck.save(state, tmp_path / f"s{step}")
+                assert torch.get_num_threads() == 2
+            ck.finalize(blocking=True)
+        got = asyncckpt.load(tmp_path / "s2")
+        assert all(torch.equal(a, b) for a, b in zip(got["w"], state["w"])) and torch.equal(got["big"], state["big"])
+    finally:
+        torch.set_num_threads(before)
