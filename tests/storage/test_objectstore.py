@@ -196,3 +196,33 @@ def test_per_loop_items_are_per_loop_and_closed_per_loop() -> None:
 
     first, second = asyncio.run(use()), asyncio.run(use())
     assert first is not second and closed == [first, second] and len(per) == 0
+
+
+def _configs() -> list[tuple[str, type]]:
+    from asyncckpt.storage.azure.config import AzureConfig
+    from asyncckpt.storage.gcs.config import GCSConfig
+    from asyncckpt.storage.s3.config import S3Config
+
+    return [("s3://b-1/p", S3Config), ("gs://b-1/p", GCSConfig), ("az://c-1/p", AzureConfig)]
+
+
+@pytest.mark.parametrize("option,value", [("part_concurrency", 0), ("max_attempts", 0), ("read_range_size", 0),
+                                          ("list_page_size", 0), ("single_put_threshold", -1)])
+def test_every_object_store_config_names_the_limit_out_of_range(option: str, value: int) -> None:
+    for uri, cls in _configs():
+        with pytest.raises(asyncckpt.BadInputError, match=rf"{uri}: .*{option}={value}"):
+            cls(uri, **{option: value})
+        assert getattr(cls(uri), option) > 0 or option == "single_put_threshold"
+
+
+def test_every_object_store_config_checks_op_timeout_and_its_uri() -> None:
+    for uri, cls in _configs():
+        with pytest.raises(asyncckpt.BadInputError, match="op_timeout must be > 0"):
+            cls(uri, op_timeout=0)
+        scheme = uri.partition("://")[0]
+        with pytest.raises(asyncckpt.BadInputError, match="is not a valid"):
+            cls(f"{scheme}://A/p")
+        with pytest.raises(asyncckpt.BadInputError, match=f"expected {scheme}://"):
+            cls("file:///tmp/x")
+        cfg = cls(uri + "//")
+        assert cfg.uri == uri and cfg.prefix == "p" and cfg.policy.max_attempts == cfg.max_attempts

@@ -7,33 +7,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...errors import BadInputError, IntegrityError
-from ..keys import check_key
-from ..objectstore import RetryPolicy
+from ...errors import BadInputError
+from ..objectstore.config import MiB, ObjectStoreConfig, parse_bucket_uri
 
 __all__ = ["AzureConfig", "MiB", "parse_az_uri", "parse_connection_string"]
-
-MiB = 1024 * 1024
 
 _CONTAINER_RE = re.compile(r"^(?=.{3,63}$)[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9]))*$")
 
 
 def parse_az_uri(uri: str) -> tuple[str, str]:
     """``az://container/prefix`` -> (container, prefix without slashes at either end)."""
-    if not isinstance(uri, str) or not uri.lower().startswith("az://"):
-        raise BadInputError(f"{uri!r} is not an Azure Blob URI (expected az://container/prefix)")
-    container, _, prefix = uri[5:].partition("/")
-    if not _CONTAINER_RE.match(container):
-        raise BadInputError(
-            f"{uri}: {container!r} is not a valid container name (3-63 lower-case letters, digits and single '-')"
-        )
-    prefix = prefix.strip("/")
-    if prefix:
-        try:
-            check_key(prefix)
-        except IntegrityError as exc:
-            raise BadInputError(f"{uri}: invalid prefix: {exc}") from exc
-    return container, prefix
+    return parse_bucket_uri(uri, ("az",), "an Azure Blob", _CONTAINER_RE,
+                            "3-63 lower-case letters, digits and single '-'", "container")
 
 
 def parse_connection_string(text: str) -> dict[str, str]:
@@ -57,10 +42,9 @@ def _env(*names: str) -> str | None:
 
 
 @dataclass
-class AzureConfig:
+class AzureConfig(ObjectStoreConfig):
     """Validated options of one `AzureBlobStorage` (see its docstring for their meaning)."""
 
-    uri: str
     connection_string: str | None = None
     account_name: str | None = None
     account_key: str | None = None
@@ -68,15 +52,8 @@ class AzureConfig:
     account_url: str | None = None
     endpoint_url: str | None = None  # alias of account_url (what the CLI's --endpoint-url passes)
     credential: Any = None
-    max_attempts: int = 5
-    part_concurrency: int = 8
-    single_put_threshold: int = 8 * MiB
-    read_range_size: int = 16 * MiB
     read_chunk_size: int = 4 * MiB
     list_page_size: int = 5000
-    connect_timeout: float = 10
-    read_timeout: float = 60
-    op_timeout: float | None = None
     container: str = field(init=False)
     prefix: str = field(init=False)
 
@@ -84,27 +61,10 @@ class AzureConfig:
         uri = self.uri
         self.container, self.prefix = parse_az_uri(uri)
         self.uri = f"az://{self.container}/{self.prefix}" if self.prefix else f"az://{self.container}"
-        if (
-            self.max_attempts < 1
-            or self.part_concurrency < 1
-            or self.read_range_size < 1
-            or self.read_chunk_size < 1
-            or self.list_page_size < 1
-            or self.single_put_threshold < 0
-        ):
-            raise BadInputError(
-                f"{uri}: max_attempts, part_concurrency, read_range_size and read_chunk_size must be >= 1, "
-                f"single_put_threshold >= 0"
-            )
-        if self.op_timeout is not None and self.op_timeout <= 0:
-            raise BadInputError(f"{uri}: op_timeout must be > 0 seconds or None, not {self.op_timeout!r}")
+        self.check_limits(uri, read_chunk_size=self.read_chunk_size)
         if self.account_url and self.endpoint_url and self.account_url != self.endpoint_url:
             raise BadInputError(f"{uri}: give account_url or endpoint_url, not two different ones")
         self.account_url = self.account_url or self.endpoint_url
-
-    @property
-    def policy(self) -> RetryPolicy:
-        return RetryPolicy(self.max_attempts)
 
     def client_args(self) -> tuple[str | None, str | None, Any]:
         """(connection string, account URL, credential) from the options, else the usual environment.

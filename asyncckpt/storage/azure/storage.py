@@ -35,6 +35,7 @@ class AzureBlobStorage(PrefixedStore):
     """
 
     capabilities = Capabilities(conditional_put=True, abort_incomplete=True, server_checksum=None)
+    config: AzureConfig
 
     def __init__(self, uri: str, **options: Any) -> None:
         try:

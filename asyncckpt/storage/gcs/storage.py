@@ -37,6 +37,7 @@ class GCSStorage(PrefixedStore):
     """
 
     capabilities = Capabilities(conditional_put=True, abort_incomplete=True, server_checksum="crc32c")
+    config: GCSConfig
 
     def __init__(self, uri: str, **options: Any) -> None:
         try:

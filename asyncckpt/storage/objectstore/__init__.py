@@ -8,12 +8,15 @@
 - `reads`: parallel ranged reads straight into the caller's buffer, each range resumed after a
   cut body from the first byte not yet received, pinned to the first response's version.
 - `writers`: the state every streaming writer shares (open / committed / aborted / failed).
+- `config`: `ObjectStoreConfig`, the options every backend takes (parts, reads, listings, retries,
+  timeouts) checked once, and `parse_bucket_uri`.
 - `prefixed`: `PrefixedStore`, the key mapping and read flow every backend shares above its
   HEAD, LIST and ranged GET.
 """
 
 from __future__ import annotations
 
+from .config import ObjectStoreConfig, parse_bucket_uri
 from .loops import PerLoop
 from .prefixed import PrefixedStore
 from .reads import GetRange, Progress, read_ranges, resumable_fetch
@@ -21,4 +24,4 @@ from .retry import RetryPolicy, retrying
 from .timeouts import timed
 from .writers import WriterState, buffer_part, checked_part
 
-__all__ = ["GetRange", "PerLoop", "PrefixedStore", "Progress", "RetryPolicy", "WriterState", "buffer_part", "checked_part", "read_ranges", "resumable_fetch", "retrying", "timed"]
+__all__ = ["GetRange", "ObjectStoreConfig", "PerLoop", "PrefixedStore", "Progress", "RetryPolicy", "WriterState", "buffer_part", "checked_part", "parse_bucket_uri", "read_ranges", "resumable_fetch", "retrying", "timed"]

@@ -15,10 +15,10 @@ from __future__ import annotations
 import builtins
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Any
 
 from ...errors import BadInputError, CheckpointError, IntegrityError, StorageNotFoundError
 from ..keys import check_key, is_temp_key
+from .config import ObjectStoreConfig
 from .reads import GetRange, read_ranges
 
 __all__ = ["PrefixedStore"]
@@ -28,7 +28,7 @@ class PrefixedStore(ABC):
     """Key mapping and the read flow over a backend's HEAD, LIST and ranged GET (see module doc)."""
 
     prefix: str
-    config: Any  # the backend's config: ``read_range_size``, ``policy``, ``op_timeout``
+    config: ObjectStoreConfig  # the backend's config: ``read_range_size``, ``policy``, ``op_timeout``
 
     def full_key(self, key: str) -> str:
         """The object name of ``key`` (checked: no ``..``, no absolute paths)."""

@@ -9,13 +9,11 @@ from typing import Any
 
 from botocore.config import Config
 
-from ...errors import BadInputError, IntegrityError
-from ..keys import check_key
-from ..objectstore import RetryPolicy
+from ...errors import BadInputError
+from ..objectstore.config import MiB, ObjectStoreConfig, parse_bucket_uri
 
 __all__ = ["MIN_PART_SIZE", "MiB", "S3Config", "parse_s3_uri"]
 
-MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB  # S3's minimum for every part but the last
 
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]$")
@@ -23,42 +21,22 @@ _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]$")
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/prefix`` -> (bucket, prefix without slashes at either end)."""
-    if not isinstance(uri, str) or not uri.lower().startswith("s3://"):
-        raise BadInputError(f"{uri!r} is not an S3 URI (expected s3://bucket/prefix)")
-    bucket, _, prefix = uri[5:].partition("/")
-    if not _BUCKET_RE.match(bucket):
-        raise BadInputError(f"{uri}: {bucket!r} is not a valid bucket name (3-63 letters, digits, '.', '-' or '_')")
-    prefix = prefix.strip("/")
-    if prefix:
-        try:
-            check_key(prefix)
-        except IntegrityError as exc:
-            raise BadInputError(f"{uri}: invalid prefix: {exc}") from exc
-    return bucket, prefix
+    return parse_bucket_uri(uri, ("s3",), "an S3", _BUCKET_RE, "3-63 letters, digits, '.', '-' or '_'")
 
 
 @dataclass
-class S3Config:
+class S3Config(ObjectStoreConfig):
     """Validated options of one `S3Storage` (see its docstring for their meaning)."""
 
-    uri: str
     endpoint_url: str | None = None
     region_name: str | None = None
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = None
     aws_session_token: str | None = None
     profile: str | None = None
-    max_attempts: int = 5
-    part_concurrency: int = 8
-    single_put_threshold: int = 8 * MiB
-    read_range_size: int = 16 * MiB
-    connect_timeout: float = 10
-    read_timeout: float = 60
-    op_timeout: float | None = None
     conditional_writes: bool | str = "auto"
     checksum: bool = True
     addressing_style: str | None = None
-    list_page_size: int = 1000
     bucket: str = field(init=False)
     prefix: str = field(init=False)
 
@@ -66,30 +44,15 @@ class S3Config:
         uri = self.uri
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.uri = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
-        if (
-            self.max_attempts < 1
-            or self.part_concurrency < 1
-            or self.read_range_size < 1
-            or self.single_put_threshold < 0
-            or self.list_page_size < 1
-        ):
-            raise BadInputError(
-                f"{uri}: max_attempts, part_concurrency and read_range_size must be >= 1, single_put_threshold >= 0"
-            )
+        self.check_limits(uri)
         if self.conditional_writes not in (True, False, "auto"):
             raise BadInputError(
                 f"{uri}: conditional_writes must be True, False or 'auto', not {self.conditional_writes!r}"
             )
-        if self.op_timeout is not None and self.op_timeout <= 0:
-            raise BadInputError(f"{uri}: op_timeout must be > 0 seconds or None, not {self.op_timeout!r}")
         if self.addressing_style not in (None, "auto", "path", "virtual"):
             raise BadInputError(
                 f"{uri}: addressing_style must be 'auto', 'path' or 'virtual', not {self.addressing_style!r}"
             )
-
-    @property
-    def policy(self) -> RetryPolicy:
-        return RetryPolicy(self.max_attempts)
 
     def credentials(self) -> dict[str, str]:
         return {

@@ -40,6 +40,7 @@ class S3Storage(PrefixedStore):
     """
 
     capabilities = Capabilities(conditional_put=True, abort_incomplete=True, server_checksum="crc32c")
+    config: S3Config
 
     def __init__(self, uri: str, **options: Any) -> None:
         try:
