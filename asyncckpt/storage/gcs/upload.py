@@ -15,9 +15,9 @@ import logging
 import uuid
 
 from ..._loop import gather_or_cancel
-from ...errors import CheckpointError, PermanentStorageError
+from ...errors import CheckpointError
 from ..keys import TEMP_MARK
-from ..objectstore import WriterState, buffer_part, checked_part
+from ..objectstore import PartWriter
 from .client import GCSClient
 from .config import MAX_COMPOSE
 
@@ -31,78 +31,44 @@ def temp_name(full: str, token: str, what: str) -> str:
     return f"{full}{TEMP_MARK}{token}.{what}"
 
 
-class GCSWriter:
+class GCSWriter(PartWriter):
     """open --write_part--> open (each part a temporary object) --commit--> committed (compose) | failed + aborted."""
 
+    service = "GCS"
+
     def __init__(self, gcs: GCSClient, full: str, single_size: int | None) -> None:
+        super().__init__(gcs.where(full), single_size)
         self._gcs = gcs
         self._full = full
-        self._where = gcs.where(full)
-        self._buf: bytearray | None = bytearray(single_size) if single_size is not None else None
-        self._end = 0
         self._token = uuid.uuid4().hex[:12]
         self._parts: dict[int, str] = {}
         self._temps: set[str] = set()  # every temporary object that may exist
-        self._inflight = 0
-        self._st = WriterState(self._where)
 
-    def __repr__(self) -> str:
-        return f"<GCS writer {self._where} {self._st.state}>"
-
-    async def write_part(self, index: int, offset: int, data: memoryview, *, crc32c: int | None = None) -> None:
-        view = checked_part(self._st, index, data)
-        if self._buf is not None:
-            self._end = buffer_part(self._buf, self._end, offset, view)
-            return
+    async def _send_part(self, index: int, view: memoryview, crc32c: int | None) -> None:
         name = temp_name(self._full, self._token, f"part-{index:06d}")
         lc = await self._gcs.loop_client()
-        self._inflight += 1
-        try:
-            async with lc.transfers:
-                self._st.check_open("write_part")
-                self._temps.add(name)
-                await self._gcs.call(
-                    f"upload part {index + 1} of", self._full, lambda c: self._gcs.upload(c, name, view, crc32c=crc32c)
-                )
-            self._parts[index] = name
-        except asyncio.CancelledError:
-            raise
-        except CheckpointError as exc:
-            self._st.fail(exc)
-            raise
-        finally:
-            self._inflight -= 1
-            if self._st.failed is not None and self._st.state == "open":
-                await self._abort()
-            elif self._st.state == "aborted" and self._inflight == 0:
-                await self._drop_temps()  # a part that was in flight during abort may have landed after it
+        async with lc.transfers:
+            self._st.check_open("write_part")
+            self._temps.add(name)
+            await self._gcs.call(
+                f"upload part {index + 1} of", self._full, lambda c: self._gcs.upload(c, name, view, crc32c=crc32c)
+            )
+        self._parts[index] = name
 
-    async def commit(self) -> None:
-        self._st.check_open("commit")
-        try:
-            if self._buf is not None or not self._parts:
-                body = memoryview(self._buf)[: self._end] if self._buf is not None else memoryview(b"")
-                await self._gcs.call("put", self._full, lambda c: self._gcs.upload(c, self._full, body))
-            else:
-                await self._compose_all()
-        except asyncio.CancelledError:
-            await self._abort()
-            raise
-        except CheckpointError as exc:
-            self._st.fail(exc)
-            await self._abort()
-            raise
-        self._st.state = "committed"
-        self._buf = None
+    async def _put_whole(self, body: memoryview) -> None:
+        await self._gcs.call("put", self._full, lambda c: self._gcs.upload(c, self._full, body))
+
+    async def _landed_after_abort(self) -> None:
+        await self._drop_temps()  # a part that was in flight during abort may have landed after it
+
+    async def _after_commit(self) -> None:
         await self._drop_temps()
 
-    async def _compose_all(self) -> None:
-        if self._inflight:
-            raise PermanentStorageError(f"commit {self._where}: {self._inflight} part(s) still uploading; await them first")
-        numbers = sorted(self._parts)
-        if numbers != list(range(len(numbers))):
-            missing = sorted(set(range(numbers[-1] + 1)) - set(numbers))
-            raise PermanentStorageError(f"commit {self._where}: parts {[m + 1 for m in missing[:10]]} were never written")
+    async def _discard(self, first: bool) -> None:
+        if first:
+            await self._drop_temps()
+
+    async def _assemble(self, numbers: list[int]) -> None:
         sources = [self._parts[i] for i in numbers]
         level = 0
         while len(sources) > MAX_COMPOSE:
@@ -121,18 +87,6 @@ class GCSWriter:
         url = f"{self._gcs.object_url(dest)}/compose"
         # Compose is idempotent for the same sources: a retry after a lost reply writes the same object.
         await self._gcs.call("commit", self._full, lambda c: self._gcs.json_request(c, "POST", url, body=body))
-
-    async def abort(self) -> None:
-        if self._st.state == "committed":
-            return
-        await self._abort()
-
-    async def _abort(self) -> None:
-        first = self._st.state != "aborted"
-        self._st.state = "aborted"
-        self._buf = None
-        if first:
-            await self._drop_temps()
 
     async def _drop_temps(self) -> None:
         """Delete this upload's temporary objects; best effort (logged; abort_incomplete_uploads() finds leftovers)."""

@@ -7,7 +7,8 @@
 - `loops`: one client per running event loop, created lazily, closed per loop.
 - `reads`: parallel ranged reads straight into the caller's buffer, each range resumed after a
   cut body from the first byte not yet received, pinned to the first response's version.
-- `writers`: the state every streaming writer shares (open / committed / aborted / failed).
+- `writers`: `PartWriter`, the part upload / commit / abort flow every backend's writer shares, and
+  its state (open / committed / aborted / failed).
 - `config`: `ObjectStoreConfig`, the options every backend takes (parts, reads, listings, retries,
   timeouts) checked once, and `parse_bucket_uri`.
 - `prefixed`: `PrefixedStore`, the key mapping and read flow every backend shares above its
@@ -22,6 +23,6 @@ from .prefixed import PrefixedStore
 from .reads import GetRange, Progress, read_ranges, resumable_fetch
 from .retry import RetryPolicy, retrying
 from .timeouts import timed
-from .writers import WriterState, buffer_part, checked_part
+from .writers import PartWriter, WriterState, buffer_part, checked_part
 
-__all__ = ["GetRange", "ObjectStoreConfig", "PerLoop", "PrefixedStore", "Progress", "RetryPolicy", "WriterState", "buffer_part", "checked_part", "parse_bucket_uri", "read_ranges", "resumable_fetch", "retrying", "timed"]
+__all__ = ["GetRange", "ObjectStoreConfig", "PartWriter", "PerLoop", "PrefixedStore", "Progress", "RetryPolicy", "WriterState", "buffer_part", "checked_part", "parse_bucket_uri", "read_ranges", "resumable_fetch", "retrying", "timed"]

@@ -9,15 +9,15 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from ...errors import PermanentStorageError
-from ..objectstore import WriterState, buffer_part, checked_part
+from ...errors import CheckpointError
+from ..objectstore import PartWriter
 from .client import S3Client, b64_crc32c
 from .errors import CALL_ERRORS, error_code, is_transient
 
 __all__ = ["S3Writer"]
 
 
-class S3Writer:
+class S3Writer(PartWriter):
     """A multipart upload (or one buffered PUT for small objects); nothing is visible before `commit`.
 
     open --write_part--> open (parts uploaded; the upload is created by the first part)
@@ -25,44 +25,34 @@ class S3Writer:
     open --abort / a failed part--> aborted (AbortMultipartUpload; once more if a part lands after it)
     """
 
+    service = "S3"
+
     def __init__(self, s3: S3Client, full: str, single_size: int | None) -> None:
+        super().__init__(s3.where(full), single_size)
         self._s3 = s3
         self._full = full
-        self._where = s3.where(full)
-        self._buf: bytearray | None = bytearray(single_size) if single_size is not None else None
-        self._end = 0
         self._upload_id: str | None = None
         self._checksum = s3.checksum  # fixed per upload once it is created
         self._create_lock: asyncio.Lock | None = None
         self._parts: dict[int, dict[str, Any]] = {}
         self._sizes: dict[int, int] = {}
-        self._inflight = 0
-        self._st = WriterState(self._where)
 
-    def __repr__(self) -> str:
-        return f"<S3 writer {self._where} {self._st.state}>"
+    def _error(self, op: str, exc: Exception) -> CheckpointError:
+        return self._s3.error(op, self._full, exc)
 
-    async def write_part(self, index: int, offset: int, data: memoryview, *, crc32c: int | None = None) -> None:
-        view = checked_part(self._st, index, data)
-        if self._buf is not None:
-            self._end = buffer_part(self._buf, self._end, offset, view)
-            return
-        self._inflight += 1
-        try:
-            await self._upload_part(index + 1, view, crc32c)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            err = self._s3.error(f"upload part {index + 1} of", self._full, exc)
-            self._st.fail(err)
-            raise err from exc
-        finally:
-            self._inflight -= 1
-            if self._st.failed is not None and self._st.state == "open":
-                await self._abort()
-            elif self._st.state == "aborted" and self._inflight == 0 and self._upload_id is not None:
-                # A part that was in flight during abort may have landed after it: abort once more.
-                await self._s3.abort_upload(self._full, self._upload_id, quiet=True)
+    async def _send_part(self, index: int, view: memoryview, crc32c: int | None) -> None:
+        await self._upload_part(index + 1, view, crc32c)
+
+    async def _put_whole(self, body: memoryview) -> None:
+        await self._s3.put_object(self._full, bytes(body))
+
+    async def _landed_after_abort(self) -> None:
+        if self._upload_id is not None:  # a part in flight during abort may have landed after it: abort once more
+            await self._s3.abort_upload(self._full, self._upload_id, quiet=True)
+
+    async def _discard(self, first: bool) -> None:
+        if self._upload_id is not None and (first or self._inflight):
+            await self._s3.abort_upload(self._full, self._upload_id, quiet=True)
 
     async def _ensure_upload(self) -> str:
         if self._upload_id is not None:
@@ -110,35 +100,8 @@ class S3Writer:
         self._parts[number] = part
         self._sizes[number] = len(body)
 
-    async def commit(self) -> None:
-        self._st.check_open("commit")
-        try:
-            if self._buf is not None:
-                await self._s3.put_object(self._full, bytes(memoryview(self._buf)[: self._end]))
-            elif self._upload_id is None:
-                await self._s3.put_object(self._full, b"")  # nothing was written: an empty object
-            else:
-                await self._complete()
-        except asyncio.CancelledError:
-            await self._abort()
-            raise
-        except Exception as exc:
-            err = self._s3.error("commit", self._full, exc)
-            self._st.fail(err)
-            await self._abort()
-            raise err from exc
-        self._st.state = "committed"
-        self._buf = None
-
-    async def _complete(self) -> None:
-        if self._inflight:
-            raise PermanentStorageError(
-                f"commit {self._where}: {self._inflight} part(s) still uploading; await them first"
-            )
-        numbers = sorted(self._parts)
-        if numbers != list(range(1, len(numbers) + 1)):
-            missing = sorted(set(range(1, (numbers[-1] if numbers else 0) + 1)) - set(numbers))
-            raise PermanentStorageError(f"commit {self._where}: parts {missing[:10]} were never written")
+    async def _assemble(self, indices: list[int]) -> None:
+        numbers = [i + 1 for i in indices]
         parts = [self._parts[i] for i in numbers]
         total = sum(self._sizes.values())
         s3 = self._s3
@@ -195,15 +158,3 @@ class S3Writer:
             expect = hashlib.md5(b"".join(bytes.fromhex(d) for d in digests)).hexdigest()
             return etag == f"{expect}-{len(parts)}"
         return True
-
-    async def abort(self) -> None:
-        if self._st.state == "committed":
-            return
-        await self._abort()
-
-    async def _abort(self) -> None:
-        first = self._st.state != "aborted"
-        self._st.state = "aborted"
-        self._buf = None
-        if self._upload_id is not None and (first or self._inflight):
-            await self._s3.abort_upload(self._full, self._upload_id, quiet=True)
