@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
+from ..dcp._format import DCP_KIND
 from ..errors import CheckpointError, CheckpointNotFoundError, FormatError, IntegrityError
 from ..format import CommitRecord, ManifestRef, checksum
 from ..storage import Storage, join_key
@@ -21,7 +22,7 @@ _PIECE = 16 << 20  # an item is read and checked in pieces of this size (items m
 
 
 class DcpKind(CheckpointKind):
-    name: ClassVar[str] = "dcp"
+    name: ClassVar[str] = DCP_KIND
     reader: ClassVar[str] = ("load it with torch.distributed.checkpoint.load or asyncckpt.dcp.AsyncStorageReader; "
                              "`asyncckpt verify` checks it")
 
