@@ -45,6 +45,7 @@ from .format import (
     read_entries,
     resolve_reference,
 )
+from .kinds.base import RecordProbe, kind_named, kind_of
 from .storage import Storage, join_key
 
 __all__ = [
@@ -429,29 +430,25 @@ async def drop_other_generations(storage: Storage, name: str, record: CommitReco
     """
     keep: set[str] = set()
     keep_manifests = {join_key(name, ref.file) for ref in record.manifests}
-    prefixes = {name}
     for ref in record.manifests:
         keep.add(join_key(name, ref.file))
         gen = manifest_file_rank(ref.file)
         keep.add(join_key(name, data_file(ref.rank, gen[1] if gen else 0)))
     try:
-        if record.kind == "asyncckpt":
-            for ref in record.manifests:
-                m = await read_manifest(storage, name, ref.rank, ref)
-                keep.add(m.data_file)
-                prefixes.add(m.data_file.rpartition("/")[0])
+        kind = kind_of(record, f"{storage.uri}/{name}")
+        new = await kind.generation_files(storage, name, record)
+        if new.problems:
+            raise IntegrityError("; ".join(new.problems))
+        keep.update(new.keys)
+        prefixes = {name} | {k.rpartition("/")[0] for k in new.keys}
         doomed: list[str] = []
         refs = False
-        if old is not None and old.kind == "asyncckpt":
-            for ref in old.manifests:
-                if join_key(name, ref.file) in keep:
-                    continue
-                try:
-                    m = await read_manifest(storage, name, ref.rank, ref)
-                except CheckpointError:
-                    continue
-                doomed.append(m.data_file)
-                refs = refs or REFS in m.features
+        # the replaced generation's files, as its own records name them (only a record of the same kind:
+        # another kind's files are not this kind's to remove)
+        if old is not None and kind_named(old.kind) is kind:
+            gone = await kind.generation_files(storage, name, old)
+            doomed += [k for k in gone.keys if k not in keep]
+            refs = gone.shared
         retired = False
         for prefix in sorted(prefixes):
             for key in await storage.list(prefix):
@@ -575,6 +572,11 @@ async def list_all(storage: Storage, *, check: bool = False) -> list[CheckpointI
         except CheckpointError as exc:
             out.append(CheckpointInfo(name, path, None, 0.0, 0, False, problem=str(exc)))
             continue
+        try:
+            kind_of(rec, path)
+            problem = ""
+        except FormatError as exc:  # a kind this version cannot read: never listed as loadable
+            problem = str(exc)
         out.append(
             CheckpointInfo(
                 name,
@@ -582,7 +584,8 @@ async def list_all(storage: Storage, *, check: bool = False) -> list[CheckpointI
                 rec.step,
                 rec.created,
                 rec.total_nbytes,
-                True,
+                not problem,
+                problem=problem,
                 logical_nbytes=rec.logical_nbytes if isinstance(rec.logical_nbytes, int) else rec.total_nbytes,
                 world_size=rec.world_size,
                 kind=rec.kind,
@@ -614,63 +617,11 @@ async def check_checkpoint(storage: Storage, name: str, *, sem: asyncio.Semaphor
     DCP ``.metadata`` the size its index gives). A changed byte inside a data file passes these;
     ``asyncckpt verify`` reads every chunk and finds it. Returns what failed.
     """
-    sem = sem or asyncio.Semaphore(_CHECK_CONCURRENCY)
-
-    async def size_of(key: str) -> int | None:
-        async with sem:
-            try:
-                return await storage.size(key)
-            except CheckpointNotFoundError:
-                return None
-
-    def wrong(key: str, size: int | None, want: int, what: str) -> str:
-        if size is None:
-            return f"{storage.uri}/{key} is missing"
-        if size == want:
-            return ""
-        return (f"{storage.uri}/{key} is {size} bytes, {what} says {want} "
-                f"({'truncated' if size < want else 'extended'})")
-
-    async def native_rank(ref: ManifestRef) -> str:
-        async with sem:
-            m = await read_manifest(storage, name, ref.rank, ref)
-        return wrong(m.data_file, await size_of(m.data_file), ChunkGeometry.of(m).stored_nbytes,
-                     f"the manifest of rank {m.rank}")
-
-    async def dcp_rank(ref: ManifestRef) -> str:
-        from .dcp._format import decode_rank_record
-
-        key = join_key(name, ref.file)
-        async with sem:
-            blob = await storage.read(key)
-        if len(blob) != ref.nbytes or checksum(blob) != ref.checksum:
-            return f"{storage.uri}/{key}: checksum record of rank {ref.rank} does not match its commit record"
-        rec = decode_rank_record(blob, f"{storage.uri}/{key}")
-        for f in rec.files:
-            problem = wrong(join_key(name, f.name), await size_of(join_key(name, f.name)), f.nbytes,
-                            f"the checksum record of rank {ref.rank}")
-            if problem:
-                return problem
-        return ""
-
-    async def dcp_metadata(generation: int) -> str:
-        from .dcp._format import decode_index, index_file, metadata_file
-
-        key = join_key(name, index_file(generation))
-        async with sem:
-            index = decode_index(await storage.read(key), f"{storage.uri}/{key}")
-        md = join_key(name, metadata_file(generation))
-        return wrong(md, await size_of(md), index.metadata_nbytes, index_file(generation))
-
+    probe = RecordProbe(storage, sem or asyncio.Semaphore(_CHECK_CONCURRENCY))
     try:
-        async with sem:
+        async with probe.sem:
             rec = await read_commit(storage, name)
-        if rec.kind == "asyncckpt":
-            jobs = [native_rank(ref) for ref in rec.manifests]
-        elif rec.kind == "dcp":
-            jobs = [dcp_metadata(rec.generation), *(dcp_rank(ref) for ref in rec.manifests)]
-        else:
-            return f"unknown checkpoint kind {rec.kind!r}"
+        jobs = kind_of(rec, f"{storage.uri.rstrip('/')}/{name}").checks(storage, name, rec, probe)
     except (CheckpointNotFoundError, FormatError, IntegrityError) as exc:
         return str(exc)
     bad: list[str] = []

@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 import uuid
-import zipfile
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -32,10 +31,8 @@ from ._loop import run_sync
 from .catalog import (
     CheckpointInfo,
     read_latest,
-    read_manifest,
     read_references,
     referenced_nbytes,
-    verify_references,
 )
 from .deletion import DeleteReport, delete_async
 from .errors import (
@@ -64,11 +61,11 @@ from .format import (
     refs,
     safetensors_dtype,
     stored_entries,
-    verify_rank,
 )
 from .keypath import format_key, format_path, parse_path
+from .kinds import CheckpointKind, FileKind, kind_of, kind_of_file
 from .listing import list_checkpoints_async
-from .locate import describe_local, is_missing_bucket, local_path, locate, torch_save_format
+from .locate import describe_local, is_missing_bucket, local_path, locate
 from .logs import enable_logging
 from .manager import RESERVED_KEY
 from .preemption import request_pause
@@ -180,30 +177,16 @@ def _resolve(path: str, args: argparse.Namespace) -> _Ckpt:
     return _Ckpt(found.storage, found.name, found.record)
 
 
-def _only_asyncckpt(ck: _Ckpt, verb: str) -> None:
-    if ck.rec.kind != "asyncckpt":
-        raise BadInputError(
-            f"{ck.path} is a {ck.rec.kind!r} checkpoint; `asyncckpt {verb}` reads asyncckpt-format checkpoints "
-            f"(load it with torch.distributed.checkpoint / asyncckpt.dcp)"
-        )
+def _kind(ck: _Ckpt) -> CheckpointKind:
+    """The handler of ``ck``'s kind (FormatError naming the kind when this version has none)."""
+    return kind_of(ck.rec, ck.path)
 
 
-def _torch_save_file(path: str) -> tuple[Path, str] | None:
-    """(path, "zip" | "legacy") when ``path`` is a local file torch.save wrote."""
+def _file_kind(path: str) -> tuple[Path, FileKind, str] | None:
+    """(path, handler, variant) when ``path`` is a local file of a file kind (a torch.save file)."""
     lp = local_path(path)
-    if lp is None or not lp.is_file():
-        return None
-    fmt = torch_save_format(lp)
-    return (lp, fmt) if fmt is not None else None
-
-
-def _torch_load(p: Path, fmt: str) -> Any:
-    """``torch.load`` with ``weights_only=True`` (never arbitrary unpickling), memory-mapped when possible."""
-    try:
-        return torch.load(p, weights_only=True, map_location="cpu", mmap=fmt == "zip")
-    except Exception as exc:  # torch raises many kinds; each becomes one clear error
-        raise _Failed(f"{p}: torch.load(path, weights_only=True) cannot read it: {type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    found = kind_of_file(lp) if lp is not None else None
+    return (lp, *found) if lp is not None and found is not None else None
 
 
 class _Failed(CheckpointError):
@@ -353,32 +336,32 @@ def _json_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k != "shown"} for r in rows]
 
 
-def _inspect_torch_save(p: Path, fmt: str, args: argparse.Namespace) -> int:
-    obj = _torch_load(p, fmt)
+def _inspect_file(p: Path, kind: FileKind, fmt: str, args: argparse.Namespace) -> int:
+    obj = kind.load_file(p, fmt)  # never unpickles arbitrary classes
     rows: list[dict[str, Any]] = []
     _object_rows(obj, [], rows)
     size = p.stat().st_size
     if args.json:
-        json.dump({"path": str(p), "format": f"torch.save ({fmt})", "nbytes": size, "keys": _json_rows(rows)},
+        json.dump({"path": str(p), "format": f"{kind.name} ({fmt})", "nbytes": size, "keys": _json_rows(rows)},
                   sys.stdout, indent=2)
         print()
         return 0
     con = _console()
-    con.print(_text(f"{p}: a torch.save file ({fmt} format, {_size(size)}), read with torch.load(weights_only=True)"))
+    con.print(_text(f"{p}: a {kind.name} file ({fmt} format, {_size(size)}), read with torch.load(weights_only=True)"))
     con.print(_key_table(f"values ({len(rows)})", rows))
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    pt = _torch_save_file(args.ckpt)
+    pt = _file_kind(args.ckpt)
     if pt is not None:
-        return _inspect_torch_save(*pt, args)
+        return _inspect_file(*pt, args)
     ck = _resolve(args.ckpt, args)
     try:
-        _only_asyncckpt(ck, "inspect")
-        if not 0 <= args.rank < ck.rec.world_size:
-            raise BadInputError(f"{ck.path} has ranks 0..{ck.rec.world_size - 1}, not {args.rank}")
-        manifests = [run_sync(read_manifest(ck.storage, ck.name, ref.rank, ref)) for ref in ck.rec.manifests]
+        kind = _kind(ck)
+        first = run_sync(kind.rank_manifest(ck.storage, ck.name, ck.rec, args.rank, "inspect"))
+        manifests = [first if r == args.rank else run_sync(kind.rank_manifest(ck.storage, ck.name, ck.rec, r, "inspect"))
+                     for r in range(ck.rec.world_size)]
         latest = run_sync(read_latest(ck.storage))
     finally:
         run_sync(ck.storage.close())
@@ -446,31 +429,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 # -- verify -------------------------------------------------------------------------------------
-def _verify_torch_save(p: Path, fmt: str) -> int:
+def _verify_file(p: Path, kind: FileKind, fmt: str) -> int:
     t0 = time.perf_counter()
-    size = p.stat().st_size
-    records = 0
-    if fmt == "zip":
-        try:
-            with zipfile.ZipFile(p) as z:
-                records = len(z.infolist())
-                bad = z.testzip()  # reads every record and checks its CRC-32
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            print(f"FAILED {p}: a torch.save (zip) file whose archive cannot be read: {exc}")
-            return 1
-        if bad is not None:
-            print(f"FAILED {p}: a torch.save (zip) file; record {bad!r} fails its CRC-32 (the bytes changed "
-                  "after torch.save wrote them)")
-            return 1
-    try:
-        _torch_load(p, fmt)
-    except _Failed as exc:
-        print(f"FAILED {exc}")
+    report = kind.verify_file(p, fmt)
+    if report.problems:
+        print(f"FAILED {'; '.join(report.problems)}")
         return 1
-    checked = (f"{records} records, every CRC-32 matches, " if fmt == "zip"
-               else "legacy format, which holds no checksums to check; ")
-    print(f"OK {p}: a torch.save file ({fmt}, {_size(size)}): {checked}torch.load(path, weights_only=True) reads it "
-          f"({time.perf_counter() - t0:.2f} s)")
+    print(f"OK {p}: {report.summary} ({time.perf_counter() - t0:.2f} s)")
     return 0
 
 
@@ -491,35 +456,22 @@ def _each(args: argparse.Namespace, path: str, fn: Any) -> int:
 
 
 def _verify_one(path: str, args: argparse.Namespace) -> int:
-    pt = _torch_save_file(path)
+    pt = _file_kind(path)
     if pt is not None:
-        return _verify_torch_save(*pt)
+        return _verify_file(*pt)
     ck = _resolve(path, args)
     t0 = time.perf_counter()
-    problems: list[str] = []
-    checked = files = 0
     try:
-        _only_asyncckpt(ck, "verify")
-        manifests: list[RankManifest] = []
-        for ref in ck.rec.manifests:
-            try:
-                manifests.append(run_sync(read_manifest(ck.storage, ck.name, ref.rank, ref)))
-                files += 1
-            except CheckpointError as exc:
-                problems.append(str(exc))
-        total = sum(m.data_nbytes + referenced_nbytes(m) for m in manifests)
-        with _progress(args, total, f"verify {ck.name}") as bar:
-            for m in manifests:
-                n, probs = run_sync(verify_rank(ck.storage, m, bar.update))
-                checked += n
-                files += 1
-                problems += probs
-                n, probs = run_sync(verify_references(ck.storage, m, bar.update))  # bytes stored by reference
-                checked += n
-                files += len(m.refs)
-                problems += probs
+        kind = _kind(ck)
+        with _progress(args, None, f"verify {ck.name}") as bar:
+            def total(n: int) -> None:
+                bar.total = n
+                bar.refresh()
+
+            report = run_sync(kind.verify(ck.storage, ck.name, ck.rec, bar.update, total))
     finally:
         run_sync(ck.storage.close())
+    problems, checked, files = report.problems, report.checked, report.files
     dt = time.perf_counter() - t0
     rate = f"{_size(int(checked / dt)) if dt > 0 else '-'}/s"
     if problems:
@@ -757,15 +709,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     ck = _resolve(args.ckpt, args)
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        _only_asyncckpt(ck, "export")
+        kind = _kind(ck)
         rank = args.rank
         if rank is None:
-            if ck.rec.world_size != 1:
+            if ck.rec.world_size != 1 and kind.has_rank_manifests:
                 raise BadInputError(f"{ck.path} was saved by {ck.rec.world_size} ranks; pass --rank")
             rank = 0
-        if not 0 <= rank < ck.rec.world_size:
-            raise BadInputError(f"{ck.path} has ranks 0..{ck.rec.world_size - 1}, not {rank}")
-        m = run_sync(read_manifest(ck.storage, ck.name, rank, ck.rec.manifests[rank]))
+        m = run_sync(kind.rank_manifest(ck.storage, ck.name, ck.rec, rank, "export"))
         node = _select(m.tree, args.key, args.all)
         t0 = time.perf_counter()
         if fmt == "safetensors":

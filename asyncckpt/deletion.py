@@ -10,8 +10,11 @@ A name under a root is deleted only when one of its records proves it is a check
 
 Then exactly these keys go: the names the format reserves directly under ``NAME/`` (``COMMIT``,
 ``rank-NNNNN.manifest``/``.data``, ``.metadata``, ``.checksums``, ``__R.checksums``,
-``__R_I.distcp`` and their temp files) and each rank's data file where its manifest, or the
-key layout recorded in COMMIT, puts it (``HH/NAME/rank-NNNNN.data`` for a spread layout).
+``__R_I.distcp`` and their temp files), each rank's data file where its manifest, or the
+key layout recorded in COMMIT, puts it (``HH/NAME/rank-NNNNN.data`` for a spread layout), and
+the keys under ``NAME/`` that the committed generation's own records name (the handler of its
+kind lists them: :meth:`asyncckpt.kinds.CheckpointKind.generation_files`). A COMMIT of a kind this
+version has no handler for is refused (DeleteRefusedError): nothing says which files it owns.
 Anything else under ``NAME/`` (a user's ``notes.txt``) stays. A ``NAME`` that is a symbolic link
 (inside the root) to a checkpoint is an alias: only the link is removed. Order: ``COMMIT`` first, then
 DCP's ``.metadata`` (both commit points: the checkpoint is never seen complete and half
@@ -62,6 +65,7 @@ from .format import (
     data_file_rank,
     manifest_file_rank,
 )
+from .kinds.base import CheckpointKind, kind_of
 from .locate import describe_local, is_missing_bucket, local_path
 from .storage import AbortsIncompleteUploads, LocalStorage, Storage, join_key, open_storage, split_uri
 from .storage.layouts import data_prefix
@@ -96,7 +100,7 @@ class DeleteReport:
     """What :func:`delete` removed (keys relative to the root)."""
 
     path: str  #: the checkpoint's path (``ROOT/NAME``)
-    kind: str  #: ``"asyncckpt"``, ``"dcp"`` (asyncckpt's DCP writer) or ``"dcp (stock)"``
+    kind: str  #: the COMMIT's kind (``"asyncckpt"``, ``"dcp"``: asyncckpt's DCP writer), or ``"dcp (stock)"``
     complete: bool  #: it had a valid COMMIT (or, stock DCP, a readable ``.metadata``)
     deleted: list[str] = field(default_factory=list)  #: keys removed, in the order removed
     kept: list[str] = field(default_factory=list)  #: keys under ``NAME/`` that were not the checkpoint's
@@ -202,11 +206,18 @@ async def _examine(storage: Storage, name: str) -> _Plan | str:
     temps = _local_temps(storage, name)
     problems: list[str] = []
     rec: CommitRecord | None = None
+    kind: CheckpointKind | None = None
     if COMMIT_FILE in direct:
         try:
             rec = await read_commit(storage, name)
         except (FormatError, IntegrityError) as exc:
             problems.append(str(exc))
+    if rec is not None:
+        try:
+            kind = kind_of(rec, f"{storage.uri.rstrip('/')}/{name}")
+        except FormatError as exc:  # its handler would say which files it owns: none here to ask
+            raise DeleteRefusedError(f"{exc}. Nothing was deleted: this asyncckpt cannot tell which files a "
+                                     f"{rec.kind!r} checkpoint owns") from exc
     manifests: dict[str, RankManifest] = {}  # by file name: a rank may have several generations
     for fname in sorted(direct):
         got = manifest_file_rank(fname)
@@ -220,11 +231,11 @@ async def _examine(storage: Storage, name: str) -> _Plan | str:
     if rec is None and not manifests and not dcp_ours and not dcp_stock and not temps:
         return await _why_not(storage, name, problems)
 
-    native = (rec is not None and rec.kind == "asyncckpt") or bool(manifests) or any(
+    native = (kind is not None and kind.has_rank_manifests) or bool(manifests) or any(
         _MANIFEST.fullmatch(f) or _DATA.fullmatch(f) for f in direct)
-    kind = rec.kind if rec is not None else ("asyncckpt" if native else "dcp" if dcp_ours else "dcp (stock)")
+    label = kind.name if kind is not None else ("asyncckpt" if native else "dcp" if dcp_ours else "dcp (stock)")
     complete = rec is not None or (dcp_stock and not native and not dcp_ours)
-    plan = _Plan(kind=kind, complete=complete, notes=[f"damaged record: {p}" for p in problems])
+    plan = _Plan(kind=label, complete=complete, notes=[f"damaged record: {p}" for p in problems])
     if COMMIT_FILE in direct:
         plan.commit.append(join_key(name, COMMIT_FILE))
     if _DCP_METADATA in direct:
@@ -247,8 +258,19 @@ async def _examine(storage: Storage, name: str) -> _Plan | str:
         else:
             plan.notes.append(f"the manifest of rank {m.rank} names {m.data_file!r} as its data file, which is not "
                               "this checkpoint's key; left in place")
+    if kind is not None and rec is not None:  # what the committed generation's own records name
+        named = set(plan.order())
+        try:
+            own = (await kind.generation_files(storage, name, rec)).keys
+        except CheckpointError as exc:
+            own = []
+            plan.notes.append(f"the committed records cannot all be read ({exc}); files only they name are left")
+        for key in own:
+            head, _, fname = key.rpartition("/")
+            if key not in named and ((head == name and fname != COMMIT_FILE) or _data_key_ok(key, name)):
+                plan.data.append(key)
     # Ranks without a readable manifest: their data file is where the recorded key layout puts it.
-    layout = (rec.layout, rec.step, rec.world_size, rec.generation) if rec is not None and rec.kind == "asyncckpt" else None
+    layout = kind.data_layout(rec) if kind is not None and rec is not None else None
     if layout is None and manifests:
         first = next(iter(manifests.values()))
         layout = (first.layout, first.step, first.world_size, 0)

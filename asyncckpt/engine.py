@@ -42,6 +42,7 @@ from .format import (
     plan_references,
 )
 from .format.compression import encode_chunk
+from .kinds.base import kind_named
 from .storage import Storage, join_key
 from .storage.base import ObjectWriter
 
@@ -171,7 +172,8 @@ async def base_manifest(storage: Storage, job: SaveJob) -> tuple[RankManifest, R
         return None
     try:
         rec = await read_commit(storage, job.base)
-        if rec.kind != "asyncckpt" or not 0 <= job.rank < rec.world_size:
+        kind = kind_named(rec.kind)
+        if kind is None or not kind.has_rank_manifests or not 0 <= job.rank < rec.world_size:
             return None
         ref = rec.manifests[job.rank]
         m = await read_manifest(storage, job.base, job.rank, ref)

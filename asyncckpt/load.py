@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ._loop import run_sync
-from .catalog import read_latest, read_manifest, read_references
+from .catalog import read_latest, read_references
 from .errors import BadInputError, CheckpointError, CheckpointNotFoundError, IntegrityError, StorageError
 from .format import (
     SAME_SIZE_INT,
@@ -25,21 +25,14 @@ from .format import (
     select_keys,
     stored_entries,
 )
-from .locate import Located, locate
+from .kinds.base import kind_of, kind_of_file
+from .locate import Located, local_path, locate
 from .storage import Storage
 from .tiers import TieredPath, Tiers
 
 _log = logging.getLogger("asyncckpt")
 
 __all__ = ["build_tree", "entry_values", "load", "load_async", "read_rank", "select_keys", "stored_entries"]
-
-
-def _current_rank() -> int | None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return None
 
 
 async def read_rank(storage: Storage, m: RankManifest, *, allow_pickle: bool = False,
@@ -271,6 +264,9 @@ async def load_async(
     """Async core of :func:`load` (no ``into``/``map_location``)."""
     if isinstance(path, (Tiers, TieredPath)):
         return await _load_tiered(path, rank, allow_pickle, keys)
+    is_file, state = _load_file(path, rank, allow_pickle, keys)
+    if is_file:
+        return state
     for attempt in range(_SWITCH_RETRIES + 1):
         found = await locate(path, storage_options=storage_options)
         try:
@@ -301,21 +297,30 @@ async def _replaced(path: str | os.PathLike[str], storage_options: dict[str, Any
 
 async def _read_located(found: Located, rank: int | None, allow_pickle: bool,
                         keys: Collection[str | int] | None) -> Any:
-    storage, name, rec = found.storage, found.name, found.record
-    if rec.kind != "asyncckpt":
-        raise BadInputError(f"{storage.uri}/{name} is a {rec.kind} checkpoint; load it with its own reader")
-    if rank is None:
-        rank = _current_rank()
-        if rank is None:
-            if rec.world_size != 1:
-                raise BadInputError(
-                    f"{storage.uri}/{name} was saved by {rec.world_size} ranks; pass rank= to choose one"
-                )
-            rank = 0
-    if not 0 <= rank < rec.world_size:
-        raise BadInputError(f"{storage.uri}/{name} has ranks 0..{rec.world_size - 1}, not {rank}")
-    m = await read_manifest(storage, name, rank, rec.manifests[rank])
-    return await read_rank(storage, m, allow_pickle=allow_pickle, keys=keys)
+    kind = kind_of(found.record, found.path)  # the handler of the record's kind loads it
+    return await kind.load(found.storage, found.name, found.record, rank=rank, allow_pickle=allow_pickle, keys=keys)
+
+
+def _load_file(path: str | os.PathLike[str], rank: int | None, allow_pickle: bool,
+               keys: Collection[str | int] | None) -> tuple[bool, Any]:
+    """(True, its state) when ``path`` is a local file of a file kind (a torch.save file), else (False, None)."""
+    lp = local_path(path)
+    found = kind_of_file(lp) if lp is not None else None
+    if lp is None or found is None:
+        return False, None
+    kind, variant = found
+    if rank not in (None, 0):
+        raise BadInputError(f"{lp} is a {kind.name} file, which holds one state; rank={rank} does not apply")
+    state = kind.load_file(lp, variant, allow_pickle=allow_pickle)
+    if keys is not None:
+        if not isinstance(state, Mapping):
+            raise BadInputError(f"{lp}: keys={list(keys)!r} selects top-level keys, but the file holds a "
+                                f"{type(state).__name__}")
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise BadInputError(f"{lp}: keys {missing!r} are not in the file (it has {list(state)[:20]!r})")
+        state = {k: state[k] for k in keys}
+    return True, state
 
 
 def load(
@@ -333,9 +338,11 @@ def load(
 
     ``path`` is a checkpoint (``dir/step-100``, ``s3://bucket/run/step-100``, ``tiers / "step-100"``)
     or a root (a directory, ``s3://bucket/run``, a :class:`~asyncckpt.Tiers`), meaning the
-    checkpoint its ``latest`` points to. ``keys=["model"]`` reads only those top-level keys (and
-    only the chunks holding them). ``map_location`` moves tensors to a device. Pickled objects
-    load only with ``allow_pickle=True``.
+    checkpoint its ``latest`` points to, or a local file written by ``torch.save`` (read with
+    ``torch.load(weights_only=True)``). The handler of the checkpoint's kind reads it
+    (:mod:`asyncckpt.kinds`); a DCP checkpoint is refused, naming its reader. ``keys=["model"]``
+    reads only those top-level keys (and only the chunks holding them). ``map_location`` moves
+    tensors to a device. Pickled objects load only with ``allow_pickle=True``.
 
     ``into`` restores in place and is returned: a mapping (or a single object) whose values may
     be objects with ``load_state_dict`` (modules, optimizers, LR schedulers: a fresh optimizer

@@ -89,7 +89,7 @@ def describe_local(p: Path) -> str:
         fmt = torch_save_format(p)
         if fmt is not None:
             what += (f", written by torch.save ({'zip' if fmt == 'zip' else 'legacy'} format): torch.load(path, "
-                     "weights_only=True) reads it, and `asyncckpt inspect`/`verify` accept it")
+                     "weights_only=True) reads it, and asyncckpt.load, `asyncckpt inspect`/`verify` accept it")
         return what
     if p.is_dir():
         files: list[str] = []

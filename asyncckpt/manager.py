@@ -30,6 +30,7 @@ from ._loop import run_sync
 from .catalog import CheckpointInfo, read_latest
 from .checkpointer import AsyncCheckpointer, SaveHandle, check_when_full
 from .errors import BadInputError, CheckpointError, CheckpointNotFoundError, IntegrityError, TornSnapshotError
+from .kinds.base import kind_named
 from .listing import list_checkpoints_async
 from .load import load_async
 from .logs import log_event
@@ -55,6 +56,12 @@ class _Pending:
     t_start: float  # manager clock at save()
     wall_start: float
     reason: str  # "steps", "time", "explicit", "SIGTERM", "pause", ...
+
+
+def _restorable(kind: str) -> bool:
+    """A checkpoint of ``kind`` loads into a manager's state (its ranks have asyncckpt manifests)."""
+    handler = kind_named(kind)
+    return handler is not None and handler.has_rank_manifests
 
 
 def _check_name_format(fmt: str) -> None:
@@ -524,7 +531,7 @@ class CheckpointManager:
 
     # -- restoring -------------------------------------------------------------------------------
     def _candidates(self, step: int | None) -> list[CheckpointInfo]:
-        complete = [i for i in self._list() if i.kind == "asyncckpt"]
+        complete = [i for i in self._list() if _restorable(i.kind)]
         if step is not None:
             chosen = [i for i in complete if i.step == step]
             if not chosen:

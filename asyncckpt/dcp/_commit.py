@@ -35,6 +35,7 @@ from ..storage import Storage, join_key
 from ._format import (
     CHECKSUMS_FILE,
     DCP_FORMAT,
+    DCP_KIND,
     METADATA_FILE,
     IndexRecord,
     decode_rank_record,
@@ -75,7 +76,7 @@ async def committed_generation(storage: Storage, name: str) -> int | None:
         rec = decode_commit(await storage.read(key), f"{storage.uri}/{key}")
     except (CheckpointNotFoundError, FormatError, IntegrityError):
         return None
-    return rec.generation if rec.kind == "dcp" else None
+    return rec.generation if rec.kind == DCP_KIND else None
 
 
 async def next_generation(storage: Storage, name: str) -> int:
@@ -239,7 +240,7 @@ async def commit_dcp(
     total = sum(f.nbytes for f in files) + sum(r.nbytes for r in refs) + len(blob)
     commit = CommitRecord(
         format=FORMAT_NAME, version=FORMAT_VERSION, name=name, step=None, world_size=len(ranks),
-        created=time.time(), total_nbytes=total, checksum_algo=CHECKSUM_ALGO, manifests=refs, kind="dcp",
+        created=time.time(), total_nbytes=total, checksum_algo=CHECKSUM_ALGO, manifests=refs, kind=DCP_KIND,
         generation=generation,
     )
     # The switch: asyncckpt's readers follow COMMIT; the stock reader follows .metadata, replaced

@@ -44,6 +44,7 @@ __all__ = [
     "CHECKSUMS_FILE",
     "DCP_FORMAT",
     "DCP_FORMAT_VERSION",
+    "DCP_KIND",
     "METADATA_FILE",
     "FileRecord",
     "IndexRecord",
@@ -66,6 +67,7 @@ __all__ = [
     "record_version",
 ]
 
+DCP_KIND = "dcp"  # the ``kind`` of the COMMIT records this writer writes (handled by asyncckpt.kinds.dcp)
 DCP_FORMAT = "asyncckpt-dcp"
 DCP_FORMAT_VERSION = 2  # 2: items may carry stream transform descriptors (written only when they do)
 METADATA_FILE = ".metadata"

@@ -8,6 +8,9 @@
 * :mod:`.tree`: the value-tree walker;
 * :mod:`.codec`: entry bytes to values (tensor, NumPy array, pickle) and foreign dtype names.
 
+The handler per checkpoint kind (native, DCP, ``torch.save`` file) is :mod:`asyncckpt.kinds`: it
+builds on the catalog, which builds on this package.
+
 A checkpoint ``NAME`` under a root holds::
 
     NAME/rank-00000.data       the rank's chunks, CRC32C each

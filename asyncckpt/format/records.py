@@ -221,7 +221,7 @@ class CommitRecord(msgspec.Struct, frozen=True):
     checksum_algo: str
     manifests: list[ManifestRef]
     layout: str = "flat"
-    kind: str = "asyncckpt"  # "asyncckpt" or "dcp"
+    kind: str = "asyncckpt"  # which handler reads it (asyncckpt.kinds): "asyncckpt" (this format) or "dcp"
     metadata: dict[str, str] = {}
     generation: int = 0  # which file names hold this checkpoint's ranks (see manifest_file); bumped by overwrites
     # feature "refs" in a manifest: stored plus referenced bytes (absent when it equals total_nbytes)
@@ -520,7 +520,7 @@ def decode_commit(data: bytes, where: str) -> CommitRecord:
     if c.generation < 0:
         raise FormatError(f"{where}: commit record has a negative generation ({c.generation})")
     if c.world_size < 1 or len(c.manifests) != c.world_size:
-        if c.kind == "asyncckpt":
+        if c.kind == FORMAT_NAME:  # other kinds' records count ranks their own way (asyncckpt.kinds)
             raise FormatError(f"{where}: commit record lists {len(c.manifests)} manifests for world size {c.world_size}")
     return c
 
