@@ -1,4 +1,5 @@
 """Lightning (``import lightning``): ``Trainer(plugins=[AsyncckptCheckpointIO()])`` or ``Fabric(plugins=[...])``.
+Sharded (FSDP2 / tensor parallel) checkpoints: ``Trainer(strategy=AsyncckptModelParallelStrategy(...))``.
 
 Importing this module imports ``lightning``; install it with ``pip install 'asyncckpt[lightning]'``.
 """

@@ -1,6 +1,8 @@
 """PyTorch Lightning (``pytorch_lightning``, ``lightning_fabric``): ``Trainer(plugins=[AsyncckptCheckpointIO()])``.
+Sharded (FSDP2 / tensor parallel) checkpoints: ``Trainer(strategy=AsyncckptModelParallelStrategy(...))``.
 
-Importing this module imports ``lightning_fabric``; install it with ``pip install "asyncckpt[pytorch-lightning]"``.
+Importing this module imports ``lightning_fabric`` and ``pytorch_lightning``; install them with
+``pip install "asyncckpt[pytorch-lightning]"``.
 """
 
 from __future__ import annotations

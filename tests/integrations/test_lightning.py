@@ -59,6 +59,17 @@ def test_pytorch_lightning_namespace_takes_the_plugin() -> None:
     assert isinstance(trainer.strategy.checkpoint_io, PLCheckpointIO)
 
 
+def test_pytorch_lightning_namespace_takes_the_sharded_strategy() -> None:
+    pl = pytest.importorskip("pytorch_lightning", reason="pytorch_lightning is not installed")
+    from asyncckpt.integrations.pytorch_lightning import AsyncckptModelParallelStrategy
+
+    strategy = AsyncckptModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
+    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    assert trainer.strategy is strategy and isinstance(strategy, pl.strategies.ModelParallelStrategy)
+    assert strategy.asyncckpt_sharded  # save_distributed_checkpoint's default
+    assert not AsyncckptModelParallelStrategy(save_distributed_checkpoint=False).asyncckpt_sharded
+
+
 def test_fabric_save_is_written_without_teardown(tmp_path: Path) -> None:
     """A Fabric script that never calls teardown(): the save still lands (finished at exit)."""
     script = textwrap.dedent(f"""
