@@ -106,11 +106,11 @@ class ShardedCheckpointMethods:
         q, self.asyncckpt_queue = self.asyncckpt_queue, None
         if q is None:
             return
+        import asyncckpt.dcp as adcp
+
         try:
             if not self.asyncckpt_abort:
                 while q.get_num_unfinalized_calls():
-                    import asyncckpt.dcp as adcp
-
                     adcp.finalize_async_saves(blocking=True, queue=q)
         finally:
             self.asyncckpt_pending.clear()
