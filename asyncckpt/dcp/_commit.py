@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..catalog import drop_stale_writes, set_latest
-from ..errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError, FormatError, IntegrityError
+from ..errors import (
+    BadInputError,
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    FormatError,
+    IntegrityError,
+)
 from ..format import (
     CHECKSUM_ALGO,
     COMMIT_FILE,
@@ -53,7 +60,7 @@ from ._format import (
 if TYPE_CHECKING:
     from ..runtime.context import WorkerContext
 
-__all__ = ["DcpCommitOp", "commit_dcp", "committed_generation", "drop_other_generations", "next_generation",
+__all__ = ["DcpCommitOp", "DcpExtraFilesOp", "check_extra_files", "commit_dcp", "committed_generation", "drop_other_generations", "next_generation",
            "prepare_target"]
 
 log = logging.getLogger("asyncckpt")
@@ -281,3 +288,39 @@ class DcpCommitOp:
         return await commit_dcp(storage, self.name, md, ranks=self.ranks, save_id=self.save_id,
                                 checkpoint_id=self.checkpoint_id, update_latest=self.update_latest,
                                 per_rank=self.per_rank)
+
+
+def check_extra_files(files: dict[str, bytes], uri: str) -> dict[str, bytes]:
+    """Validate the names of files a commit writes beside a DCP checkpoint's own (``extra_files``)."""
+    if not isinstance(files, dict):
+        raise BadInputError(f"{uri}: extra_files must be a dict of file name -> bytes, got {type(files).__name__}")
+    for fname, data in files.items():
+        if not isinstance(fname, str) or not fname or "/" in fname or fname in (".", ".."):
+            raise BadInputError(f"{uri}: extra file name {fname!r} must be one path component")
+        if fname in (METADATA_FILE, COMMIT_FILE) or is_dcp_file(fname) or fname.startswith(".g"):
+            raise BadInputError(f"{uri}: extra file name {fname!r} is one asyncckpt's DCP format reserves; pick another")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise BadInputError(f"{uri}: extra file {fname!r} must be bytes, got {type(data).__name__}")
+    return {k: bytes(v) for k, v in files.items()}
+
+
+@dataclass
+class DcpExtraFilesOp:
+    """Control-lane step after :class:`DcpCommitOp`: write small files into the checkpoint directory.
+
+    Each file is written to a temporary name, made durable and renamed over its name, so it
+    appears only once the checkpoint it belongs to is committed (and ``.metadata`` switched to
+    it), and a crash leaves either the old or the new content.
+    """
+
+    root: str
+    name: str
+    files: dict[str, bytes]
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    milestone: str | None = None
+
+    async def run(self, ctx: WorkerContext, prior: Any) -> Any:
+        storage = ctx.storage(self.root, self.storage_options)
+        for fname, data in self.files.items():
+            await storage.put_record(join_key(self.name, fname), data)
+        return prior

@@ -40,6 +40,7 @@ from ..runtime.messages import Kind
 from ..runtime.protocol import ControlOp, ControlPayload, SavePayload
 from ..snapshot import check_snapshot_mode
 from ..staging import SnapshotGuard
+from ._commit import check_extra_files
 from ._errors import DcpCheckpointException, as_checkpoint_exception
 from ._worker import DcpSink
 from .cache import CheckpointMetadataCache, global_metadata_cache
@@ -358,7 +359,7 @@ def finalize_async_saves(blocking: bool = False, *, queue: AsyncCallsQueue | Non
 
 
 def _job(plan: AsyncSavePlan, writer: AsyncStorageWriter, q: AsyncCallsQueue, world: int,
-         handle: AsyncSaveHandle) -> tuple[Job, str]:
+         handle: AsyncSaveHandle, extra: list[ControlOp] | None = None) -> tuple[Job, str]:
     dcp_job, named = writer.prepare_job(q)
     spec = dcp_job.snapshot  # travels as the payload's snapshot, not inside the job
     assert spec is not None  # prepare_job always plans one
@@ -369,14 +370,16 @@ def _job(plan: AsyncSavePlan, writer: AsyncStorageWriter, q: AsyncCallsQueue, wo
     if not plan.collective or world == 1:
         # This rank's worker commits right after its write: no trainer call, no extra stage.
         assert metadata is not None
-        then: list[ControlOp] = [writer.commit_op(metadata, world_size=plan.world_size, save_id=plan.save_id)]
+        then: list[ControlOp] = [writer.commit_op(metadata, world_size=plan.world_size, save_id=plan.save_id),
+                                 *(extra or [])]
         payload = SavePayload(DcpSink(), spec, dcp_job, dcp_job.timeout_s, then=then, guarded=True)
         return Job([Stage(Kind.SAVE, payload)], [handle._finalize], guard=guard, label=label, confirm=True), "then"
     payload = SavePayload(DcpSink(), spec, dcp_job, dcp_job.timeout_s)
 
     def commit() -> ControlPayload:  # built when every rank has written (pickles the metadata then)
         assert metadata is not None
-        return ControlPayload([writer.commit_op(metadata, world_size=plan.world_size, save_id=plan.save_id)])
+        return ControlPayload([writer.commit_op(metadata, world_size=plan.world_size, save_id=plan.save_id),
+                               *(extra or [])])
 
     stages = [Stage(Kind.SAVE, payload), Stage(Kind.CONTROL, commit, None if plan.is_coordinator else ())]
     return Job(stages, [handle._finalize], guard=guard, label=label), "stage"
@@ -394,6 +397,7 @@ def async_save(
     snapshot: Literal["auto", "blocking", "lazy"] = "auto",
     no_dist: bool = False,
     use_collectives: bool = True,
+    extra_files: dict[str, bytes] | None = None,
 ) -> AsyncSaveHandle:
     """Plan now, snapshot and write on the persistent worker, commit on the coordinator's worker.
 
@@ -401,6 +405,11 @@ def async_save(
     state, :func:`finalize_async_saves` each step (or ``handle.result()``) and
     :func:`close_async_saves` at shutdown. ``no_dist`` / ``use_collectives`` mean what they
     mean for ``dcp.save``. The call does no storage work.
+
+    ``extra_files`` (file name -> bytes) are written into the checkpoint's directory by the
+    committing worker right after the commit (``.metadata`` switched), each replaced atomically:
+    they never appear before the tensors they go with. Only the committing rank passes them
+    (the coordinator; every rank without collectives).
     """
     t0 = time.perf_counter()
     if storage_writer is None:
@@ -411,6 +420,13 @@ def async_save(
         storage_writer.reset(checkpoint_id)
     else:
         storage_writer.reset()
+    if extra_files:
+        check_extra_files(extra_files, storage_writer.uri)  # before planning: a bad name fails before any collective
+    if extra_files and use_collectives and not no_dist and dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank(process_group)
+        if rank != coordinator_rank:
+            raise BadInputError(f"{storage_writer.uri}: extra_files given on rank {rank}, which does not commit this "
+                                f"save; pass them on the coordinator (rank {coordinator_rank}) only")
     q = queue if queue is not None else default_queue(process_group)
     plan = save_state_dict_async_plan(state_dict, storage_writer, process_group, coordinator_rank, planner,
                                       no_dist=no_dist, use_collectives=use_collectives)
@@ -418,8 +434,9 @@ def async_save(
         world = plan.world_size
     else:  # every rank commits its own part; completion is still agreed by all (DCP's closing barrier)
         world = dist.get_world_size(process_group) if plan.use_dist else 1
+    extra: list[ControlOp] = [storage_writer.extra_files_op(extra_files)] if extra_files else []
     handle = AsyncSaveHandle(plan, q, 0.0, world)
-    job, _ = _job(plan, storage_writer, q, world, handle)
+    job, _ = _job(plan, storage_writer, q, world, handle, extra)
     # "auto" is blocking here: nothing is attached that would make the state's mutations wait.
     handle.call_idx = q.schedule_job(job, snapshot="lazy" if check_snapshot_mode(snapshot) == "lazy" else "blocking",
                                      world=world)

@@ -29,7 +29,15 @@ from ..plan import INLINE_MAX, tensor_bytes
 from ..queue import AsyncCallsQueue
 from ..staging import SharedRegistry, SnapshotSpec
 from ..storage import Storage, join_key, open_storage, split_uri
-from ._commit import DcpCommitOp, commit_dcp, committed_generation, next_generation, prepare_target
+from ._commit import (
+    DcpCommitOp,
+    DcpExtraFilesOp,
+    check_extra_files,
+    commit_dcp,
+    committed_generation,
+    next_generation,
+    prepare_target,
+)
 from ._format import (
     DCP_FORMAT,
     RankRecord,
@@ -488,6 +496,11 @@ class AsyncStorageWriter(StorageWriter):
             checkpoint_id=self.uri, storage_options=self.storage_options,
             update_latest=self.update_latest and per_rank is None, per_rank=per_rank,
         )
+
+    def extra_files_op(self, files: dict[str, bytes]) -> DcpExtraFilesOp:
+        """The control-lane step that writes ``files`` into this checkpoint's directory after its commit."""
+        return DcpExtraFilesOp(root=self.root, name=self.name, files=check_extra_files(files, self.uri),
+                               storage_options=self.storage_options)
 
     def commit(self, metadata: Metadata, *, world_size: int, save_id: str | None) -> Metadata:
         """Write the checkpoint's index, ``.metadata`` (its DCP commit point) and COMMIT record, here."""

@@ -16,6 +16,9 @@ interval save goes through :func:`asyncckpt.dcp.async_save` to asyncckpt's persi
   :class:`~asyncckpt.dcp.AsyncStorageReader` (checksums verified; ``verify=False``: DCP's stock
   reader).
 * The process's RNG state (Python, NumPy, torch) is saved per rank unless ``save_rng=False``.
+* ``keep_latest_k``'s purge (torchtitan's selection, on its purge thread) deletes with
+  :func:`asyncckpt.delete`: only what a folder's own records prove is a checkpoint goes, and never
+  the folder of a save still being written.
 
 Importing this module imports torchtitan; see docs/integrations.md for installing it beside an
 existing torch (``pip install --no-deps torchtitan`` plus the few packages it imports).
@@ -23,17 +26,20 @@ existing torch (``pip install --no-deps torchtitan`` plus the few packages it im
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch.distributed as dist
 
-from ..errors import BadInputError
+from ..errors import BadInputError, CheckpointError
 from .checkpoint_io import capture_rng, restore_rng
 
 try:
     from torchtitan.components.checkpointer import MODEL, AsyncMode, CheckpointManager
+    from torchtitan.components.checkpointer.base import purge_thread as purge_loop
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "asyncckpt.integrations.torchtitan needs torchtitan (>= 0.3) importable: pip install --no-deps "
@@ -41,6 +47,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 __all__ = ["RNG_STATE_KEY", "AsyncckptCheckpointManager", "RngState"]
+
+log = logging.getLogger("asyncckpt")
 
 #: Key of the RNG state in the checkpoint (one entry per rank beneath it).
 RNG_STATE_KEY = "asyncckpt_rng"
@@ -97,6 +105,39 @@ class AsyncckptCheckpointManager(CheckpointManager):
         self.verify = config.verify
         if config.save_rng:
             self.states[RNG_STATE_KEY] = RngState()
+        stock: threading.Thread | None = getattr(self, "purge_thread", None)
+        if stock is not None:  # torchtitan's thread removes with rmtree: restart it on delete_stale
+            self.purge_queue.put(None)
+            stock.join()
+            ours = threading.Thread(target=purge_loop, args=(self.purge_queue, self.delete_stale), daemon=True,
+                                    name="asyncckpt-torchtitan-purge")
+            ours.start()
+            self.purge_thread = ours
+
+    # -- retention ------------------------------------------------------------------------------
+    def delete_stale(self, path: str) -> None:
+        """Delete the step folder ``path`` that ``keep_latest_k`` retired (on torchtitan's purge thread).
+
+        :func:`asyncckpt.delete` removes only what the folder's records prove is a checkpoint
+        (complete, or a save torn by a crash) and raises for anything else, which torchtitan's
+        thread logs and skips; the folder of a save still being written is skipped here.
+        """
+        from ..dcp import AsyncSaveHandle
+        from ..deletion import delete
+
+        target = path if "://" in path else os.path.abspath(path)
+        pending = self.save_future
+        if isinstance(pending, AsyncSaveHandle) and not pending.done() and pending.checkpoint_id == target:
+            log.info("keep_latest_k: not deleting %s, its save is still being written", target)
+            return
+        report = delete(target)
+        if "://" not in target and not report.kept:
+            try:
+                os.rmdir(target)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # something appeared in it meanwhile: leave it
+                raise CheckpointError(f"deleted the checkpoint in {target} but could not remove the folder: {exc}") from exc
 
     # -- saving ---------------------------------------------------------------------------------
     def dcp_save(

@@ -59,6 +59,17 @@ def test_pytorch_lightning_namespace_takes_the_plugin() -> None:
     assert isinstance(trainer.strategy.checkpoint_io, PLCheckpointIO)
 
 
+def test_pytorch_lightning_namespace_takes_the_sharded_strategy() -> None:
+    pl = pytest.importorskip("pytorch_lightning", reason="pytorch_lightning is not installed")
+    from asyncckpt.integrations.pytorch_lightning import AsyncckptModelParallelStrategy
+
+    strategy = AsyncckptModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
+    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    assert trainer.strategy is strategy and isinstance(strategy, pl.strategies.ModelParallelStrategy)
+    assert strategy.asyncckpt_sharded  # save_distributed_checkpoint's default
+    assert not AsyncckptModelParallelStrategy(save_distributed_checkpoint=False).asyncckpt_sharded
+
+
 def test_fabric_save_is_written_without_teardown(tmp_path: Path) -> None:
     """A Fabric script that never calls teardown(): the save still lands (finished at exit)."""
     script = textwrap.dedent(f"""
@@ -122,3 +133,21 @@ def test_plugin_contract_and_rng_from_the_strategy_side(tmp_path: Path) -> None:
         assert torch.equal(torch.rand(5), expected)
     finally:
         io.teardown()
+
+
+def test_sharded_strategy_refuses_a_torn_directory_and_remote_paths_by_name(tmp_path: Path) -> None:
+    """What ``trainer.fit(ckpt_path=...)`` and ModelCheckpoint call, with no process group (Lightning's single-rank case)."""
+    from asyncckpt.errors import BadInputError, CheckpointNotFoundError
+    from asyncckpt.integrations.lightning import AsyncckptModelParallelStrategy
+
+    strategy = AsyncckptModelParallelStrategy()
+    torn = tmp_path / "last.ckpt"
+    torn.mkdir()
+    (torn / "__0_0.distcp").write_bytes(b"\0" * 64)  # a save killed before its commit: no .metadata
+    with pytest.raises(CheckpointNotFoundError, match=r"no committed DCP checkpoint.*never finished"):
+        strategy.load_checkpoint(torn)
+    with pytest.raises(BadInputError, match="local paths only"):
+        strategy.save_checkpoint({"state_dict": {}}, "s3://bucket/last.ckpt")
+    with pytest.raises(TypeError, match="storage_options"):
+        strategy.save_checkpoint({"state_dict": {}}, tmp_path / "x.ckpt", storage_options={"a": 1})
+    assert strategy.asyncckpt_queue is None  # refused before any worker was started

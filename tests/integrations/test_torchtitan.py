@@ -62,6 +62,31 @@ def test_checkpoints_load_with_stock_dcp_and_the_config_refuses_a_second_async_m
     assert AsyncckptCheckpointManager.Config(enable=True)._owner is AsyncckptCheckpointManager  # what build() makes
 
 
+def test_keep_latest_k_deletes_only_proven_checkpoints_and_never_the_save_in_flight(tmp_path: Path) -> None:
+    """torchtitan's purge picks the folders (all ``step-N`` but the newest k); asyncckpt.delete removes them."""
+    import torch.distributed.checkpoint as dcp
+
+    from asyncckpt.dcp import AsyncStorageReader
+
+    out = tmp_path / "run"
+    (out / "ckpt" / "step-1").mkdir(parents=True)
+    (out / "ckpt" / "step-1" / "notes.txt").write_text("not a checkpoint")  # matched by torchtitan's step-N pattern
+    for junk in ("step-100", "step-101"):  # sort newest: with k=2 every save of this run is "stale" at once
+        (out / "ckpt" / junk).mkdir()
+        (out / "ckpt" / junk / "x").write_text("")
+    # Saves at steps 2 and 4 (purged after each), 6 (the last step: blocking, no purge).
+    run_script("torchtitan_train.py", str(out), "--steps", "6", "--keep-latest-k", "2")
+    ckpt = out / "ckpt"
+    assert (ckpt / "step-1" / "notes.txt").read_text() == "not a checkpoint"  # refused: nothing proves it a checkpoint
+    assert not (ckpt / "step-2").exists()  # committed when step 4's save purged it: deleted, folder and all
+    assert committed_steps(ckpt) == [4, 6]  # step 4 was in flight at its own purge: skipped, then committed
+    want = final(out)["model"]
+    for step in (4, 6):
+        got = {k: torch.zeros_like(v) for k, v in want.items()}
+        dcp.load(got, storage_reader=AsyncStorageReader(ckpt / f"step-{step}"))  # every item's CRC32C checked
+    assert_same(got, want, "step-6 model")
+
+
 @pytest.mark.multiproc
 def test_two_gloo_ranks_commit_collectively_and_restore_each_ranks_rng(tmp_path: Path) -> None:
     from tests._dist import run_ranks

@@ -1,6 +1,7 @@
 """A tiny training loop driven like torchtitan's ``Trainer.train`` / ``train_step`` on CPU.
 
     python torchtitan_train.py OUT_DIR [--manager asyncckpt|stock] [--kill-at STEP] [--steps N] [--no-verify]
+        [--keep-latest-k K]
 
 torchtitan's own components build everything: the optimizer (``OptimizersContainer.Config``),
 the LR scheduler (``LRSchedulersContainer.Config``, warmup + decay) and the checkpoint manager
@@ -36,6 +37,7 @@ p.add_argument("--manager", choices=["asyncckpt", "stock"], default="asyncckpt")
 p.add_argument("--kill-at", type=int, default=-1)
 p.add_argument("--steps", type=int, default=10)
 p.add_argument("--no-verify", action="store_true")
+p.add_argument("--keep-latest-k", type=int, default=3)
 args = p.parse_args()
 os.makedirs(args.out, exist_ok=True)
 torch.set_num_threads(1)
@@ -86,7 +88,7 @@ lr_schedulers = LRSchedulersContainer.Config(warmup_steps=2).build(optimizers=op
 train_state = TrainState()
 data = Batches()
 
-common = {"enable": True, "folder": "ckpt", "interval": 2, "keep_latest_k": 3, "last_save_model_only": False,
+common = {"enable": True, "folder": "ckpt", "interval": 2, "keep_latest_k": args.keep_latest_k, "last_save_model_only": False,
           "initial_load_model_only": False}
 # The one line that selects asyncckpt (the Trainer reads it from config.checkpoint):
 checkpoint_config = (AsyncckptCheckpointManager.Config(**common, verify=not args.no_verify)

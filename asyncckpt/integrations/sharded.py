@@ -1,0 +1,244 @@
+"""The body of asyncckpt's Lightning strategies for sharded checkpoints (FSDP2 / ModelParallel), framework-free.
+
+Lightning's ``ModelParallelStrategy`` writes a sharded checkpoint itself, bypassing
+``CheckpointIO``: a DCP directory (``dcp.save`` on every rank) plus ``meta.pt`` (loop counters,
+callbacks, schedulers: ``torch.save`` on rank 0 afterwards). :class:`ShardedCheckpointMethods`
+replaces both writes:
+
+* the DCP part goes through :func:`asyncckpt.dcp.async_save` on a queue of the strategy's own:
+  ``save_checkpoint`` returns once the worker holds its copy of the tensors, the worker writes
+  and the coordinator's worker commits (one integer all-reduce at the next training batch);
+* the rest of the checkpoint (Lightning's ``meta.pt`` dict) is saved *inside* the same DCP
+  state, as the uint8 tensor :data:`META_KEY`, so it is switched together with the tensors
+  (an overwritten ``last.ckpt`` is a new DCP generation, switched atomically at commit);
+* ``meta.pt`` itself is still written, by the committing worker right after the commit, so
+  stock Lightning (``ModelParallelStrategy.load_checkpoint``, ``consolidate_checkpoint``)
+  reads the directory too.
+
+``load_checkpoint`` reads model, optimizers and the metadata in one stock ``dcp.load`` of one
+generation, so a resumed run never pairs new loop counters with old weights.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import BadInputError, CheckpointNotFoundError
+from ..queue import AsyncCallsQueue
+
+__all__ = ["META_FILE", "META_KEY", "ShardedCheckpointMethods"]
+
+log = logging.getLogger("asyncckpt")
+
+#: The DCP key holding the ``torch.save`` bytes of Lightning's metadata (everything but weights and optimizers).
+META_KEY = "asyncckpt_lightning_meta"
+#: Lightning's name for that metadata file inside a sharded checkpoint directory.
+META_FILE = "meta.pt"
+
+
+def _serialize(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+class ShardedCheckpointMethods:
+    """``save_checkpoint`` / ``load_checkpoint`` / ``remove_checkpoint`` of a sharded Lightning strategy through asyncckpt.
+
+    Mixed in before a Lightning strategy whose sharded checkpoint is ``{"state_dict": ...,
+    "optimizer_N": ...}`` in DCP plus ``meta.pt`` (``ModelParallelStrategy``). The strategy
+    supplies ``broadcast``, ``barrier``, ``global_rank``, ``is_global_zero``, ``model``,
+    ``optimizers`` and ``lightning_module``. ``sharded=False`` (a full checkpoint gathered on
+    rank 0) leaves every call to the strategy itself (pass ``AsyncckptCheckpointIO`` as its
+    ``checkpoint_io`` plug-in to make that write asynchronous).
+
+    All ranks call ``save_checkpoint``, ``load_checkpoint``, ``remove_checkpoint``,
+    ``on_train_batch_start`` and ``teardown`` (Lightning does): finishing a save is collective.
+    """
+
+    # provided by the Lightning strategy this is mixed into
+    broadcast: Callable[..., Any]
+    barrier: Callable[..., None]
+    global_rank: int
+    is_global_zero: bool
+    model: Any
+    optimizers: Any
+    lightning_module: Any
+
+    def __init__(self, *, sharded: bool = True) -> None:
+        self.asyncckpt_sharded = sharded
+        self.asyncckpt_queue: AsyncCallsQueue | None = None
+        self.asyncckpt_pending: dict[str, int] = {}  # absolute path -> call index of its newest save
+        self.asyncckpt_abort = False
+
+    # -- helpers -------------------------------------------------------------------------------
+    def asyncckpt_collect(self, blocking: bool = False) -> None:
+        """Commit the saves every rank has written (all of them with ``blocking``); collective.
+
+        A failed save raises DCP's ``CheckpointException`` here, on every rank.
+        """
+        q = self.asyncckpt_queue
+        if q is None or not q.get_num_unfinalized_calls():
+            return
+        import asyncckpt.dcp as adcp
+
+        done = {h.call_idx for h in adcp.finalize_async_saves(blocking=blocking, queue=q)}
+        if blocking:
+            self.asyncckpt_pending.clear()
+        else:
+            self.asyncckpt_pending = {p: i for p, i in self.asyncckpt_pending.items()
+                                      if i not in done and q.is_pending(i)}
+
+    def asyncckpt_wait_for(self, path: Any) -> None:
+        """Block until a pending save of ``path`` (if any) is committed; collective."""
+        if os.path.abspath(os.fspath(path)) in self.asyncckpt_pending:
+            self.asyncckpt_collect(blocking=True)
+
+    def asyncckpt_close(self) -> None:
+        """Finish every pending save (collective; dropped after an exception) and stop the worker."""
+        q, self.asyncckpt_queue = self.asyncckpt_queue, None
+        if q is None:
+            return
+        import asyncckpt.dcp as adcp
+
+        try:
+            if not self.asyncckpt_abort:
+                while q.get_num_unfinalized_calls():
+                    adcp.finalize_async_saves(blocking=True, queue=q)
+        finally:
+            self.asyncckpt_pending.clear()
+            q.close(abort=True)
+
+    # -- the strategy's methods ----------------------------------------------------------------
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Start the sharded save of ``checkpoint`` into directory ``filepath``; returns once it is snapshotted."""
+        if not self.asyncckpt_sharded:
+            super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
+            return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options (got {storage_options!r}): "
+                            "sharded checkpoints do not go through the CheckpointIO")
+        import asyncckpt.dcp as adcp
+
+        raw = os.fspath(self.broadcast(filepath))
+        if "://" in raw:
+            raise BadInputError(f"{type(self).__name__} writes sharded checkpoints to local paths only, got {raw}")
+        path = os.path.abspath(raw)
+        self.asyncckpt_collect()
+        self.asyncckpt_wait_for(path)  # two saves of one name in flight could commit out of order
+        if self.broadcast(os.path.isfile(path)):
+            # A full (single-file) checkpoint of that name: replaced by the directory, as Lightning does.
+            if self.is_global_zero:
+                os.unlink(path)
+            self.barrier("asyncckpt.save_checkpoint")
+        state: dict[str, Any] = {"state_dict": checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        extra: dict[str, bytes] | None = None
+        if self.global_rank == 0:  # rank 0's metadata, as Lightning writes meta.pt from rank 0
+            blob = _serialize(checkpoint)
+            state[META_KEY] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+            extra = {META_FILE: blob}
+        if self.asyncckpt_queue is None:
+            self.asyncckpt_queue = AsyncCallsQueue()
+        handle = adcp.async_save(state, checkpoint_id=path, queue=self.asyncckpt_queue, snapshot="blocking",
+                                 extra_files=extra)
+        self.asyncckpt_pending[path] = handle.call_idx
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load weights, optimizer states and metadata of one committed generation; returns the metadata.
+
+        A sharded checkpoint without asyncckpt's metadata entry (written by stock Lightning) and a
+        full checkpoint file are loaded by the strategy itself.
+        """
+        path = Path(os.path.abspath(os.fspath(self.broadcast(checkpoint_path))))
+        self.asyncckpt_wait_for(path)
+        size = _meta_size(path)
+        if size is None:
+            return super().load_checkpoint(path, weights_only=weights_only)  # type: ignore[misc, no-any-return]
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        module = self.model
+        optimizers = list(self.optimizers)
+        state: dict[str, Any] = {"state_dict": get_model_state_dict(module)}
+        state.update({f"optimizer_{i}": get_optimizer_state_dict(module, opt) for i, opt in enumerate(optimizers)})
+        state[META_KEY] = torch.empty(size, dtype=torch.uint8)
+        dcp.load(state, checkpoint_id=path)  # one .metadata, so one generation for all of it
+        module.load_state_dict(state["state_dict"], strict=self.lightning_module.strict_loading)
+        for i, opt in enumerate(optimizers):
+            set_optimizer_state_dict(module, opt, optim_state_dict=state[f"optimizer_{i}"],
+                                     options=StateDictOptions(cpu_offload=True))
+        meta = torch.load(io.BytesIO(state[META_KEY].numpy().tobytes()), map_location="cpu", weights_only=weights_only)
+        if not isinstance(meta, dict):
+            raise BadInputError(f"{path}: its {META_KEY!r} entry holds a {type(meta).__name__}, not Lightning's "
+                                "checkpoint dict")
+        return meta
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Remove a checkpoint once its pending save is committed; a sharded one with :func:`asyncckpt.delete`.
+
+        ``asyncckpt.delete`` removes only what the checkpoint's own records prove is the
+        checkpoint's (then ``meta.pt`` and the emptied directory go); anything else in it stays.
+        """
+        self.asyncckpt_wait_for(filepath)
+        path = Path(os.fspath(filepath))
+        if not (path.is_dir() and not path.is_symlink()):
+            super().remove_checkpoint(filepath)  # type: ignore[misc]
+            return
+        if self.is_global_zero:
+            import asyncckpt
+
+            asyncckpt.delete(path)
+            (path / META_FILE).unlink(missing_ok=True)
+            try:
+                path.rmdir()
+            except OSError:  # something not ours is left in it
+                log.info("kept %s: it holds files that are not the checkpoint's", path)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Commit saves whose files are written (a non-blocking finalize: one integer all-reduce)."""
+        self.asyncckpt_collect()
+        super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Other ranks may be gone: teardown drops pending saves instead of finishing them collectively."""
+        self.asyncckpt_abort = True
+        super().on_exception(exception)  # type: ignore[misc]
+
+    def teardown(self) -> None:
+        """Finish every pending save (collective), stop the worker, then the strategy's own teardown."""
+        try:
+            self.asyncckpt_close()
+        finally:
+            super().teardown()  # type: ignore[misc]
+
+
+def _meta_size(path: Path) -> int | None:
+    """The byte size of asyncckpt's metadata entry in the DCP checkpoint at ``path``; None for other checkpoints."""
+    if not path.is_dir():
+        return None
+    if not (path / ".metadata").is_file():
+        raise CheckpointNotFoundError(
+            f"{path} holds no committed DCP checkpoint (no .metadata): its save never finished (the process "
+            f"stopped while writing it); resume from another checkpoint in {path.parent}")
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    entry = FileSystemReader(str(path)).read_metadata().state_dict_metadata.get(META_KEY)
+    if entry is None:
+        return None
+    if not isinstance(entry, TensorStorageMetadata) or len(entry.size) != 1:
+        raise BadInputError(f"{path}: its {META_KEY!r} entry is not a 1-D byte tensor; it was not written by asyncckpt")
+    return int(entry.size[0])
