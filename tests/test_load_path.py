@@ -267,3 +267,96 @@ def test_backend_without_scattered_reads(shared_ckpt, tmp_path, corrupt: bool) -
     for i in wanted:
         e = m.entries[i]
         assert bufs[i].tobytes() == state[e.key].numpy().tobytes()
+
+
+# -- DCP reader ----------------------------------------------------------------------------------
+
+
+def _dcp_state() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(6)
+    return {
+        "w": torch.randn(600, 700, generator=g),  # 1.6 MiB: read straight into place
+        "bf16": torch.randn(900_000, generator=g).bfloat16(),
+        "i64": torch.randint(-(1 << 40), 1 << 40, (200_000,), generator=g),
+        "mask": torch.randint(0, 2, (1 << 21,), generator=g).bool(),
+        "c64": torch.randn(200_000, dtype=torch.complex64, generator=g),
+        "t": torch.randn(800, 600, generator=g).t(),  # saved as a non-contiguous view
+        "small": torch.arange(10.0),
+        "zero_d": torch.tensor(3.25),
+        "empty": torch.zeros(0, 5),
+        "step": 9,
+    }
+
+
+def _blank(sd: dict[str, Any]) -> dict[str, Any]:
+    return {k: torch.full_like(v, 0) if isinstance(v, torch.Tensor) else 0 for k, v in sd.items()}
+
+
+class _Recording:
+    """A storage that records the address of every buffer a read filled."""
+
+    def __init__(self, inner: LocalStorage) -> None:
+        self.inner = inner
+        self.uri = inner.uri
+        self.capabilities = inner.capabilities
+        self.filled: list[tuple[int, int]] = []
+
+    async def read_into(self, key: str, offset: int, buf: memoryview) -> None:
+        self.filled.append((np.frombuffer(buf, dtype=np.uint8).ctypes.data, len(buf)))
+        await self.inner.read_into(key, offset, buf)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _dcp_save(sd: dict[str, Any], path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from asyncckpt.dcp import AsyncStorageWriter
+
+    dcp.save(sd, storage_writer=AsyncStorageWriter(str(path)))
+
+
+def test_dcp_reader_reads_large_items_into_the_destination_bit_exact(tmp_path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from asyncckpt.dcp import AsyncStorageReader
+
+    sd = _dcp_state()
+    _dcp_save(sd, tmp_path / "ck")
+    got = _blank(sd)
+    inner = LocalStorage(tmp_path)
+    rec = _Recording(inner)
+    try:
+        dcp.load(got, storage_reader=AsyncStorageReader(str(tmp_path / "ck"), storage=rec))  # type: ignore[arg-type]
+    finally:
+        run_sync(inner.close())
+    _same(sd, got)
+    for k in ("w", "bf16", "i64", "mask", "c64"):  # each filled by reads landing inside its own memory
+        lo, hi = got[k].data_ptr(), got[k].data_ptr() + got[k].numel() * got[k].element_size()
+        assert sum(n for a, n in rec.filled if lo <= a and a + n <= hi) == hi - lo, k
+
+
+@pytest.mark.parametrize("where", ["tensor bytes", "archive header"])
+def test_dcp_reader_corrupt_distcp_byte_fails(tmp_path, where: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from asyncckpt.dcp import AsyncStorageReader
+
+    sd = _dcp_state()
+    path = tmp_path / "ck"
+    _dcp_save(sd, path)
+    md = AsyncStorageReader(str(path)).read_metadata()
+    info = next(v for idx, v in md.storage_data.items() if idx.fqn == "w")
+    at = int(info.offset) + (int(info.length) // 2 if where == "tensor bytes" else 40)
+    with open(path / info.relative_path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0x01]))
+    with pytest.raises(CheckpointException) as ei:
+        dcp.load(_blank(sd), storage_reader=AsyncStorageReader(str(path)))
+    err = next(iter(ei.value.failures.values()))[0]
+    assert isinstance(err, asyncckpt.IntegrityError)
+    assert info.relative_path in str(err) and "'w'" in str(err) and "checksum mismatch" in str(err)
