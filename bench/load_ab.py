@@ -9,7 +9,8 @@ KiB each, so chunks span many entries). It is saved once with this tree's asyncc
 snapshot, finalized) and once with ``torch.save``. Each round runs one fresh process per code
 tree (the order alternating between rounds); each process times ``torch.load`` of the file,
 ``asyncckpt.load`` of the checkpoint (every checksum verified) and ``asyncckpt.load(into=)``
-into a dict of preallocated tensors, with the files in the page cache (a warm-up read first).
+into a dict of preallocated tensors, and ``dcp.load`` with ``AsyncStorageReader`` of the same
+state saved by ``AsyncStorageWriter`` into preallocated tensors, with the files in the page cache (a warm-up read first).
 Reported: medians over the rounds of each ratio, and the 1-minute load average before and
 after. Wall-clock numbers on a shared machine: compare the rows of one run, not runs.
 """
@@ -41,8 +42,9 @@ def make_state(mib: int, ntensors: int) -> dict[str, Any]:
     return state
 
 
-def measure(ckpt: str, tfile: str) -> dict[str, float]:
-    """One process's figures: seconds for torch.load, asyncckpt.load, asyncckpt.load(into=)."""
+def measure(ckpt: str, tfile: str, dcp_dir: str) -> dict[str, float]:
+    """One process's figures: seconds for torch.load, asyncckpt.load, asyncckpt.load(into=) and
+    ``dcp.load`` through ``AsyncStorageReader`` into preallocated tensors."""
     import torch
 
     import asyncckpt
@@ -56,12 +58,21 @@ def measure(ckpt: str, tfile: str) -> dict[str, float]:
     t0 = time.perf_counter()
     got = asyncckpt.load(ckpt)
     out["load_s"] = time.perf_counter() - t0
-    into = {k: torch.empty_like(v) for k, v in sd.items()}
+    into = {k: torch.full_like(v, 0) for k, v in sd.items()}  # touched, as live parameters are
     del got
     t0 = time.perf_counter()
     asyncckpt.load(ckpt, into=into)
     out["into_s"] = time.perf_counter() - t0
     assert all(torch.equal(into[k], sd[k]) for k in sd), "load(into=) does not match torch.load"
+    import torch.distributed.checkpoint as dcp
+
+    from asyncckpt.dcp import AsyncStorageReader
+
+    into = {k: torch.full_like(v, 0) for k, v in sd.items()}
+    t0 = time.perf_counter()
+    dcp.load(into, storage_reader=AsyncStorageReader(dcp_dir))
+    out["dcp_s"] = time.perf_counter() - t0
+    assert all(torch.equal(into[k], sd[k]) for k in sd), "dcp.load does not match torch.load"
     return out
 
 
@@ -73,7 +84,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dir", default=None)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--measure", nargs=2, metavar=("CKPT", "TORCH_FILE"), help=argparse.SUPPRESS)
+    ap.add_argument("--measure", nargs=3, metavar=("CKPT", "TORCH_FILE", "DCP_DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
         print(json.dumps(measure(*args.measure)))
@@ -92,6 +103,12 @@ def main() -> None:
     finally:
         ck.close()
     torch.save(state, tfile)
+    import torch.distributed.checkpoint as dcp
+
+    from asyncckpt.dcp import AsyncStorageWriter
+
+    dcp_dir = str(work / "dcp")
+    dcp.save(state, storage_writer=AsyncStorageWriter(dcp_dir))
     del state
     trees = {"old": os.path.abspath(args.old_src), "new": str(HERE)}
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
@@ -99,13 +116,14 @@ def main() -> None:
     for r in range(args.rounds):
         for name in (("old", "new") if r % 2 == 0 else ("new", "old")):
             env = dict(os.environ, PYTHONPATH=trees[name])
-            res = subprocess.run([sys.executable, __file__, "--old-src", ".", "--measure", ckpt, tfile],
+            res = subprocess.run([sys.executable, __file__, "--old-src", ".", "--measure", ckpt, tfile, dcp_dir],
                                  env=env, cwd=trees[name], check=True, capture_output=True, text=True)
             fig = json.loads(res.stdout.strip().splitlines()[-1])
             runs[name].append(fig)
             print(f"round {r} {name}: torch.load {fig['torch_s']:.3f} s  load {fig['load_s']:.3f} s "
                   f"({fig['load_s'] / fig['torch_s']:.2f}x)  into {fig['into_s']:.3f} s "
-                  f"({fig['into_s'] / fig['torch_s']:.2f}x)", file=sys.stderr)
+                  f"({fig['into_s'] / fig['torch_s']:.2f}x)  dcp {fig['dcp_s']:.3f} s "
+                  f"({fig['dcp_s'] / fig['torch_s']:.2f}x)", file=sys.stderr)
     load_end = os.getloadavg()
     summary: dict[str, Any] = {"mib": args.mib, "tensors": 2 * args.tensors, "rounds": args.rounds,
                                "loadavg_start": load_start, "loadavg_end": load_end, "runs": runs}
@@ -116,13 +134,16 @@ def main() -> None:
             "into_s": statistics.median(x["into_s"] for x in rs),
             "load_ratio": statistics.median(x["load_s"] / x["torch_s"] for x in rs),
             "into_ratio": statistics.median(x["into_s"] / x["torch_s"] for x in rs),
+            "dcp_s": statistics.median(x["dcp_s"] for x in rs),
+            "dcp_ratio": statistics.median(x["dcp_s"] / x["torch_s"] for x in rs),
         }
     print(f"{args.mib} MiB, {2 * args.tensors} tensors, {args.rounds} rounds; load average "
           f"{load_start[0]:.1f} -> {load_end[0]:.1f}")
     for name in trees:
         s = summary[name]
         print(f"{name:4s} torch.load {s['torch_s']:.3f} s  load {s['load_s']:.3f} s ({s['load_ratio']:.2f}x)  "
-              f"load(into=) {s['into_s']:.3f} s ({s['into_ratio']:.2f}x)  [medians]")
+              f"load(into=) {s['into_s']:.3f} s ({s['into_ratio']:.2f}x)  "
+              f"dcp.load {s['dcp_s']:.3f} s ({s['dcp_ratio']:.2f}x)  [medians]")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))
     if args.dir is None:
