@@ -360,3 +360,21 @@ def test_dcp_reader_corrupt_distcp_byte_fails(tmp_path, where: str) -> None:
     err = next(iter(ei.value.failures.values()))[0]
     assert isinstance(err, asyncckpt.IntegrityError)
     assert info.relative_path in str(err) and "'w'" in str(err) and "checksum mismatch" in str(err)
+
+
+def test_decompress_into_pieces_checks_the_raw_checksum() -> None:
+    """A zstd chunk decompresses across the pieces it spans; its raw CRC32C and length are checked there."""
+    from asyncckpt.format import ChunkInfo
+    from asyncckpt.format.compression import decode_chunk_into, encode_chunk
+
+    raw = np.concatenate([np.zeros(70_000, dtype=np.uint8), np.arange(50_000, dtype=np.uint32).view(np.uint8)])
+    stored, info, _ = encode_chunk(memoryview(raw), "zstd", 1)
+    assert info.codec == "zstd"
+    outs = [np.empty(n, dtype=np.uint8) for n in (1, 69_999, 123_456, len(raw) - 193_456)]
+    decode_chunk_into(stored, info, [o.data for o in outs], "here")
+    assert np.concatenate(outs).tobytes() == raw.tobytes()
+    bad = ChunkInfo(info.codec, info.stored_nbytes, info.raw_crc32c ^ 1)
+    with pytest.raises(asyncckpt.IntegrityError, match="here: decompressed bytes fail their checksum"):
+        decode_chunk_into(stored, bad, [o.data for o in outs], "here")
+    with pytest.raises(asyncckpt.IntegrityError, match="here: the zstd frame holds"):
+        decode_chunk_into(stored, info, [outs[0].data], "here")

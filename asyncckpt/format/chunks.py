@@ -14,7 +14,7 @@ import bisect
 import itertools
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 import numpy as np
@@ -22,9 +22,9 @@ import numpy as np
 from .._loop import gather_or_cancel
 from ..errors import BadInputError, CheckpointNotFoundError, IntegrityError
 from ..storage.base import ReadsScattered
-from .compression import decode_chunk
+from .compression import decode_chunk, decode_chunk_into
 from .crc import checksum
-from .records import RankManifest
+from .records import ChunkInfo, RankManifest
 
 if TYPE_CHECKING:
     from ..storage import Storage
@@ -257,7 +257,8 @@ async def read_entries_into(
 
     An uncompressed chunk is read in one scattered read into the arrays of the entries it spans
     (padding and bytes of entries not asked for go to scratch) and its CRC32C is computed over
-    the bytes where they landed; a compressed one is read, verified and decoded, then copied.
+    the bytes where they landed; a compressed one is read and verified, then decompressed into
+    them (its raw CRC32C checked over them).
     Several chunks are in flight at once. On a mismatch the IntegrityError names the file, the
     bytes and the keys; the arrays then hold partial data and must be dropped by the caller.
     ``every_chunk`` and ``check_size`` as for :func:`read_entries`.
@@ -300,16 +301,6 @@ async def read_entries_into(
     async def one(i: int) -> None:
         start, n = geo.raw(i)
         parts = spans(start, start + n)
-        if codecs[i] != "none":
-            chunk = await read_chunk(storage, m, geo, i)
-
-            def scatter() -> None:
-                for j, lo, hi in parts:
-                    if j >= 0:
-                        dest(j, lo, hi)[:] = chunk.data[lo - start : hi - start]
-
-            await asyncio.to_thread(scatter)
-            return
         scratch = np.empty(sum(hi - lo for j, lo, hi in parts if j < 0), dtype=np.uint8)
         pieces: list[memoryview] = []
         pos = 0
@@ -319,6 +310,13 @@ async def read_entries_into(
             else:
                 pieces.append(scratch[pos : pos + hi - lo].data)
                 pos += hi - lo
+        if codecs[i] != "none":  # verify the stored frame, then decompress it into place
+            stored = await read_chunk(storage, m, geo, i, decode=False)
+            sstart, sn = geo.stored(i)
+            where = (f"{storage.uri}/{m.data_file}: chunk {i} (stored bytes [{sstart}, {sstart + sn}), image bytes "
+                     f"[{start}, {start + n}); keys: {_keys(m, start, start + n)})")
+            await asyncio.to_thread(decode_chunk_into, stored.stored.data, cast(list[ChunkInfo], m.chunks)[i], pieces, where)
+            return
         await _read_pieces(storage, m.data_file, geo.stored(i)[0], pieces)
         _check_crc(storage, m, geo, i, await asyncio.to_thread(_crc_pieces, pieces))
 
