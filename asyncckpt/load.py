@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._loop import run_sync
+from ._loop import gather_or_cancel, run_sync
 from .catalog import read_latest, read_references
 from .errors import BadInputError, CheckpointError, CheckpointNotFoundError, IntegrityError, StorageError
 from .format import (
@@ -20,7 +20,7 @@ from .format import (
     build_tree,
     check_data_file,
     entry_values,
-    read_entries,
+    read_entries_into,
     refs,
     select_keys,
     stored_entries,
@@ -54,15 +54,19 @@ async def read_rank(storage: Storage, m: RankManifest, *, allow_pickle: bool = F
                 + (" (or leave it out with keys=[...])." if keys is None else ".")
             )
     await check_data_file(storage, m)  # entries lie inside data_nbytes: now bounded by the real file
-    stored = stored_entries(m, wanted)
-    buffers: dict[int, np.ndarray] = {i: np.empty(m.entries[i].nbytes, dtype=np.uint8) for i in stored}
+    # Each value's memory is allocated once, filled by the reads, checked where it landed, and
+    # becomes the loaded tensor/array without a copy; nothing is returned unless all of it verified.
+    buffers: dict[int, np.ndarray] = {i: np.empty(m.entries[i].nbytes, dtype=np.uint8)
+                                      for i in stored_entries(m, wanted)}
+    own = {i: b for i, b in buffers.items() if m.entries[i].ref < 0}
 
     def on_bytes(i: int, off: int, data: np.ndarray) -> None:
         buffers[i][off : off + len(data)] = data
 
-    own = [i for i in stored if m.entries[i].ref < 0]
-    await read_entries(storage, m, own, on_bytes, every_chunk=keys is None, check_size=False)
-    await read_references(storage, m, [i for i in stored if m.entries[i].ref >= 0], on_bytes)
+    await gather_or_cancel([
+        read_entries_into(storage, m, own, every_chunk=keys is None, check_size=False),
+        read_references(storage, m, [i for i in buffers if m.entries[i].ref >= 0], on_bytes),
+    ])
     return build_tree(tree, entry_values(m, buffers, wanted, where), where)
 
 

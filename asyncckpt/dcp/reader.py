@@ -30,6 +30,7 @@ from ..errors import BadInputError, CheckpointNotFoundError, FormatError, Integr
 from ..format import checksum
 from ..storage import Storage, join_key, open_storage, split_uri
 from ._commit import committed_generation
+from ._direct import HEAD_BYTES, TAIL_BYTES, data_record, tensor_layout
 from ._format import (
     CHECKSUMS_FILE,
     IndexRecord,
@@ -49,6 +50,7 @@ __all__ = ["SAFE_LEAF_TYPES", "AsyncStorageReader"]
 SAFE_LEAF_TYPES: list[Any] = [io.BytesIO]
 
 _SWITCH_RETRIES = 8  # overwrites followed within one load before giving up
+_DIRECT_MIN = 1 << 20  # items at least this large are read straight into their destination where they can be
 
 
 class _MemReader(io.RawIOBase):
@@ -89,6 +91,14 @@ class _Range:
     start: int
     end: int
     members: list[tuple[MetadataIndex, int, int]]  # (storage index, offset, length)
+
+
+def _mismatch(where: str, sidx: MetadataIndex, off: int, length: int, crc: int, expected: int) -> IntegrityError:
+    return IntegrityError(
+        f"{where}: checksum mismatch in item {sidx.fqn!r} (chunk offset "
+        f"{list(sidx.offset) if sidx.offset is not None else None}, bytes [{off}, {off + length}); "
+        f"crc32c {crc:#010x}, expected {expected:#010x}). The checkpoint is corrupt: load an older one."
+    )
 
 
 class AsyncStorageReader(StorageReader):
@@ -298,9 +308,11 @@ class AsyncStorageReader(StorageReader):
         return plans
 
     # -- reading ----------------------------------------------------------------------------------
-    def _ranges(self, plan: LoadPlan) -> list[_Range]:
+    def _ranges(self, plan: LoadPlan, skip: set[MetadataIndex] | None = None) -> list[_Range]:
         needed: dict[MetadataIndex, Any] = {}
         for ri in plan.items:
+            if skip and ri.storage_index in skip:
+                continue
             info = self.storage_data.get(ri.storage_index)
             if info is None:
                 raise FormatError(f"{self.uri}: the metadata has no storage entry for {ri.storage_index}")
@@ -340,20 +352,91 @@ class AsyncStorageReader(StorageReader):
 
     def _verify(self, storage: Storage, r: _Range, buf: np.ndarray) -> None:
         for sidx, off, length in r.members:
-            expected = self._crcs.get((r.file, off, length))
             where = f"{storage.uri}/{join_key(self.name, r.file)}"
-            if expected is None:
-                raise IntegrityError(
-                    f"{where}: item {sidx.fqn!r} (bytes [{off}, {off + length})) has no checksum in "
-                    f"{CHECKSUMS_FILE}; the checkpoint's records disagree. Load an older checkpoint."
-                )
+            expected = self._expected_crc(where, r.file, sidx, off, length)
             crc = checksum(buf.data[off - r.start : off - r.start + length])
             if crc != expected:
-                raise IntegrityError(
-                    f"{where}: checksum mismatch in item {sidx.fqn!r} (chunk offset "
-                    f"{list(sidx.offset) if sidx.offset is not None else None}, bytes [{off}, {off + length}); "
-                    f"crc32c {crc:#010x}, expected {expected:#010x}). The checkpoint is corrupt: load an older one."
-                )
+                raise _mismatch(where, sidx, off, length, crc, expected)
+
+    def _expected_crc(self, where: str, file: str, sidx: MetadataIndex, off: int, length: int) -> int:
+        expected = self._crcs.get((file, off, length))
+        if expected is None:
+            raise IntegrityError(
+                f"{where}: item {sidx.fqn!r} (bytes [{off}, {off + length})) has no checksum in "
+                f"{CHECKSUMS_FILE}; the checkpoint's records disagree. Load an older checkpoint."
+            )
+        return expected
+
+    def _direct_targets(self, reqs: dict[MetadataIndex, list[ReadItem]], planner: LoadPlanner
+                        ) -> dict[MetadataIndex, torch.Tensor]:
+        """The items worth reading straight into their destination: one whole stored chunk into a
+        plain contiguous CPU tensor, no stream transform. Their destinations, resolved once."""
+        out: dict[MetadataIndex, torch.Tensor] = {}
+        for sidx, items in reqs.items():
+            info = self.storage_data.get(sidx)
+            ri = items[0]
+            if (len(items) != 1 or ri.type != LoadItemType.TENSOR or info is None or int(info.length) < _DIRECT_MIN
+                    or getattr(info, "transform_descriptors", None) or any(ri.storage_offsets)):
+                continue
+            target = planner.resolve_tensor(ri).detach()
+            if (target.device.type == "cpu" and target.is_contiguous() and not target.is_quantized
+                    and not target.is_conj() and not target.is_neg()
+                    and tuple(target.size()) == tuple(ri.lengths) and target.numel()):
+                out[sidx] = target
+        return out
+
+    async def _read_direct(self, storage: Storage, sidx: MetadataIndex, target: torch.Tensor,
+                           sem: asyncio.Semaphore) -> bool:
+        """Read item ``sidx``'s tensor bytes straight into ``target``, checking the item's CRC32C over
+        its bytes where they landed; False (``target`` untouched) when the item is not laid out for it."""
+        info = self.storage_data[sidx]
+        file, off, length = info.relative_path, int(info.offset), int(info.length)
+        key = join_key(self.name, file)
+        tail_start = max(0, length - TAIL_BYTES)
+        head = np.empty(min(length, HEAD_BYTES), dtype=np.uint8)
+        tail = np.empty(length - tail_start, dtype=np.uint8)
+        async with sem:
+            await gather_or_cancel([storage.read_into(key, off, head.data),
+                                    storage.read_into(key, off + tail_start, tail.data)])
+        rec = data_record(tail.tobytes(), tail_start)
+        lay = tensor_layout(head.tobytes(), rec, target.dtype, tuple(target.size())) if rec is not None else None
+        if lay is None or lay.start > len(head) or lay.start + lay.nbytes < tail_start:
+            return False
+        dest = target.reshape(-1).view(torch.uint8).numpy()
+        view = dest.data
+
+        async def piece(lo: int, hi: int) -> None:
+            async with sem:
+                await storage.read_into(key, off + lay.start + lo, view[lo:hi])
+
+        await gather_or_cancel(piece(lo, min(lay.nbytes, lo + self.chunk_size))
+                               for lo in range(0, lay.nbytes, self.chunk_size))
+        if self.verify:
+            where = f"{storage.uri}/{key}"
+            expected = self._expected_crc(where, file, sidx, off, length)
+
+            def crc() -> int:
+                c = checksum(head.data[: lay.start])
+                c = checksum(view, c)
+                return checksum(tail.data[lay.start + lay.nbytes - tail_start :], c)
+
+            got = await asyncio.to_thread(crc)
+            if got != expected:
+                raise _mismatch(where, sidx, off, length, got, expected)
+        return True
+
+    async def _read_all_direct(self, storage: Storage, targets: dict[MetadataIndex, torch.Tensor]
+                               ) -> set[MetadataIndex]:
+        """Read the ``targets`` items straight into place, several at once; those read that way."""
+        sem = asyncio.Semaphore(self.read_concurrency)
+        done: set[MetadataIndex] = set()
+
+        async def one(sidx: MetadataIndex, target: torch.Tensor) -> None:
+            if await self._read_direct(storage, sidx, target, sem):
+                done.add(sidx)
+
+        await gather_or_cancel(one(sidx, t) for sidx, t in targets.items())
+        return done
 
     def _batches(self, storage: Storage, ranges: list[_Range]) -> Generator[tuple[_Range, np.ndarray], None, None]:
         """Yield fetched ranges in order; at most ``max_inflight_bytes`` (or one range) ahead."""
@@ -447,9 +530,16 @@ class AsyncStorageReader(StorageReader):
         reqs: dict[MetadataIndex, list[ReadItem]] = {}
         for ri in plan.items:
             reqs.setdefault(ri.storage_index, []).append(ri)
-        ranges = self._ranges(plan)
         storage = self._storage()
-        batches = self._batches(storage, ranges)
+        try:
+            targets = self._direct_targets(reqs, planner)
+            direct = run_sync(self._read_all_direct(storage, targets)) if targets else set()
+        except BaseException:
+            run_sync(self._close(storage))
+            raise
+        for sidx in direct:
+            planner.commit_tensor(reqs[sidx][0], targets[sidx])
+        batches = self._batches(storage, self._ranges(plan, direct))
         try:
             for r, buf in batches:
                 where = f"{storage.uri}/{join_key(self.name, r.file)}"
@@ -472,7 +562,8 @@ class AsyncStorageReader(StorageReader):
                         raise FormatError(f"{where}: item {sidx.fqn!r} holds a {type(tensor).__name__}, not a tensor")
                     for ri in items:
                         part = narrow_tensor_by_index(tensor, ri.storage_offsets, ri.lengths)
-                        target = planner.resolve_tensor(ri).detach()
+                        resolved = targets.get(sidx)  # resolved once, for the direct read it did not get
+                        target = resolved if resolved is not None else planner.resolve_tensor(ri).detach()
                         if target.size() != part.size():
                             raise FormatError(
                                 f"{where}: item {sidx.fqn!r}: the load plan wants a {tuple(target.size())} slice, "

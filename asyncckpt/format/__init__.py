@@ -32,6 +32,7 @@ from .chunks import (
     read_chunk,
     read_chunks,
     read_entries,
+    read_entries_into,
     verify_rank,
 )
 from .codec import SAME_SIZE_INT, entry_values, safetensors_dtype, stored_entries, view_of_storage
@@ -149,6 +150,7 @@ __all__ = [
     "read_chunk",
     "read_chunks",
     "read_entries",
+    "read_entries_into",
     "referenced_files",
     "refs",
     "resolve_reference",

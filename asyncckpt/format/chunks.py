@@ -10,19 +10,21 @@ chunk's stored length is recorded in the manifest. Every stored chunk is covered
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 import numpy as np
 
 from .._loop import gather_or_cancel
-from ..errors import CheckpointNotFoundError, IntegrityError
-from .compression import decode_chunk
+from ..errors import BadInputError, CheckpointNotFoundError, IntegrityError
+from ..storage.base import ReadsScattered
+from .compression import decode_chunk, decode_chunk_into
 from .crc import checksum
-from .records import RankManifest
+from .records import ChunkInfo, RankManifest
 
 if TYPE_CHECKING:
     from ..storage import Storage
@@ -37,6 +39,7 @@ __all__ = [
     "read_chunk",
     "read_chunks",
     "read_entries",
+    "read_entries_into",
     "verify_rank",
 ]
 
@@ -128,6 +131,18 @@ async def check_data_file(storage: Storage, m: RankManifest) -> None:
         raise IntegrityError(f"{where}: data file is {what}: {size} bytes, manifest says {want}")
 
 
+def _check_crc(storage: Storage, m: RankManifest, geo: ChunkGeometry, i: int, crc: int) -> None:
+    """Raise the IntegrityError naming the file, the stored bytes and the keys of chunk ``i`` unless ``crc`` is its."""
+    if crc != m.chunk_checksums[i]:
+        start, n = geo.raw(i)
+        sstart, sn = geo.stored(i)
+        raise IntegrityError(
+            f"{storage.uri}/{m.data_file}: checksum mismatch: bytes [{sstart}, {sstart + sn}) fail their checksum "
+            f"(crc32c {crc:#010x}, expected {m.chunk_checksums[i]:#010x}); affected keys: {_keys(m, start, start + n)}. "
+            "The checkpoint is corrupt: load an older one."
+        )
+
+
 async def read_chunk(storage: Storage, m: RankManifest, geo: ChunkGeometry, i: int, decode: bool = True) -> Chunk:
     """Read chunk ``i`` and verify its CRC32C, then (``decode``) decompress it and verify its raw bytes'.
 
@@ -139,12 +154,7 @@ async def read_chunk(storage: Storage, m: RankManifest, geo: ChunkGeometry, i: i
     stored = np.empty(sn, dtype=np.uint8)
     await storage.read_into(m.data_file, sstart, stored.data)
     crc = await asyncio.to_thread(checksum, stored.data)
-    if crc != m.chunk_checksums[i]:
-        raise IntegrityError(
-            f"{storage.uri}/{m.data_file}: checksum mismatch: bytes [{sstart}, {sstart + sn}) fail their checksum "
-            f"(crc32c {crc:#010x}, expected {m.chunk_checksums[i]:#010x}); affected keys: {_keys(m, start, start + n)}. "
-            "The checkpoint is corrupt: load an older one."
-        )
+    _check_crc(storage, m, geo, i, crc)
     data = stored
     if decode and m.chunks is not msgspec.UNSET and m.chunks[i].codec != "none":
         where = (f"{storage.uri}/{m.data_file}: chunk {i} (stored bytes [{sstart}, {sstart + sn}), image bytes "
@@ -214,6 +224,109 @@ async def read_entries(
             progress(len(chunk.data))
 
     await read_chunks(storage, m, on_chunk, chunks=chunks, concurrency=concurrency, check_size=check_size)
+
+
+def _crc_pieces(pieces: Sequence[memoryview]) -> int:
+    crc = 0
+    for p in pieces:
+        crc = checksum(p, crc)
+    return crc
+
+
+async def _read_pieces(storage: Storage, key: str, offset: int, pieces: list[memoryview]) -> None:
+    """Fill ``pieces`` in order from ``key`` at ``offset``: one scattered read where the backend offers it."""
+    if storage.capabilities.scatter_read and isinstance(storage, ReadsScattered):
+        await storage.read_into_scattered(key, offset, pieces)
+    elif len(pieces) == 1:
+        await storage.read_into(key, offset, pieces[0])
+    else:  # one request for the range, then a copy: many small ranged GETs would cost more
+        tmp = np.empty(sum(len(p) for p in pieces), dtype=np.uint8)
+        await storage.read_into(key, offset, tmp.data)
+        pos = 0
+        for p in pieces:
+            p[:] = tmp.data[pos : pos + len(p)]
+            pos += len(p)
+
+
+async def read_entries_into(
+    storage: Storage, m: RankManifest, buffers: Mapping[int, np.ndarray], *, every_chunk: bool = True,
+    concurrency: int = READ_CONCURRENCY, check_size: bool = True,
+) -> None:
+    """Read the stored entries ``buffers`` names (entry -> a writable ``uint8`` array of its ``nbytes``;
+    entries whose bytes are in this data file) straight into those arrays, verifying every chunk.
+
+    An uncompressed chunk is read in one scattered read into the arrays of the entries it spans
+    (padding and bytes of entries not asked for go to scratch) and its CRC32C is computed over
+    the bytes where they landed; a compressed one is read and verified, then decompressed into
+    them (its raw CRC32C checked over them).
+    Several chunks are in flight at once. On a mismatch the IntegrityError names the file, the
+    bytes and the keys; the arrays then hold partial data and must be dropped by the caller.
+    ``every_chunk`` and ``check_size`` as for :func:`read_entries`.
+    """
+    if check_size:
+        await check_data_file(storage, m)
+    geo = ChunkGeometry.of(m)
+    order = sorted((i for i in buffers if m.entries[i].nbytes), key=lambda i: m.entries[i].offset)
+    for i in order:
+        if len(buffers[i]) != m.entries[i].nbytes or m.entries[i].ref >= 0 or m.entries[i].view_of >= 0:
+            raise BadInputError(f"read_entries_into: the buffer for entry {i} ({m.entries[i].key!r}) is not the "
+                                f"{m.entries[i].nbytes} bytes of an entry stored in {m.data_file}")
+    offsets = [m.entries[i].offset for i in order]
+    chunks = range(len(geo)) if every_chunk else sorted(
+        {c for i in order for c in geo.covering(m.entries[i].offset, m.entries[i].offset + m.entries[i].nbytes)})
+    codecs = [c.codec for c in m.chunks] if m.chunks is not msgspec.UNSET else ["none"] * len(geo)
+
+    def spans(start: int, end: int) -> list[tuple[int, int, int]]:
+        """(entry or -1 for scratch, image start, image end) covering ``[start, end)`` in order."""
+        out: list[tuple[int, int, int]] = []
+        pos = start
+        k = max(0, bisect.bisect_right(offsets, start) - 1)
+        while k < len(order) and offsets[k] < end:
+            e = m.entries[order[k]]
+            lo, hi = max(start, e.offset), min(end, e.offset + e.nbytes)
+            if lo < hi:
+                if lo > pos:
+                    out.append((-1, pos, lo))
+                out.append((order[k], lo, hi))
+                pos = hi
+            k += 1
+        if pos < end:
+            out.append((-1, pos, end))
+        return out
+
+    def dest(j: int, lo: int, hi: int) -> np.ndarray:
+        off = m.entries[j].offset
+        return buffers[j][lo - off : hi - off]
+
+    async def one(i: int) -> None:
+        start, n = geo.raw(i)
+        parts = spans(start, start + n)
+        scratch = np.empty(sum(hi - lo for j, lo, hi in parts if j < 0), dtype=np.uint8)
+        pieces: list[memoryview] = []
+        pos = 0
+        for j, lo, hi in parts:
+            if j >= 0:
+                pieces.append(dest(j, lo, hi).data)
+            else:
+                pieces.append(scratch[pos : pos + hi - lo].data)
+                pos += hi - lo
+        if codecs[i] != "none":  # verify the stored frame, then decompress it into place
+            stored = await read_chunk(storage, m, geo, i, decode=False)
+            sstart, sn = geo.stored(i)
+            where = (f"{storage.uri}/{m.data_file}: chunk {i} (stored bytes [{sstart}, {sstart + sn}), image bytes "
+                     f"[{start}, {start + n}); keys: {_keys(m, start, start + n)})")
+            await asyncio.to_thread(decode_chunk_into, stored.stored.data, cast(list[ChunkInfo], m.chunks)[i], pieces, where)
+            return
+        await _read_pieces(storage, m.data_file, geo.stored(i)[0], pieces)
+        _check_crc(storage, m, geo, i, await asyncio.to_thread(_crc_pieces, pieces))
+
+    sem = asyncio.Semaphore(max(1, concurrency))
+
+    async def bounded(i: int) -> None:
+        async with sem:
+            await one(i)
+
+    await gather_or_cancel(bounded(i) for i in chunks)
 
 
 async def verify_rank(storage: Storage, m: RankManifest, progress: Callable[[int], Any] | None = None

@@ -10,6 +10,7 @@ bytes (:class:`~asyncckpt.format.records.ChunkInfo`); the chunk's CRC32C covers 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from ..errors import BadInputError, IntegrityError
 from .crc import checksum
 from .records import ZSTD, ChunkInfo
 
-__all__ = ["COMPRESSIONS", "ZSTD_LEVELS", "check_compression", "decode_chunk", "encode_chunk", "zstd"]
+__all__ = ["COMPRESSIONS", "ZSTD_LEVELS", "check_compression", "decode_chunk", "decode_chunk_into", "encode_chunk", "zstd"]
 
 #: Compressions a save can ask for (each is also the name of its format feature).
 COMPRESSIONS = (ZSTD,)
@@ -93,3 +94,37 @@ def decode_chunk(stored: np.ndarray, info: ChunkInfo, raw_nbytes: int, where: st
         raise IntegrityError(f"{where}: decompressed bytes fail their checksum (crc32c {crc:#010x}, expected "
                              f"{info.raw_crc32c:#010x}, {len(raw)} bytes for {raw_nbytes})")
     return raw
+
+
+def decode_chunk_into(stored: memoryview, info: ChunkInfo, pieces: Sequence[memoryview], where: str) -> None:
+    """Decompress a verified stored chunk into ``pieces`` (in order, ``sum(len)`` raw bytes) and check
+    the raw bytes' recorded CRC32C over them."""
+    raw_nbytes = sum(len(p) for p in pieces)
+    if info.codec == "none":
+        if len(stored) != raw_nbytes:
+            raise IntegrityError(f"{where}: {len(stored)} stored bytes for {raw_nbytes}")
+        pos = 0
+        for p in pieces:
+            p[:] = stored[pos : pos + len(p)]
+            pos += len(p)
+        return
+    z = zstd()
+    crc = 0
+    try:
+        size = z.frame_content_size(stored)
+        if size != raw_nbytes:
+            raise IntegrityError(f"{where}: the zstd frame holds {size} bytes, the chunk has {raw_nbytes}")
+        with z.ZstdDecompressor().stream_reader(stored, read_across_frames=False) as reader:
+            for p in pieces:
+                got = 0
+                while got < len(p):
+                    k = reader.readinto(p[got:])
+                    if k == 0:
+                        raise IntegrityError(f"{where}: the zstd frame ends before the chunk's {raw_nbytes} bytes")
+                    got += k
+                crc = checksum(p, crc)
+    except z.ZstdError as exc:
+        raise IntegrityError(f"{where}: the zstd frame cannot be decompressed ({exc})") from exc
+    if crc != info.raw_crc32c:
+        raise IntegrityError(f"{where}: decompressed bytes fail their checksum (crc32c {crc:#010x}, expected "
+                             f"{info.raw_crc32c:#010x}, {raw_nbytes} bytes)")

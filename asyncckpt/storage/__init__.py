@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from .base import AbortsIncompleteUploads, Capabilities, CleansTempFiles, ObjectWriter, Storage
+from .base import AbortsIncompleteUploads, Capabilities, CleansTempFiles, ObjectWriter, ReadsScattered, Storage
 from .keys import TEMP_MARK, check_key, join_key
 from .local import LocalStorage
 from .registry import (
@@ -29,6 +29,7 @@ __all__ = [
     "CleansTempFiles",
     "LocalStorage",
     "ObjectWriter",
+    "ReadsScattered",
     "Storage",
     "check_key",
     "check_scheme",

@@ -9,10 +9,11 @@ a caller checks the flag, then calls the matching method of `AbortsIncompleteUpl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["AbortsIncompleteUploads", "Capabilities", "CleansTempFiles", "ObjectWriter", "Storage"]
+__all__ = ["AbortsIncompleteUploads", "Capabilities", "CleansTempFiles", "ObjectWriter", "ReadsScattered", "Storage"]
 
 
 @dataclass(frozen=True)
@@ -27,12 +28,16 @@ class Capabilities:
       caller passes it to ``write_part(..., crc32c=)`` (``"crc32c"``), or None.
     - ``cleanup_temp``: the backend has ``cleanup_temp(prefix)`` (`CleansTempFiles`) that
       removes local temporary files of torn writes.
+    - ``scatter_read``: the backend has ``read_into_scattered(key, offset, bufs)``
+      (`ReadsScattered`) that fills several buffers from one byte range in one pass (local: preadv),
+      so a chunk spanning several tensors lands in them without a staging copy.
     """
 
     conditional_put: bool = False
     abort_incomplete: bool = False
     server_checksum: str | None = None
     cleanup_temp: bool = False
+    scatter_read: bool = False
 
 
 @runtime_checkable
@@ -110,3 +115,12 @@ class CleansTempFiles(Protocol):
 
     async def cleanup_temp(self, prefix: str = "") -> int:
         """Remove temporary files of torn writes under ``prefix``; return how many."""
+
+
+@runtime_checkable
+class ReadsScattered(Protocol):
+    """Offered where ``capabilities.scatter_read`` is True."""
+
+    async def read_into_scattered(self, key: str, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Fill ``bufs`` in order with the bytes of ``key`` from ``offset`` (``sum(len(b))`` of them);
+        a short object raises IntegrityError."""

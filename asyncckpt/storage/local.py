@@ -9,6 +9,7 @@ import errno
 import os
 import threading
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,6 +29,10 @@ __all__ = ["LocalStorage"]
 _TMP_MARK = TEMP_MARK
 _IO_ALIGN = 4096  # O_DIRECT: buffer address, offset and length must be multiples of this
 _DIRECT_MIN = 16 << 20  # files at least this large write their aligned parts with O_DIRECT
+try:
+    _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))  # buffers one preadv takes
+except (AttributeError, ValueError, OSError):
+    _IOV_MAX = 16
 
 
 def _storage_error(op: str, path: str | os.PathLike[str], exc: OSError) -> StorageError:
@@ -167,7 +172,7 @@ class _LocalWriter:
 class LocalStorage:
     """A directory on a local (or network-mounted POSIX) filesystem."""
 
-    capabilities = Capabilities(conditional_put=True, cleanup_temp=True)
+    capabilities = Capabilities(conditional_put=True, cleanup_temp=True, scatter_read=True)
 
     def __init__(self, root: str | os.PathLike[str], *, threads: int = 8, direct_io: bool = True) -> None:
         self.root = Path(root).absolute()
@@ -238,10 +243,16 @@ class LocalStorage:
         return _LocalWriter(self, final, tmp, fd, direct)
 
     async def read_into(self, key: str, offset: int, buf: memoryview) -> None:
-        await self._run(self._read_into_sync, key, offset, buf)
+        await self._run(self._read_scattered_sync, key, offset, [buf])
 
-    def _read_into_sync(self, key: str, offset: int, buf: memoryview) -> None:
+    async def read_into_scattered(self, key: str, offset: int, bufs: Sequence[memoryview]) -> None:
+        await self._run(self._read_scattered_sync, key, offset, bufs)
+
+    def _read_scattered_sync(self, key: str, offset: int, bufs: Sequence[memoryview]) -> None:
         p = self._resolve_inside(key)
+        views = [b.cast("B") if b.format != "B" else b for b in bufs]
+        views = [v for v in views if len(v)]
+        want = sum(len(v) for v in views)
         try:
             fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError as exc:
@@ -249,15 +260,19 @@ class LocalStorage:
         except OSError as exc:
             raise _storage_error("open", p, exc) from exc
         try:
-            view = buf.cast("B") if buf.format != "B" else buf
-            done = 0
-            while done < len(view):
-                n = os.preadv(fd, [view[done:]], offset + done)
+            done = k = 0  # bytes read; the first view not yet full
+            while k < len(views):
+                n = os.preadv(fd, views[k : k + _IOV_MAX], offset + done)
                 if n == 0:
                     raise IntegrityError(
-                        f"{p} is truncated: wanted {len(view)} bytes at offset {offset}, file ends after {done}"
+                        f"{p} is truncated: wanted {want} bytes at offset {offset}, file ends after {done}"
                     )
                 done += n
+                while k < len(views) and n >= len(views[k]):  # drop the views filled; trim a partial one
+                    n -= len(views[k])
+                    k += 1
+                if n:
+                    views[k] = views[k][n:]
         except OSError as exc:
             raise _storage_error("read", p, exc) from exc
         finally:
