@@ -27,12 +27,15 @@ class Capabilities:
       caller passes it to ``write_part(..., crc32c=)`` (``"crc32c"``), or None.
     - ``cleanup_temp``: the backend has ``cleanup_temp(prefix)`` (`CleansTempFiles`) that
       removes local temporary files of torn writes.
+    - ``min_part_size``: the smallest part, other than an object's last, that ``write_part``
+      takes (5 MiB: S3's multipart minimum; a local file takes parts of any size).
     """
 
     conditional_put: bool = False
     abort_incomplete: bool = False
     server_checksum: str | None = None
     cleanup_temp: bool = False
+    min_part_size: int = 5 << 20
 
 
 @runtime_checkable
@@ -40,7 +43,8 @@ class ObjectWriter(Protocol):
     """A streaming writer for one key; nothing is visible under the key before `commit`."""
 
     async def write_part(self, index: int, offset: int, data: memoryview, *, crc32c: int | None = None) -> None:
-        """Write part ``index`` (0-based, contiguous, all but the last at least 5 MiB) at ``offset``.
+        """Write part ``index`` (0-based, contiguous, all but the last at least
+        ``Capabilities.min_part_size``) at ``offset``.
 
         Calls may run concurrently and out of order; ``data`` may be reused by the caller once the
         call returns. ``crc32c`` is the CRC32C of ``data`` when the caller computed it: a backend
