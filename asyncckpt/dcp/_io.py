@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import io
+import mmap
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -98,12 +99,12 @@ class PartSink(io.RawIOBase):
         self._concurrency = max(1, concurrency)
         self._timeout = timeout
         self._writer: ObjectWriter | None = None
-        self._free: list[bytearray] = []
-        self._cur: bytearray | None = None  # allocated at the first byte to gather
+        self._free: list[mmap.mmap] = []
+        self._cur: mmap.mmap | None = None  # allocated at the first byte to gather
         self._fill = 0
         self._base = 0  # file offset of the gathered buffer's first byte
         self._part = 0
-        self._pending: deque[tuple[concurrent.futures.Future[Any], bytearray | None]] = deque()
+        self._pending: deque[tuple[concurrent.futures.Future[Any], mmap.mmap | None]] = deque()
         self._source = source
         self._src_addr = _address(source) if source is not None else 0
         self.pos = 0
@@ -187,11 +188,13 @@ class PartSink(io.RawIOBase):
             if fut.done() and fut.exception() is not None:
                 raise fut.exception()  # type: ignore[misc]
 
-    def _buffer(self) -> bytearray:
+    def _buffer(self) -> mmap.mmap:
         # At most ``concurrency`` parts are in flight and one buffer gathers: buffers are reused.
-        return self._free.pop() if self._free else bytearray(self._chunk)
+        # Anonymous mappings: only the pages a part fills are ever faulted in (a bytearray zeroes
+        # all of its chunk_size bytes first, which cost more than the writes it gathered).
+        return self._free.pop() if self._free else mmap.mmap(-1, self._chunk)
 
-    def _submit(self, data: memoryview, offset: int, buf: bytearray | None, size_hint: int | None = None) -> None:
+    def _submit(self, data: memoryview, offset: int, buf: mmap.mmap | None, size_hint: int | None = None) -> None:
         if self._writer is None:
             self._writer = self._run(self._storage.open_writer(self._key, size_hint=size_hint))
         self._check_failed()
@@ -205,8 +208,8 @@ class PartSink(io.RawIOBase):
         self._part += 1
 
     def _send_gathered(self, size_hint: int | None = None) -> None:
-        buf = self._cur if self._cur is not None else bytearray(0)
-        self._submit(memoryview(buf)[: self._fill], self._base, buf if self._cur is not None else None, size_hint)
+        data = memoryview(self._cur)[: self._fill] if self._cur is not None else memoryview(b"")
+        self._submit(data, self._base, self._cur, size_hint)
         self._base += self._fill
         self._fill = 0
         self._cur = None
