@@ -63,6 +63,9 @@ def exact_cpu_tensor(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+_DIRECT_MIN = 1 << 20  # smaller writes are cheaper gathered than sent as parts of their own
+
+
 def _address(view: memoryview) -> int:
     """The address of a contiguous buffer's first byte (read-only buffers too)."""
     return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if len(view) else 0
@@ -75,8 +78,8 @@ class PartSink(io.RawIOBase):
     Tracks the CRC32C of the bytes written since the last :meth:`start_item`. At most
     ``concurrency`` parts are in flight.
 
-    ``source``: memory that outlives the sink (the staging slot). A large write that lies
-    inside it (torch.save hands over a tensor's own bytes) is sent as parts that point into
+    ``source``: memory that outlives the sink (the staging slot). A write of at least 1 MiB
+    (and of the backend's smallest part) that lies inside it (torch.save hands over a tensor's own bytes) is sent as parts that point into
     ``source``, with no copy; everything else is gathered in ``chunk_size`` buffers.
     """
 
@@ -96,6 +99,7 @@ class PartSink(io.RawIOBase):
         self._key = key
         self._chunk = chunk_size
         self._min_part = max(1, min(chunk_size, storage.capabilities.min_part_size))
+        self._direct_min = max(self._min_part, _DIRECT_MIN)
         self._concurrency = max(1, concurrency)
         self._timeout = timeout
         self._writer: ObjectWriter | None = None
@@ -128,7 +132,7 @@ class PartSink(io.RawIOBase):
         if n == 0:
             return 0
         self.crc = checksum(mv, self.crc)
-        direct = self._in_source(mv) if n >= self._min_part else None
+        direct = self._in_source(mv) if n >= self._direct_min else None
         if direct is not None:
             self._write_direct(direct)
         else:
