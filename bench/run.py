@@ -192,6 +192,7 @@ def run_engines(args: argparse.Namespace, sd: dict[str, torch.Tensor], root: str
     floor = E.MemcpyFloor(sd)
     sampler = RssSampler()
     rounds = args.warmup + args.reps
+    winners: list[str] = []  # the fastest disk method of each measured repetition
     items: list[Any] = ["memcpy", "disk", *engines]
     for rnd in range(rounds):
         warm = rnd < args.warmup
@@ -216,6 +217,7 @@ def run_engines(args: argparse.Namespace, sd: dict[str, torch.Tensor], root: str
                     dt, best, each = E.raw_disk_write(floor.buf, os.path.join(root, f"raw-{rnd}.bin"))
                     what = f"raw disk, fastest of {len(each)} ways ({best})"
                     if not warm:
+                        winners.append(best)
                         for k, v in each.items():
                             limits.setdefault(f"disk_method_s[{k}]", []).append(v)
                 if not warm:
@@ -287,6 +289,7 @@ def run_engines(args: argparse.Namespace, sd: dict[str, torch.Tensor], root: str
                         + " (then fsync of the directory)"),
         "disk_methods_s": {k[len("disk_method_s["):-1]: stats(v) for k, v in limits.items()
                            if k.startswith("disk_method_s[")},
+        "disk_winners": winners,
         "memcpy_method": ("every tensor copied into one preallocated, already faulted-in buffer; per repetition "
                           "the faster of libc memcpy (one thread) and torch copy_ (intra-op threads)"),
     }
@@ -473,6 +476,13 @@ def summary_table(res: dict[str, Any]) -> str:
                  f"{lim['memcpy_gbps']['median']:6.2f}")
     lines.append(f"{'limit: raw write (' + ('S3' if res['meta']['s3'] else 'disk') + ')':34s} {'':>22s} "
                  f"{f3(lim['disk_s']):>22s} {lim['disk_gbps']['median']:6.2f}")
+    methods = lim.get("disk_methods_s") or {}
+    if methods:
+        won = lim.get("disk_winners") or []
+        lines.append("  disk limit = the fastest way per repetition; median s of each way"
+                     " (times it was the fastest):")
+        for m, s in sorted(methods.items(), key=lambda kv: kv[1]["median"]):
+            lines.append(f"    {m:50s} {s['median']:7.3f}  ({won.count(m)}/{len(won)})")
     tr = res.get("train")
     if tr:
         lines += ["", f"training loop: {tr['params'] / 1e6:.1f} M params, {tr['state_mib']:.0f} MiB state, "

@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import io
+import mmap
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
+import numpy as np
 import torch
 
 from ..errors import CheckpointError, StorageError
@@ -61,11 +63,24 @@ def exact_cpu_tensor(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+_DIRECT_MIN = 1 << 20  # smaller writes are cheaper gathered than sent as parts of their own
+
+
+def _address(view: memoryview) -> int:
+    """The address of a contiguous buffer's first byte (read-only buffers too)."""
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if len(view) else 0
+
+
 class PartSink(io.RawIOBase):
     """A write-only stream that cuts what it is given into parts and writes them to ``key``.
 
     Runs on a thread other than ``loop``'s; every storage call is a coroutine run on ``loop``.
-    Tracks the CRC32C of the bytes written since the last :meth:`start_item`.
+    Tracks the CRC32C of the bytes written since the last :meth:`start_item`. At most
+    ``concurrency`` parts are in flight.
+
+    ``source``: memory that outlives the sink (the staging slot). A write of at least 1 MiB
+    (and of the backend's smallest part) that lies inside it (torch.save hands over a tensor's own bytes) is sent as parts that point into
+    ``source``, with no copy; everything else is gathered in ``chunk_size`` buffers.
     """
 
     def __init__(
@@ -76,21 +91,26 @@ class PartSink(io.RawIOBase):
         chunk_size: int,
         concurrency: int,
         timeout: float | None = None,
+        source: memoryview | None = None,
     ) -> None:
         super().__init__()
         self._loop = loop
         self._storage = storage
         self._key = key
         self._chunk = chunk_size
+        self._min_part = max(1, min(chunk_size, storage.capabilities.min_part_size))
+        self._direct_min = max(self._min_part, _DIRECT_MIN)
         self._concurrency = max(1, concurrency)
         self._timeout = timeout
         self._writer: ObjectWriter | None = None
-        self._free: list[bytearray] = []
-        self._nbufs = 1
-        self._cur = bytearray(chunk_size)
+        self._free: list[mmap.mmap] = []
+        self._cur: mmap.mmap | None = None  # allocated at the first byte to gather
         self._fill = 0
+        self._base = 0  # file offset of the gathered buffer's first byte
         self._part = 0
-        self._pending: deque[tuple[concurrent.futures.Future[Any], bytearray]] = deque()
+        self._pending: deque[tuple[concurrent.futures.Future[Any], mmap.mmap | None]] = deque()
+        self._source = source
+        self._src_addr = _address(source) if source is not None else 0
         self.pos = 0
         self.crc = 0
 
@@ -112,16 +132,51 @@ class PartSink(io.RawIOBase):
         if n == 0:
             return 0
         self.crc = checksum(mv, self.crc)
-        i = 0
+        direct = self._in_source(mv) if n >= self._direct_min else None
+        if direct is not None:
+            self._write_direct(direct)
+        else:
+            self._gather(mv)
+        self.pos += n
+        return n
+
+    def _in_source(self, mv: memoryview) -> memoryview | None:
+        """``mv``'s bytes as a slice of ``source`` when they lie inside it (else None)."""
+        if self._source is None:
+            return None
+        off = _address(mv) - self._src_addr
+        if off < 0 or off + len(mv) > len(self._source):
+            return None
+        return self._source[off : off + len(mv)]
+
+    def _gather(self, mv: memoryview) -> None:
+        i, n = 0, len(mv)
         while i < n:
+            if self._cur is None:
+                self._cur = self._buffer()
             take = min(self._chunk - self._fill, n - i)
             self._cur[self._fill : self._fill + take] = mv[i : i + take]
             self._fill += take
             i += take
             if self._fill == self._chunk:
-                self._send_part()
-        self.pos += n
-        return n
+                self._send_gathered()
+
+    def _write_direct(self, view: memoryview) -> None:
+        # The gathered bytes before it go first, as their own part when that is allowed; else
+        # they are topped up from ``view`` to the smallest allowed part.
+        if 0 < self._fill < self._min_part:
+            take = self._min_part - self._fill
+            self._gather(view[:take])
+            view = view[take:]
+        if self._fill:
+            self._send_gathered()
+        while len(view) >= self._min_part:
+            n = min(self._chunk, len(view))
+            self._submit(view[:n], self._base, None)
+            self._base += n
+            view = view[n:]
+        if len(view):  # a tail too small for a part of its own starts the next gathered one
+            self._gather(view)
 
     # -- items ----------------------------------------------------------------------------------
     def start_item(self) -> int:
@@ -137,34 +192,42 @@ class PartSink(io.RawIOBase):
             if fut.done() and fut.exception() is not None:
                 raise fut.exception()  # type: ignore[misc]
 
-    def _send_part(self, size_hint: int | None = None) -> None:
+    def _buffer(self) -> mmap.mmap:
+        # At most ``concurrency`` parts are in flight and one buffer gathers: buffers are reused.
+        # Anonymous mappings: only the pages a part fills are ever faulted in (a bytearray zeroes
+        # all of its chunk_size bytes first, which cost more than the writes it gathered).
+        return self._free.pop() if self._free else mmap.mmap(-1, self._chunk)
+
+    def _submit(self, data: memoryview, offset: int, buf: mmap.mmap | None, size_hint: int | None = None) -> None:
         if self._writer is None:
             self._writer = self._run(self._storage.open_writer(self._key, size_hint=size_hint))
         self._check_failed()
-        data = memoryview(self._cur)[: self._fill]
-        fut = asyncio.run_coroutine_threadsafe(self._writer.write_part(self._part, self._part * self._chunk, data), self._loop)
-        self._pending.append((fut, self._cur))
-        self._part += 1
-        self._fill = 0
-        if self._free:
-            self._cur = self._free.pop()
-        elif self._nbufs <= self._concurrency:
-            self._cur = bytearray(self._chunk)
-            self._nbufs += 1
-        else:
-            done, buf = self._pending.popleft()
+        while len(self._pending) >= self._concurrency:
+            done, old = self._pending.popleft()
             done.result(self._timeout)
-            self._cur = buf
+            if old is not None:
+                self._free.append(old)
+        fut = asyncio.run_coroutine_threadsafe(self._writer.write_part(self._part, offset, data), self._loop)
+        self._pending.append((fut, buf))
+        self._part += 1
+
+    def _send_gathered(self, size_hint: int | None = None) -> None:
+        data = memoryview(self._cur)[: self._fill] if self._cur is not None else memoryview(b"")
+        self._submit(data, self._base, self._cur, size_hint)
+        self._base += self._fill
+        self._fill = 0
+        self._cur = None
 
     def commit(self) -> None:
         """Send the last part, wait for every part, make the object durable and visible."""
         if self._fill or self._part == 0:
             # A file that fits one part is opened knowing its size (one PUT on S3).
-            self._send_part(size_hint=self._fill if self._writer is None else None)
+            self._send_gathered(size_hint=self._fill if self._writer is None else None)
         while self._pending:
             fut, buf = self._pending.popleft()
             fut.result(self._timeout)
-            self._free.append(buf)
+            if buf is not None:
+                self._free.append(buf)
         assert self._writer is not None
         self._run(self._writer.commit())
 
@@ -220,13 +283,17 @@ def write_file(
     chunk_size: int,
     concurrency: int,
     extensions: Sequence[Any] = (),
+    source: memoryview | None = None,
 ) -> tuple[FileRecord, list[ItemRecord], list[list[str] | None]]:
     """Serialize ``spec``'s items into ``name/spec.name`` (call from a thread, not ``loop``'s).
+
+    ``source``: the memory ``get_data``'s values live in, if it outlives the call (see
+    :class:`PartSink`); their bytes are then written from it without a copy.
 
     Returns the file's record, its items' records and each item's transform descriptors.
     """
     key = join_key(name, spec.name)
-    sink = PartSink(loop, storage, key, chunk_size, concurrency)
+    sink = PartSink(loop, storage, key, chunk_size, concurrency, source=source)
     records: list[ItemRecord] = []
     transforms: list[list[str] | None] = []
     try:

@@ -91,6 +91,7 @@ class DcpSink:
                 asyncio.to_thread(
                     write_file, loop, storage, sj.name, f, job.items, lambda i: _slot_data(staged, job.items[i]),
                     chunk_size=sj.chunk_size, concurrency=sj.io_concurrency, extensions=job.extensions,
+                    source=staged.slot.view,
                 )
                 for f in files
             ),

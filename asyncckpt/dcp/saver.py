@@ -23,6 +23,8 @@ from __future__ import annotations
 import inspect
 import os
 import time
+import traceback
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch.distributed as dist
@@ -170,7 +172,10 @@ def save_state_dict_async_plan(
 
     if use_collectives:
         try:
-            central = dw.reduce_scatter("plan", local_step, global_step)
+            if dw.get_world_size() == 1:  # what reduce_scatter computes, without pickling plans through gloo
+                central = _plan_alone(dw.rank, local_step, global_step)
+            else:
+                central = dw.reduce_scatter("plan", local_step, global_step)
         except CheckpointException as exc:  # every rank raises it (DCP's planning contract)
             raise DcpCheckpointException(
                 f"planning the DCP save of {storage_writer.uri} failed on rank(s) {sorted(exc.failures)}: "
@@ -198,6 +203,16 @@ def save_state_dict_async_plan(
         checkpoint_id=storage_writer.uri, plan_seconds=time.perf_counter() - t0,
         collective=use_collectives, use_dist=use_dist,
     )
+
+
+def _plan_alone(rank: int, local_step: Callable[[], SavePlan],
+                global_step: Callable[[list[SavePlan]], list[SavePlan]]) -> SavePlan:
+    """DCP's plan reduce-scatter on a one-rank group: the same plan and the same
+    ``CheckpointException`` on failure, without the collective round trips."""
+    try:
+        return global_step([local_step()])[0]
+    except Exception as exc:  # reported as DCP's collective would report it
+        raise CheckpointException("plan", {rank: (exc, traceback.extract_tb(exc.__traceback__))}) from exc
 
 
 _UNSET: Any = object()

@@ -31,6 +31,8 @@ class Capabilities:
     - ``scatter_read``: the backend has ``read_into_scattered(key, offset, bufs)``
       (`ReadsScattered`) that fills several buffers from one byte range in one pass (local: preadv),
       so a chunk spanning several tensors lands in them without a staging copy.
+    - ``min_part_size``: the smallest part, other than an object's last, that ``write_part``
+      takes (5 MiB: S3's multipart minimum; a local file takes parts of any size).
     """
 
     conditional_put: bool = False
@@ -38,6 +40,7 @@ class Capabilities:
     server_checksum: str | None = None
     cleanup_temp: bool = False
     scatter_read: bool = False
+    min_part_size: int = 5 << 20
 
 
 @runtime_checkable
@@ -45,7 +48,8 @@ class ObjectWriter(Protocol):
     """A streaming writer for one key; nothing is visible under the key before `commit`."""
 
     async def write_part(self, index: int, offset: int, data: memoryview, *, crc32c: int | None = None) -> None:
-        """Write part ``index`` (0-based, contiguous, all but the last at least 5 MiB) at ``offset``.
+        """Write part ``index`` (0-based, contiguous, all but the last at least
+        ``Capabilities.min_part_size``) at ``offset``.
 
         Calls may run concurrently and out of order; ``data`` may be reused by the caller once the
         call returns. ``crc32c`` is the CRC32C of ``data`` when the caller computed it: a backend

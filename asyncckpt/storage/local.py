@@ -172,7 +172,7 @@ class _LocalWriter:
 class LocalStorage:
     """A directory on a local (or network-mounted POSIX) filesystem."""
 
-    capabilities = Capabilities(conditional_put=True, cleanup_temp=True, scatter_read=True)
+    capabilities = Capabilities(conditional_put=True, cleanup_temp=True, scatter_read=True, min_part_size=1)
 
     def __init__(self, root: str | os.PathLike[str], *, threads: int = 8, direct_io: bool = True) -> None:
         self.root = Path(root).absolute()
