@@ -191,6 +191,8 @@ def main() -> None:
     ap.add_argument("--interval", type=int, default=4, help="torchtitan: steps between saves")
     ap.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
     args = ap.parse_args()
+    if args.dir is not None:
+        os.makedirs(args.dir, exist_ok=True)  # tempfile.mkdtemp(dir=...) needs it to exist
     torch.set_num_threads(1)
     for fw in args.framework:
         {"lightning": lightning, "torchtitan": titan}[fw](args)
