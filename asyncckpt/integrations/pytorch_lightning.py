@@ -1,5 +1,6 @@
 """PyTorch Lightning (``pytorch_lightning``, ``lightning_fabric``): ``Trainer(plugins=[AsyncckptCheckpointIO()])``.
-Sharded (FSDP2 / tensor parallel) checkpoints: ``Trainer(strategy=AsyncckptModelParallelStrategy(...))``.
+Sharded (FSDP2 / tensor parallel) checkpoints: ``Trainer(strategy=AsyncckptModelParallelStrategy(...))``;
+FSDP1: ``Trainer(strategy=AsyncckptFSDPStrategy(state_dict_type="sharded", ...))`` (CUDA only, as FSDP1 is).
 
 Importing this module imports ``lightning_fabric`` and ``pytorch_lightning``; install them with
 ``pip install "asyncckpt[pytorch-lightning]"``.
@@ -15,12 +16,12 @@ from .sharded import ShardedCheckpointMethods
 
 try:
     from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
-    from pytorch_lightning.strategies import ModelParallelStrategy
+    from pytorch_lightning.strategies import FSDPStrategy, ModelParallelStrategy
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("asyncckpt.integrations.pytorch_lightning needs the 'pytorch-lightning' package: "
                       "pip install 'asyncckpt[pytorch-lightning]'") from exc
 
-__all__ = ["RNG_KEY", "AsyncckptCheckpointIO", "AsyncckptModelParallelStrategy"]
+__all__ = ["RNG_KEY", "AsyncckptCheckpointIO", "AsyncckptFSDPStrategy", "AsyncckptModelParallelStrategy"]
 
 
 class AsyncckptCheckpointIO(CheckpointIOMethods, CheckpointIO):
@@ -44,3 +45,28 @@ class AsyncckptModelParallelStrategy(ShardedCheckpointMethods, ModelParallelStra
         bound = inspect.signature(ModelParallelStrategy.__init__).bind(self, *args, **kwargs)
         bound.apply_defaults()
         ShardedCheckpointMethods.__init__(self, sharded=bool(bound.arguments["save_distributed_checkpoint"]))
+
+
+class AsyncckptFSDPStrategy(ShardedCheckpointMethods, FSDPStrategy):
+    """``FSDPStrategy`` (FSDP1) whose sharded checkpoints (``state_dict_type="sharded"``) asyncckpt's worker writes.
+
+    Takes ``FSDPStrategy``'s arguments. The DCP keys are the stock strategy's (``model``,
+    ``optimizer_N``), plus asyncckpt's metadata entry, so either strategy resumes from what the other
+    wrote. ``state_dict_type="full"`` is left to the stock strategy. FSDP1 needs CUDA (torch refuses
+    it on CPU), so this class is tested only where a GPU is present
+    (``tests/integrations/test_lightning_sharded.py``, skipped without CUDA).
+    """
+
+    asyncckpt_model_key = "model"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        FSDPStrategy.__init__(self, *args, **kwargs)
+        bound = inspect.signature(FSDPStrategy.__init__).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        ShardedCheckpointMethods.__init__(self, sharded=bound.arguments["state_dict_type"] == "sharded")
+
+    def asyncckpt_load_model(self, module: Any, state_dict: dict[str, Any], *, strict: bool) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # an FSDP1 module's own load_state_dict expects its default (full) state dict type
+        set_model_state_dict(module, state_dict, options=StateDictOptions(strict=strict))

@@ -26,7 +26,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -62,6 +62,10 @@ class ShardedCheckpointMethods:
     All ranks call ``save_checkpoint``, ``load_checkpoint``, ``remove_checkpoint``,
     ``on_train_batch_start`` and ``teardown`` (Lightning does): finishing a save is collective.
     """
+
+    #: the DCP key of the module's state: Lightning's ``ModelParallelStrategy`` writes ``state_dict``,
+    #: its ``FSDPStrategy`` ``model`` (kept, so the stock strategy reads what asyncckpt wrote)
+    asyncckpt_model_key: ClassVar[str] = "state_dict"
 
     # provided by the Lightning strategy this is mixed into
     broadcast: Callable[..., Any]
@@ -138,7 +142,7 @@ class ShardedCheckpointMethods:
             if self.is_global_zero:
                 os.unlink(path)
             self.barrier("asyncckpt.save_checkpoint")
-        state: dict[str, Any] = {"state_dict": checkpoint.pop("state_dict")}
+        state: dict[str, Any] = {self.asyncckpt_model_key: checkpoint.pop("state_dict")}
         state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
         extra: dict[str, bytes] | None = None
         if self.global_rank == 0:  # rank 0's metadata, as Lightning writes meta.pt from rank 0
@@ -172,11 +176,12 @@ class ShardedCheckpointMethods:
 
         module = self.model
         optimizers = list(self.optimizers)
-        state: dict[str, Any] = {"state_dict": get_model_state_dict(module)}
+        key = self.asyncckpt_model_key
+        state: dict[str, Any] = {key: get_model_state_dict(module)}
         state.update({f"optimizer_{i}": get_optimizer_state_dict(module, opt) for i, opt in enumerate(optimizers)})
         state[META_KEY] = torch.empty(size, dtype=torch.uint8)
         dcp.load(state, checkpoint_id=path)  # one .metadata, so one generation for all of it
-        module.load_state_dict(state["state_dict"], strict=self.lightning_module.strict_loading)
+        self.asyncckpt_load_model(module, state[key], strict=self.lightning_module.strict_loading)
         for i, opt in enumerate(optimizers):
             set_optimizer_state_dict(module, opt, optim_state_dict=state[f"optimizer_{i}"],
                                      options=StateDictOptions(cpu_offload=True))
@@ -185,6 +190,10 @@ class ShardedCheckpointMethods:
             raise BadInputError(f"{path}: its {META_KEY!r} entry holds a {type(meta).__name__}, not Lightning's "
                                 "checkpoint dict")
         return meta
+
+    def asyncckpt_load_model(self, module: Any, state_dict: dict[str, Any], *, strict: bool) -> None:
+        """Load the module's loaded (sharded) state dict into it."""
+        module.load_state_dict(state_dict, strict=strict)
 
     def remove_checkpoint(self, filepath: Any) -> None:
         """Remove a checkpoint once its pending save is committed; a sharded one with :func:`asyncckpt.delete`.

@@ -1,4 +1,5 @@
 """A tiny FSDP2 Lightning run on 2 CPU gloo ranks (ModelParallelStrategy): train, save sharded, maybe die, resume.
+(``--fsdp1``: FSDPStrategy with sharded state dicts on up to 2 GPUs instead.)
 
     python lightning_fsdp_train.py OUT_DIR --strategy asyncckpt|stock [--epochs N] [--kill-at EPOCH] [--resume]
         [--namespace lightning|pytorch_lightning]
@@ -26,20 +27,21 @@ p.add_argument("--epochs", type=int, default=4)
 p.add_argument("--kill-at", type=int, default=-1, help="every rank SIGKILLs itself in the second batch of this epoch")
 p.add_argument("--resume", action="store_true")
 p.add_argument("--namespace", default="lightning")
+p.add_argument("--fsdp1", action="store_true", help="FSDPStrategy (FSDP1, sharded state dicts) on CUDA instead")
 args = p.parse_args()
 
 if args.namespace == "lightning":
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-    from asyncckpt.integrations.lightning import AsyncckptModelParallelStrategy
+    from asyncckpt.integrations.lightning import AsyncckptFSDPStrategy, AsyncckptModelParallelStrategy
 else:
     import pytorch_lightning as L
     from pytorch_lightning.callbacks import ModelCheckpoint
-    from pytorch_lightning.strategies import ModelParallelStrategy
+    from pytorch_lightning.strategies import FSDPStrategy, ModelParallelStrategy
 
-    from asyncckpt.integrations.pytorch_lightning import AsyncckptModelParallelStrategy
+    from asyncckpt.integrations.pytorch_lightning import AsyncckptFSDPStrategy, AsyncckptModelParallelStrategy
 
 torch.set_num_threads(1)
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -51,6 +53,8 @@ class Tiny(L.LightningModule):
         self.net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
 
     def configure_model(self) -> None:
+        if args.fsdp1:
+            return  # FSDPStrategy wraps the module itself
         mesh = self.device_mesh["data_parallel"]
         for layer in self.net:
             if isinstance(layer, torch.nn.Linear):
@@ -82,9 +86,16 @@ def main() -> None:
     model = Tiny()
     ckdir = os.path.join(args.out, "ckpts")
     cb = ModelCheckpoint(dirpath=ckdir, every_n_epochs=1, save_top_k=2, monitor="step", mode="max", save_last=True)
-    cls = AsyncckptModelParallelStrategy if args.strategy == "asyncckpt" else ModelParallelStrategy
-    strategy = cls(data_parallel_size=2, tensor_parallel_size=1)
-    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=2, strategy=strategy, callbacks=[cb],
+    strategy: object
+    if args.fsdp1:
+        devices = min(2, torch.cuda.device_count())
+        cls1 = AsyncckptFSDPStrategy if args.strategy == "asyncckpt" else FSDPStrategy
+        strategy, accelerator = cls1(state_dict_type="sharded"), "cuda"
+    else:
+        devices = 2
+        cls = AsyncckptModelParallelStrategy if args.strategy == "asyncckpt" else ModelParallelStrategy
+        strategy, accelerator = cls(data_parallel_size=2, tensor_parallel_size=1), "cpu"
+    trainer = L.Trainer(max_epochs=args.epochs, accelerator=accelerator, devices=devices, strategy=strategy, callbacks=[cb],
                         logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, deterministic=True)
     trainer.fit(model, loader, ckpt_path="last" if args.resume else None)

@@ -63,3 +63,23 @@ def test_sharded_sigkill_then_resume_is_bit_exact(tmp_path: Path, reference: Pat
     # ModelCheckpoint's top-k pruning went through asyncckpt.delete (whole directories, meta.pt included).
     names = {p.name for p in (killed / "ckpts").iterdir()}
     assert {"epoch=3-step=16.ckpt", "last.ckpt"} <= names and not names & {"epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP1 needs CUDA (torch refuses it on CPU)")
+def test_fsdp1_sharded_sigkill_then_resume_is_bit_exact(tmp_path: Path) -> None:
+    """The same with AsyncckptFSDPStrategy(state_dict_type="sharded") against stock FSDPStrategy, on up to 2 GPUs."""
+    ref = tmp_path / "ref"
+    run_script("lightning_fsdp_train.py", str(ref), "--strategy", "stock", "--fsdp1", timeout=300)
+    expected = torch.load(ref / "final.pt", weights_only=False)
+    killed = tmp_path / "killed"
+    run_script("lightning_fsdp_train.py", str(killed), "--fsdp1", "--kill-at", "3", expect_kill=True, timeout=300)
+    last = killed / "ckpts" / "last.ckpt"
+    assert (last / ".metadata").is_file() and (last / META_FILE).is_file()
+    keys = dcp.FileSystemReader(str(last)).read_metadata().state_dict_metadata
+    assert META_KEY in keys and any(k.startswith("model.") for k in keys)  # the stock strategy's key names
+    stock = tmp_path / "stock"
+    shutil.copytree(killed, stock, symlinks=True)
+    run_script("lightning_fsdp_train.py", str(stock), "--strategy", "stock", "--fsdp1", "--resume", timeout=300)
+    assert_same(torch.load(stock / "final.pt", weights_only=False), expected, "stock FSDP1 resume")
+    run_script("lightning_fsdp_train.py", str(killed), "--fsdp1", "--resume", timeout=300)
+    assert_same(torch.load(killed / "final.pt", weights_only=False), expected, "asyncckpt FSDP1 resume")
