@@ -7,11 +7,10 @@ Importing this module imports ``lightning``; install it with ``pip install 'asyn
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from .checkpoint_io import RNG_KEY, CheckpointIOMethods
-from .sharded import ShardedCheckpointMethods
+from .sharded import FSDP1CheckpointMethods, ShardedCheckpointMethods, init_strategy
 
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -40,13 +39,10 @@ class AsyncckptModelParallelStrategy(ShardedCheckpointMethods, ModelParallelStra
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        ModelParallelStrategy.__init__(self, *args, **kwargs)
-        bound = inspect.signature(ModelParallelStrategy.__init__).bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        ShardedCheckpointMethods.__init__(self, sharded=bool(bound.arguments["save_distributed_checkpoint"]))
+        init_strategy(self, ModelParallelStrategy, args, kwargs, "save_distributed_checkpoint", bool)
 
 
-class AsyncckptFSDPStrategy(ShardedCheckpointMethods, FSDPStrategy):
+class AsyncckptFSDPStrategy(FSDP1CheckpointMethods, FSDPStrategy):
     """``FSDPStrategy`` (FSDP1) whose sharded checkpoints (``state_dict_type="sharded"``) asyncckpt's worker writes.
 
     Takes ``FSDPStrategy``'s arguments. The DCP keys are the stock strategy's (``model``,
@@ -56,16 +52,5 @@ class AsyncckptFSDPStrategy(ShardedCheckpointMethods, FSDPStrategy):
     (``tests/integrations/test_lightning_sharded.py``, skipped without CUDA).
     """
 
-    asyncckpt_model_key = "model"
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        FSDPStrategy.__init__(self, *args, **kwargs)
-        bound = inspect.signature(FSDPStrategy.__init__).bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        ShardedCheckpointMethods.__init__(self, sharded=bound.arguments["state_dict_type"] == "sharded")
-
-    def asyncckpt_load_model(self, module: Any, state_dict: dict[str, Any], *, strict: bool) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        # an FSDP1 module's own load_state_dict expects its default (full) state dict type
-        set_model_state_dict(module, state_dict, options=StateDictOptions(strict=strict))
+        init_strategy(self, FSDPStrategy, args, kwargs, "state_dict_type", lambda v: v == "sharded")

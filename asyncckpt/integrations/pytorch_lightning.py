@@ -8,11 +8,10 @@ Importing this module imports ``lightning_fabric`` and ``pytorch_lightning``; in
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from .checkpoint_io import RNG_KEY, CheckpointIOMethods
-from .sharded import ShardedCheckpointMethods
+from .sharded import FSDP1CheckpointMethods, ShardedCheckpointMethods, init_strategy
 
 try:
     from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -33,40 +32,14 @@ class AsyncckptCheckpointIO(CheckpointIOMethods, CheckpointIO):
 
 
 class AsyncckptModelParallelStrategy(ShardedCheckpointMethods, ModelParallelStrategy):
-    """``ModelParallelStrategy`` (FSDP2 / tensor parallel) whose sharded checkpoints asyncckpt's worker writes.
-
-    Takes ``ModelParallelStrategy``'s arguments: ``Trainer(strategy=AsyncckptModelParallelStrategy(...))``.
-    ``save_checkpoint`` returns once the worker holds its copy of the shards; the DCP checkpoint and
-    Lightning's metadata are committed together (see :mod:`asyncckpt.integrations.sharded`).
-    """
+    """:class:`asyncckpt.integrations.lightning.AsyncckptModelParallelStrategy` for ``pytorch_lightning``."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        ModelParallelStrategy.__init__(self, *args, **kwargs)
-        bound = inspect.signature(ModelParallelStrategy.__init__).bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        ShardedCheckpointMethods.__init__(self, sharded=bool(bound.arguments["save_distributed_checkpoint"]))
+        init_strategy(self, ModelParallelStrategy, args, kwargs, "save_distributed_checkpoint", bool)
 
 
-class AsyncckptFSDPStrategy(ShardedCheckpointMethods, FSDPStrategy):
-    """``FSDPStrategy`` (FSDP1) whose sharded checkpoints (``state_dict_type="sharded"``) asyncckpt's worker writes.
-
-    Takes ``FSDPStrategy``'s arguments. The DCP keys are the stock strategy's (``model``,
-    ``optimizer_N``), plus asyncckpt's metadata entry, so either strategy resumes from what the other
-    wrote. ``state_dict_type="full"`` is left to the stock strategy. FSDP1 needs CUDA (torch refuses
-    it on CPU), so this class is tested only where a GPU is present
-    (``tests/integrations/test_lightning_sharded.py``, skipped without CUDA).
-    """
-
-    asyncckpt_model_key = "model"
+class AsyncckptFSDPStrategy(FSDP1CheckpointMethods, FSDPStrategy):
+    """:class:`asyncckpt.integrations.lightning.AsyncckptFSDPStrategy` for ``pytorch_lightning`` (CUDA only)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        FSDPStrategy.__init__(self, *args, **kwargs)
-        bound = inspect.signature(FSDPStrategy.__init__).bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        ShardedCheckpointMethods.__init__(self, sharded=bound.arguments["state_dict_type"] == "sharded")
-
-    def asyncckpt_load_model(self, module: Any, state_dict: dict[str, Any], *, strict: bool) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        # an FSDP1 module's own load_state_dict expects its default (full) state dict type
-        set_model_state_dict(module, state_dict, options=StateDictOptions(strict=strict))
+        init_strategy(self, FSDPStrategy, args, kwargs, "state_dict_type", lambda v: v == "sharded")

@@ -21,6 +21,7 @@ generation, so a resumed run never pairs new loop counters with old weights.
 
 from __future__ import annotations
 
+import inspect
 import io
 import logging
 import os
@@ -33,7 +34,7 @@ import torch
 from ..errors import BadInputError, CheckpointNotFoundError
 from ..queue import AsyncCallsQueue
 
-__all__ = ["META_FILE", "META_KEY", "ShardedCheckpointMethods"]
+__all__ = ["META_FILE", "META_KEY", "FSDP1CheckpointMethods", "ShardedCheckpointMethods", "init_strategy"]
 
 log = logging.getLogger("asyncckpt")
 
@@ -232,6 +233,29 @@ class ShardedCheckpointMethods:
             self.asyncckpt_close()
         finally:
             super().teardown()  # type: ignore[misc]
+
+
+class FSDP1CheckpointMethods(ShardedCheckpointMethods):
+    """:class:`ShardedCheckpointMethods` for Lightning's ``FSDPStrategy`` (FSDP1): its DCP key names
+    (``model``, ``optimizer_N``), so the stock strategy and this one resume from each other's checkpoints."""
+
+    asyncckpt_model_key = "model"
+
+    def asyncckpt_load_model(self, module: Any, state_dict: dict[str, Any], *, strict: bool) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # an FSDP1 module's own load_state_dict expects its default (full) state dict type
+        set_model_state_dict(module, state_dict, options=StateDictOptions(strict=strict))
+
+
+def init_strategy(strategy: ShardedCheckpointMethods, base: type[Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                  flag: str, sharded: Callable[[Any], bool]) -> None:
+    """``base.__init__(strategy, *args, **kwargs)``, then the asyncckpt part, sharded when
+    ``sharded(value of base's argument flag)`` (defaults applied) says the strategy saves sharded."""
+    base.__init__(strategy, *args, **kwargs)
+    bound = inspect.signature(base.__init__).bind(strategy, *args, **kwargs)
+    bound.apply_defaults()
+    ShardedCheckpointMethods.__init__(strategy, sharded=sharded(bound.arguments[flag]))
 
 
 def _meta_size(path: Path) -> int | None:
