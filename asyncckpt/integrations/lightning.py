@@ -34,12 +34,13 @@ class AsyncckptModelParallelStrategy(ShardedCheckpointMethods, ModelParallelStra
     """``ModelParallelStrategy`` (FSDP2 / tensor parallel) whose sharded checkpoints asyncckpt's worker writes.
 
     Takes ``ModelParallelStrategy``'s arguments: ``Trainer(strategy=AsyncckptModelParallelStrategy(...))``.
-    ``save_checkpoint`` returns once the worker holds its copy of the shards; the DCP checkpoint and
-    Lightning's metadata are committed together (see :mod:`asyncckpt.integrations.sharded`).
+    ``save_checkpoint`` returns once the worker holds its copy of the shards; the DCP checkpoint,
+    Lightning's metadata and each rank's RNG state are committed together, and ``load_checkpoint``
+    restores all three (see :mod:`asyncckpt.integrations.sharded`). ``rng=False``: no RNG state.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        init_strategy(self, ModelParallelStrategy, args, kwargs, "save_distributed_checkpoint", bool)
+    def __init__(self, *args: Any, rng: bool = True, **kwargs: Any) -> None:
+        init_strategy(self, ModelParallelStrategy, args, kwargs, "save_distributed_checkpoint", bool, rng=rng)
 
 
 class AsyncckptFSDPStrategy(FSDP1CheckpointMethods, FSDPStrategy):
@@ -52,5 +53,5 @@ class AsyncckptFSDPStrategy(FSDP1CheckpointMethods, FSDPStrategy):
     (``tests/integrations/test_lightning_sharded.py``, skipped without CUDA).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        init_strategy(self, FSDPStrategy, args, kwargs, "state_dict_type", lambda v: v == "sharded")
+    def __init__(self, *args: Any, rng: bool = True, **kwargs: Any) -> None:
+        init_strategy(self, FSDPStrategy, args, kwargs, "state_dict_type", lambda v: v == "sharded", rng=rng)

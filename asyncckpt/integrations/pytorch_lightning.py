@@ -34,12 +34,12 @@ class AsyncckptCheckpointIO(CheckpointIOMethods, CheckpointIO):
 class AsyncckptModelParallelStrategy(ShardedCheckpointMethods, ModelParallelStrategy):
     """:class:`asyncckpt.integrations.lightning.AsyncckptModelParallelStrategy` for ``pytorch_lightning``."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        init_strategy(self, ModelParallelStrategy, args, kwargs, "save_distributed_checkpoint", bool)
+    def __init__(self, *args: Any, rng: bool = True, **kwargs: Any) -> None:
+        init_strategy(self, ModelParallelStrategy, args, kwargs, "save_distributed_checkpoint", bool, rng=rng)
 
 
 class AsyncckptFSDPStrategy(FSDP1CheckpointMethods, FSDPStrategy):
     """:class:`asyncckpt.integrations.lightning.AsyncckptFSDPStrategy` for ``pytorch_lightning`` (CUDA only)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        init_strategy(self, FSDPStrategy, args, kwargs, "state_dict_type", lambda v: v == "sharded")
+    def __init__(self, *args: Any, rng: bool = True, **kwargs: Any) -> None:
+        init_strategy(self, FSDPStrategy, args, kwargs, "state_dict_type", lambda v: v == "sharded", rng=rng)

@@ -17,6 +17,12 @@ replaces both writes:
 
 ``load_checkpoint`` reads model, optimizers and the metadata in one stock ``dcp.load`` of one
 generation, so a resumed run never pairs new loop counters with old weights.
+
+Each rank's RNG state (Python ``random``, NumPy's global generator, torch CPU and CUDA, as
+:func:`asyncckpt.rng.get_rng_state` returns it) is saved in the same generation under
+:func:`rng_key` and put back by ``load_checkpoint`` when as many ranks resume as saved; Lightning
+saves no RNG state itself, so a resumed run would otherwise draw (dropout masks, noise) other
+numbers than the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -29,12 +35,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from ..errors import BadInputError, CheckpointNotFoundError
 from ..queue import AsyncCallsQueue
+from ..rng import get_rng_state, set_rng_state
 
-__all__ = ["META_FILE", "META_KEY", "FSDP1CheckpointMethods", "ShardedCheckpointMethods", "init_strategy"]
+__all__ = ["META_FILE", "META_KEY", "RNG_KEY_PREFIX", "FSDP1CheckpointMethods", "ShardedCheckpointMethods",
+           "init_strategy", "rng_key"]
 
 log = logging.getLogger("asyncckpt")
 
@@ -42,6 +51,14 @@ log = logging.getLogger("asyncckpt")
 META_KEY = "asyncckpt_lightning_meta"
 #: Lightning's name for that metadata file inside a sharded checkpoint directory.
 META_FILE = "meta.pt"
+#: The DCP keys holding each rank's RNG state start with this; rank ``R``'s is :func:`rng_key` ``(R)``.
+RNG_KEY_PREFIX = "asyncckpt_lightning_rng.rank"
+
+
+def rng_key(rank: int) -> str:
+    """The DCP key of rank ``rank``'s RNG state: a 1-D uint8 tensor, the ``torch.save`` bytes of
+    :func:`asyncckpt.rng.get_rng_state` with its NumPy arrays as tensors (so it loads with ``weights_only=True``)."""
+    return f"{RNG_KEY_PREFIX}{int(rank)}"
 
 
 def _serialize(obj: Any) -> bytes:
@@ -50,15 +67,31 @@ def _serialize(obj: Any) -> bytes:
     return buf.getvalue()
 
 
+def _arrays_as_tensors(obj: Any) -> Any:
+    """``obj`` with every NumPy array replaced by a tensor of the same dtype and values (``set_rng_state`` takes either)."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, dict):
+        return {k: _arrays_as_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_arrays_as_tensors(v) for v in obj)
+    return obj
+
+
+def _as_uint8(blob: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+
+
 class ShardedCheckpointMethods:
     """``save_checkpoint`` / ``load_checkpoint`` / ``remove_checkpoint`` of a sharded Lightning strategy through asyncckpt.
 
     Mixed in before a Lightning strategy whose sharded checkpoint is ``{"state_dict": ...,
     "optimizer_N": ...}`` in DCP plus ``meta.pt`` (``ModelParallelStrategy``). The strategy
-    supplies ``broadcast``, ``barrier``, ``global_rank``, ``is_global_zero``, ``model``,
-    ``optimizers`` and ``lightning_module``. ``sharded=False`` (a full checkpoint gathered on
-    rank 0) leaves every call to the strategy itself (pass ``AsyncckptCheckpointIO`` as its
-    ``checkpoint_io`` plug-in to make that write asynchronous).
+    supplies ``broadcast``, ``barrier``, ``global_rank``, ``world_size``, ``is_global_zero``,
+    ``model``, ``optimizers`` and ``lightning_module``. ``sharded=False`` (a full checkpoint
+    gathered on rank 0) leaves every call to the strategy itself (pass ``AsyncckptCheckpointIO``
+    as its ``checkpoint_io`` plug-in to make that write asynchronous). ``rng=False`` neither saves
+    nor restores the ranks' RNG state.
 
     All ranks call ``save_checkpoint``, ``load_checkpoint``, ``remove_checkpoint``,
     ``on_train_batch_start`` and ``teardown`` (Lightning does): finishing a save is collective.
@@ -72,13 +105,15 @@ class ShardedCheckpointMethods:
     broadcast: Callable[..., Any]
     barrier: Callable[..., None]
     global_rank: int
+    world_size: int
     is_global_zero: bool
     model: Any
     optimizers: Any
     lightning_module: Any
 
-    def __init__(self, *, sharded: bool = True) -> None:
+    def __init__(self, *, sharded: bool = True, rng: bool = True) -> None:
         self.asyncckpt_sharded = sharded
+        self.asyncckpt_rng = rng
         self.asyncckpt_queue: AsyncCallsQueue | None = None
         self.asyncckpt_pending: dict[str, int] = {}  # absolute path -> call index of its newest save
         self.asyncckpt_abort = False
@@ -148,8 +183,10 @@ class ShardedCheckpointMethods:
         extra: dict[str, bytes] | None = None
         if self.global_rank == 0:  # rank 0's metadata, as Lightning writes meta.pt from rank 0
             blob = _serialize(checkpoint)
-            state[META_KEY] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+            state[META_KEY] = _as_uint8(blob)
             extra = {META_FILE: blob}
+        if self.asyncckpt_rng:  # every rank's own streams, under a key of its own (DCP keeps one copy per key)
+            state[rng_key(self.global_rank)] = _as_uint8(_serialize(_arrays_as_tensors(get_rng_state())))
         if self.asyncckpt_queue is None:
             self.asyncckpt_queue = AsyncCallsQueue()
         handle = adcp.async_save(state, checkpoint_id=path, queue=self.asyncckpt_queue, snapshot="blocking",
@@ -159,14 +196,17 @@ class ShardedCheckpointMethods:
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Load weights, optimizer states and metadata of one committed generation; returns the metadata.
 
-        A sharded checkpoint without asyncckpt's metadata entry (written by stock Lightning) and a
-        full checkpoint file are loaded by the strategy itself.
+        This rank's RNG state is restored from the same generation when the checkpoint holds one
+        per rank of this run (``rng=True``, the default). A sharded checkpoint without asyncckpt's
+        metadata entry (written by stock Lightning) and a full checkpoint file are loaded by the
+        strategy itself.
         """
         path = Path(os.path.abspath(os.fspath(self.broadcast(checkpoint_path))))
         self.asyncckpt_wait_for(path)
-        size = _meta_size(path)
-        if size is None:
+        entries = _entry_sizes(path)
+        if entries is None:
             return super().load_checkpoint(path, weights_only=weights_only)  # type: ignore[misc, no-any-return]
+        size, rng_sizes = entries
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -181,6 +221,13 @@ class ShardedCheckpointMethods:
         state: dict[str, Any] = {key: get_model_state_dict(module)}
         state.update({f"optimizer_{i}": get_optimizer_state_dict(module, opt) for i, opt in enumerate(optimizers)})
         state[META_KEY] = torch.empty(size, dtype=torch.uint8)
+        own_rng = rng_key(self.global_rank)
+        rng_here = self.asyncckpt_rng and own_rng in rng_sizes and len(rng_sizes) == self.world_size
+        if rng_here:
+            state[own_rng] = torch.empty(rng_sizes[own_rng], dtype=torch.uint8)
+        elif self.asyncckpt_rng:
+            log.info("not restoring the RNG state: %s holds it for %d rank(s), %d run now", path, len(rng_sizes),
+                     self.world_size)
         dcp.load(state, checkpoint_id=path)  # one .metadata, so one generation for all of it
         self.asyncckpt_load_model(module, state[key], strict=self.lightning_module.strict_loading)
         for i, opt in enumerate(optimizers):
@@ -190,6 +237,8 @@ class ShardedCheckpointMethods:
         if not isinstance(meta, dict):
             raise BadInputError(f"{path}: its {META_KEY!r} entry holds a {type(meta).__name__}, not Lightning's "
                                 "checkpoint dict")
+        if rng_here:
+            set_rng_state(torch.load(io.BytesIO(state[own_rng].numpy().tobytes()), map_location="cpu", weights_only=True))
         return meta
 
     def asyncckpt_load_model(self, module: Any, state_dict: dict[str, Any], *, strict: bool) -> None:
@@ -249,17 +298,18 @@ class FSDP1CheckpointMethods(ShardedCheckpointMethods):
 
 
 def init_strategy(strategy: ShardedCheckpointMethods, base: type[Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                  flag: str, sharded: Callable[[Any], bool]) -> None:
+                  flag: str, sharded: Callable[[Any], bool], *, rng: bool = True) -> None:
     """``base.__init__(strategy, *args, **kwargs)``, then the asyncckpt part, sharded when
     ``sharded(value of base's argument flag)`` (defaults applied) says the strategy saves sharded."""
     base.__init__(strategy, *args, **kwargs)
     bound = inspect.signature(base.__init__).bind(strategy, *args, **kwargs)
     bound.apply_defaults()
-    ShardedCheckpointMethods.__init__(strategy, sharded=sharded(bound.arguments[flag]))
+    ShardedCheckpointMethods.__init__(strategy, sharded=sharded(bound.arguments[flag]), rng=rng)
 
 
-def _meta_size(path: Path) -> int | None:
-    """The byte size of asyncckpt's metadata entry in the DCP checkpoint at ``path``; None for other checkpoints."""
+def _entry_sizes(path: Path) -> tuple[int, dict[str, int]] | None:
+    """The byte sizes of asyncckpt's metadata entry and of every rank's RNG entry (by key) in the DCP
+    checkpoint at ``path``; None for other checkpoints."""
     if not path.is_dir():
         return None
     if not (path / ".metadata").is_file():
@@ -269,9 +319,13 @@ def _meta_size(path: Path) -> int | None:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    entry = FileSystemReader(str(path)).read_metadata().state_dict_metadata.get(META_KEY)
-    if entry is None:
+    entries = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    if META_KEY not in entries:
         return None
-    if not isinstance(entry, TensorStorageMetadata) or len(entry.size) != 1:
-        raise BadInputError(f"{path}: its {META_KEY!r} entry is not a 1-D byte tensor; it was not written by asyncckpt")
-    return int(entry.size[0])
+    sizes: dict[str, int] = {}
+    for key, entry in entries.items():
+        if key == META_KEY or key.startswith(RNG_KEY_PREFIX):
+            if not isinstance(entry, TensorStorageMetadata) or len(entry.size) != 1:
+                raise BadInputError(f"{path}: its {key!r} entry is not a 1-D byte tensor; it was not written by asyncckpt")
+            sizes[key] = int(entry.size[0])
+    return sizes.pop(META_KEY), sizes

@@ -5,18 +5,27 @@
         [--namespace lightning|pytorch_lightning]
 
 Lightning's launcher starts rank 1 from this script. At the end rank 0 writes OUT_DIR/final.pt: the
-full (gathered) model and optimizer state, the scheduler state and the global step.
+full (gathered) model and optimizer state, the scheduler state, the global step and every rank's next
+draws from torch, Python ``random`` and NumPy. A resumed run also writes OUT_DIR/restored.pt, the same
+taken at its first training batch (what the strategy restored, before training changes it).
+
+Training draws from every RNG on every rank (dropout, input noise), each rank from streams of its own
+(seeded by rank at the first batch), so a resume that does not put back each rank's RNG state
+ends with other weights than the uninterrupted run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import signal
 import sys
 import time
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.fsdp import fully_shard
 
@@ -50,7 +59,9 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 class Tiny(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+        self.net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                                       torch.nn.Linear(64, 4))
+        self.dumped = False
 
     def configure_model(self) -> None:
         if args.fsdp1:
@@ -69,13 +80,33 @@ class Tiny(L.LightningModule):
             while not os.path.exists(meta) and time.monotonic() < deadline:
                 time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.global_step == 0 and batch_idx == 0:  # a fresh run: every rank its own streams
+            torch.manual_seed(100 + self.global_rank)
+            random.seed(200 + self.global_rank)
+            np.random.seed(300 + self.global_rank)
+        if args.resume and not self.dumped:
+            self.dumped = True
+            snapshot(self, self.trainer, os.path.join(args.out, "restored.pt"))
         x, y = batch
-        return torch.nn.functional.mse_loss(self.net(x), y)
+        noise = torch.randn_like(x) * 0.01 + random.random() * 1e-3 + float(np.random.rand()) * 1e-3
+        return torch.nn.functional.mse_loss(self.net(x + noise), y)
 
     def configure_optimizers(self) -> object:
         opt = torch.optim.AdamW(self.parameters(), lr=1e-2)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def snapshot(model: Tiny, trainer: L.Trainer, path: str) -> None:
+    """Rank 0 writes the gathered training state and every rank's RNG state to ``path`` (collective)."""
+    opt = trainer.optimizers[0]
+    full = {"model": get_model_state_dict(model, options=FULL), "optim": get_optimizer_state_dict(model, opt, options=FULL)}
+    rngs: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(rngs, {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                  "numpy": np.random.get_state()[1].tolist()})
+    if trainer.is_global_zero:
+        sched = trainer.lr_scheduler_configs[0].scheduler
+        torch.save({**full, "sched": sched.state_dict(), "global_step": trainer.global_step, "rng": rngs}, path)
 
 
 def main() -> None:
@@ -99,12 +130,7 @@ def main() -> None:
                         logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, deterministic=True)
     trainer.fit(model, loader, ckpt_path="last" if args.resume else None)
-    opt = trainer.optimizers[0]
-    full = {"model": get_model_state_dict(model, options=FULL), "optim": get_optimizer_state_dict(model, opt, options=FULL)}
-    if trainer.is_global_zero:
-        sched = trainer.lr_scheduler_configs[0].scheduler
-        torch.save({**full, "sched": sched.state_dict(), "global_step": trainer.global_step},
-                   os.path.join(args.out, "final.pt"))
+    snapshot(model, trainer, os.path.join(args.out, "final.pt"))
 
 
 if __name__ == "__main__":

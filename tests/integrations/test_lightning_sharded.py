@@ -2,7 +2,9 @@
 
 A real Trainer on 2 CPU gloo ranks (Lightning's own launcher), killed with a save in flight and
 resumed with ``trainer.fit(ckpt_path="last")``; the result must equal, bit for bit, an
-uninterrupted run with Lightning's stock ModelParallelStrategy (synchronous ``dcp.save``).
+uninterrupted run with Lightning's stock ModelParallelStrategy (synchronous ``dcp.save``): weights,
+optimizer, scheduler, step and every rank's RNG state. The run draws from every RNG on every rank
+(dropout, noise; per-rank seeds), so a resume without each rank's own RNG state ends elsewhere.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .conftest import assert_same, run_script
 
 pytest.importorskip("lightning", reason="lightning is not installed (pip install 'asyncckpt[lightning]')")
 
-from asyncckpt.integrations.sharded import META_FILE, META_KEY
+from asyncckpt.integrations.sharded import META_FILE, META_KEY, rng_key
 
 pytestmark = pytest.mark.multiproc
 
@@ -47,12 +49,17 @@ def test_sharded_sigkill_then_resume_is_bit_exact(tmp_path: Path, reference: Pat
     embedded = torch.load(io.BytesIO(got[META_KEY].numpy().tobytes()), weights_only=True)
     beside = torch.load(last / META_FILE, weights_only=True)
     assert embedded["global_step"] == beside["global_step"] in (8, 12)  # epoch 1 or 2 (the last may be in flight)
+    rng_keys = {k for k in dcp.FileSystemReader(str(last)).read_metadata().state_dict_metadata if k.startswith("asyncckpt")}
+    assert rng_keys == {META_KEY, rng_key(0), rng_key(1)}  # one RNG state per rank, in the same generation
 
-    # Stock Lightning resumes from the same directory (meta.pt and DCP files as it writes them).
+    # Stock Lightning resumes from the same directory (meta.pt and DCP files as it writes them): the
+    # same weights, optimizer and scheduler, but it keeps no RNG state, so it ends elsewhere.
     stock = tmp_path / "stock"
     shutil.copytree(killed, stock, symlinks=True)
     run_script("lightning_fsdp_train.py", str(stock), "--strategy", "stock", "--resume", timeout=300)
-    assert_same(torch.load(stock / "final.pt", weights_only=False), expected, "stock resume")
+    stock_restored = torch.load(stock / "restored.pt", weights_only=False)
+    assert not torch.equal(torch.load(stock / "final.pt", weights_only=False)["model"]["net.0.weight"],
+                           expected["model"]["net.0.weight"])
 
     # A crash between the commit and meta.pt's replacement leaves an older meta.pt beside newer weights:
     # asyncckpt's load takes the metadata of the committed generation, never meta.pt.
@@ -60,6 +67,10 @@ def test_sharded_sigkill_then_resume_is_bit_exact(tmp_path: Path, reference: Pat
     proc = run_script("lightning_fsdp_train.py", str(killed), "--resume", timeout=300)
     assert "Restored all states" in proc.stderr + proc.stdout
     assert_same(torch.load(killed / "final.pt", weights_only=False), expected, "asyncckpt resume")
+    restored = torch.load(killed / "restored.pt", weights_only=False)
+    assert_same({k: v for k, v in restored.items() if k != "rng"},
+                {k: v for k, v in stock_restored.items() if k != "rng"}, "restored by stock vs asyncckpt")
+    assert restored["rng"][0]["python"] != restored["rng"][1]["python"]  # each rank got its own back
     # ModelCheckpoint's top-k pruning went through asyncckpt.delete (whole directories, meta.pt included).
     names = {p.name for p in (killed / "ckpts").iterdir()}
     assert {"epoch=3-step=16.ckpt", "last.ckpt"} <= names and not names & {"epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt"}
@@ -80,6 +91,24 @@ def test_fsdp1_sharded_sigkill_then_resume_is_bit_exact(tmp_path: Path) -> None:
     stock = tmp_path / "stock"
     shutil.copytree(killed, stock, symlinks=True)
     run_script("lightning_fsdp_train.py", str(stock), "--strategy", "stock", "--fsdp1", "--resume", timeout=300)
-    assert_same(torch.load(stock / "final.pt", weights_only=False), expected, "stock FSDP1 resume")
     run_script("lightning_fsdp_train.py", str(killed), "--fsdp1", "--resume", timeout=300)
     assert_same(torch.load(killed / "final.pt", weights_only=False), expected, "asyncckpt FSDP1 resume")
+    # stock FSDPStrategy reads the same weights, optimizer and scheduler (it keeps no RNG state)
+    restored, stock_restored = (torch.load(d / "restored.pt", weights_only=False) for d in (killed, stock))
+    assert_same({k: v for k, v in restored.items() if k != "rng"},
+                {k: v for k, v in stock_restored.items() if k != "rng"}, "restored by stock vs asyncckpt FSDP1")
+
+
+def test_rng_flag_reaches_both_namespaces_strategies() -> None:
+    """``rng=`` is asyncckpt's own argument: the strategy's own arguments still bind, defaults applied."""
+    from asyncckpt.integrations import lightning as lt
+
+    assert lt.AsyncckptModelParallelStrategy().asyncckpt_rng
+    off = lt.AsyncckptModelParallelStrategy(data_parallel_size=1, rng=False)
+    assert not off.asyncckpt_rng and off.asyncckpt_sharded
+    assert not lt.AsyncckptFSDPStrategy(state_dict_type="sharded", rng=False).asyncckpt_rng
+    pl = pytest.importorskip("pytorch_lightning.strategies", reason="pytorch_lightning is not installed")
+    from asyncckpt.integrations.pytorch_lightning import AsyncckptModelParallelStrategy
+
+    strategy = AsyncckptModelParallelStrategy(rng=False, save_distributed_checkpoint=False)
+    assert isinstance(strategy, pl.ModelParallelStrategy) and not strategy.asyncckpt_rng and not strategy.asyncckpt_sharded
