@@ -1,6 +1,8 @@
 """Loop time per save at a framework's hook: asyncckpt vs the framework's own options.
 
-    python bench/integrations.py [--framework lightning torchtitan] [--mib 128 1024] [--saves 3] [--dir DIR]
+    python bench/integrations.py [--framework lightning torchtitan transformers] [--mib 128 1024] [--saves 3] [--dir DIR]
+
+Each framework's table is preceded and followed by the machine's load average (1, 5, 15 minutes).
 
 **lightning** (``CheckpointIO.save_checkpoint``):
 
@@ -23,6 +25,21 @@ steps until ``close()`` returned (every save on disk). Managers: ``sync`` (torch
 ``async_mode="disabled"``: ``dcp.save``), ``titan_async`` (``async_mode="async"``:
 ``dcp.async_save`` from a thread), ``asyncckpt`` (``AsyncckptCheckpointManager``, lazy
 snapshot). torchtitan's ``async_with_pinned_mem`` needs CUDA and is left out on CPU.
+
+**transformers** (the ``Trainer``'s ``_save_checkpoint`` hook, a real ``Trainer.train()``): a model
+of bias-free 2048x2048 linear layers (batch 1) with the Trainer's AdamW (parameters + two moments =
+the state size), ``--step-s`` seconds of sleep in ``forward`` standing in for the rest of the
+step, a checkpoint every ``--interval`` steps (the first one an unreported warm-up; the Trainer
+also saves at its last step, which only closes the last timed interval). "blocked" is what the
+loop loses per save: the time inside ``_save_checkpoint`` plus, for asyncckpt, the wait for the
+worker's snapshot before the next ``optimizer.step()`` (taken by a callback at
+``on_pre_optimizer_step``) and the mixin's per-step non-blocking finalize (which commits: rename,
+directory fsync, ``save_total_limit`` pruning), all until the next save. "durable" is the wall
+time from the first timed save until ``train()`` returned (steps included; asyncckpt's ``train()``
+waits for every pending checkpoint). Trainers: ``stock`` (``Trainer``: synchronous
+``model.safetensors``, ``optimizer.pt``, ... without fsync), ``asyncckpt``
+(``AsyncckptTrainerMixin``; ``pytorch_model.bin`` etc., fsynced, committed by rename).
+Transformers has no asynchronous checkpoint option of its own, so there is no third row.
 """
 
 from __future__ import annotations
@@ -166,6 +183,88 @@ def titan(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
+def hf_run(kind: str, mib: int, root: str, saves: int, step_s: float, interval: int) -> tuple[list[float], float]:
+    """``Trainer.train()`` for (``saves`` + 2) * ``interval`` steps, a checkpoint every ``interval``
+    (the first a warm-up, the last the end-of-training save); per timed save, the loop time lost
+    from the save's start until the next save's start."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from asyncckpt.integrations.transformers import AsyncckptTrainerMixin
+
+    layers = max(1, ((mib << 20) // 4 // 3) // (2048 * 2048))
+
+    class Stack(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(*(torch.nn.Linear(2048, 2048, bias=False) for _ in range(layers)))
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+            time.sleep(step_s)  # the rest of a real step
+            return {"loss": torch.nn.functional.mse_loss(self.net(x), labels)}
+
+    marks: list[float] = []  # perf_counter at the start of each save
+    lost: list[float] = []  # loop time lost in each save's interval (the warm-up's included)
+
+    class Timed:
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            t0 = time.perf_counter()
+            marks.append(t0)
+            lost.append(0.0)
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+            lost[-1] += time.perf_counter() - t0
+
+    class StockTrainer(Timed, Trainer):
+        pass
+
+    class AsyncTrainer(Timed, AsyncckptTrainerMixin, Trainer):
+        def asyncckpt_finish(self, blocking: bool = True) -> None:
+            t0 = time.perf_counter()
+            super().asyncckpt_finish(blocking)
+            if not blocking and lost:  # the per-step commit check; the blocking one at train()'s end is "durable"
+                lost[-1] += time.perf_counter() - t0
+
+    class SnapshotWait(TrainerCallback):
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            saver = getattr(trainer, "asyncckpt_saver", None)
+            if saver is not None and lost:
+                t0 = time.perf_counter()
+                saver.wait_snapshot()  # what the hooked optimizer.step() would wait for
+                lost[-1] += time.perf_counter() - t0
+
+    n = (saves + 2) * interval
+    g = torch.Generator().manual_seed(0)
+    data = [{"x": torch.randn(2048, generator=g), "labels": torch.randn(2048, generator=g)} for _ in range(8)] * n
+    targs = TrainingArguments(output_dir=os.path.join(root, "run"), max_steps=n, save_steps=interval,
+                              save_strategy="steps", per_device_train_batch_size=1, learning_rate=1e-4,
+                              report_to="none", use_cpu=True, seed=0, remove_unused_columns=False,
+                              logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, save_total_limit=2)
+    cls = AsyncTrainer if kind == "asyncckpt" else StockTrainer
+    trainer = cls(model=Stack(), args=targs, train_dataset=data, callbacks=[SnapshotWait()])
+    trainer.train()
+    end = time.perf_counter()
+    if len(marks) != saves + 2:
+        raise RuntimeError(f"expected {saves + 2} checkpoints, the Trainer made {len(marks)}")
+    return lost[1:-1], end - marks[1]
+
+
+def hf(args: argparse.Namespace) -> None:
+    import transformers
+
+    print(f"transformers {transformers.__version__}; it has no asynchronous checkpoint option, so no third row")
+    print("| state | Trainer | loop time lost per save, ms (median, min-max) | durable, s (timed saves + the last) |")
+    print("| --- | --- | --- | --- |")
+    for mib in args.mib:
+        for name in ("stock", "asyncckpt"):
+            root = tempfile.mkdtemp(prefix=f"bench-hf-{name}-", dir=args.dir)
+            try:
+                blocked, total = hf_run(name, mib, root, args.saves, args.step_s, args.interval)
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+            ms = [b * 1000 for b in blocked]
+            print(f"| {mib} MiB | {name} | {statistics.median(ms):.0f} ({min(ms):.0f}-{max(ms):.0f}) | {total:.2f} |",
+                  flush=True)
+
+
 def lightning(args: argparse.Namespace) -> None:
     makers = plugins()
     print("| state | plug-in | blocked per save, ms (median, min-max) | durable, s (all saves) |")
@@ -184,18 +283,26 @@ def lightning(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--framework", nargs="+", choices=["lightning", "torchtitan"], default=["lightning", "torchtitan"])
+    ap.add_argument("--framework", nargs="+", choices=["lightning", "torchtitan", "transformers"],
+                    default=["lightning", "torchtitan", "transformers"])
     ap.add_argument("--mib", type=int, nargs="+", default=[128, 1024])
     ap.add_argument("--saves", type=int, default=3)
-    ap.add_argument("--step-s", type=float, default=0.5, help="torchtitan: seconds standing in for forward/backward")
-    ap.add_argument("--interval", type=int, default=4, help="torchtitan: steps between saves")
+    ap.add_argument("--step-s", type=float, default=0.5,
+                    help="torchtitan, transformers: seconds standing in for forward/backward")
+    ap.add_argument("--interval", type=int, default=4, help="torchtitan, transformers: steps between saves")
     ap.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
     args = ap.parse_args()
     if args.dir is not None:
         os.makedirs(args.dir, exist_ok=True)  # tempfile.mkdtemp(dir=...) needs it to exist
     torch.set_num_threads(1)
     for fw in args.framework:
-        {"lightning": lightning, "torchtitan": titan}[fw](args)
+        print(f"## {fw}: load average before {load_average()}", flush=True)
+        {"lightning": lightning, "torchtitan": titan, "transformers": hf}[fw](args)
+        print(f"load average after {load_average()}", flush=True)
+
+
+def load_average() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

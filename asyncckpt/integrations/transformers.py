@@ -46,12 +46,15 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 # transformers 5 prunes with this function; 4.x with a Trainer method (then None)
 rotate_checkpoints: Any = getattr(importlib.import_module("transformers.trainer_utils"), "rotate_checkpoints", None)
 
-__all__ = ["PARTIAL_SUFFIX", "AsyncckptTrainerMixin"]
+__all__ = ["FILES_PER_CHECKPOINT", "PARTIAL_SUFFIX", "AsyncckptTrainerMixin"]
 
 log = logging.getLogger("asyncckpt")
 
 #: Suffix of a checkpoint directory still being written (hidden: it starts with a dot too).
 PARTIAL_SUFFIX = ".partial"
+#: Async ``torch.save`` calls one checkpoint makes at most: weights, optimizer, scheduler, scaler,
+#: RNG state and the marker whose finalize commits the directory.
+FILES_PER_CHECKPOINT = 6
 
 
 class AsyncckptFinishCallback(TrainerCallback):
@@ -73,6 +76,8 @@ class AsyncckptTrainerMixin:
     Put it first: ``class MyTrainer(AsyncckptTrainerMixin, Trainer)``. Resuming is the
     Trainer's own (``trainer.train(resume_from_checkpoint=True)``). ``asyncckpt_finish(blocking=True)``
     waits for every pending checkpoint (``train()`` does it before returning).
+    ``asyncckpt_max_in_flight`` counts checkpoints (each is up to :data:`FILES_PER_CHECKPOINT`
+    files, written by as many saves): one more waits until the oldest is written.
     """
 
     asyncckpt_max_in_flight: int = 2
@@ -88,7 +93,8 @@ class AsyncckptTrainerMixin:
     def asyncckpt_get_saver(self) -> TorchAsyncCheckpoint:
         """The async ``torch.save`` writing the checkpoints (its optimizer attached once it exists)."""
         if self.asyncckpt_saver is None:
-            self.asyncckpt_saver = TorchAsyncCheckpoint(max_in_flight=self.asyncckpt_max_in_flight,
+            # A limit in saves of single files would make a checkpoint's third file wait for its first.
+            self.asyncckpt_saver = TorchAsyncCheckpoint(max_in_flight=FILES_PER_CHECKPOINT * self.asyncckpt_max_in_flight,
                                                         snapshot=self.asyncckpt_snapshot)
         opt = getattr(self, "optimizer", None)
         if opt is not None:
