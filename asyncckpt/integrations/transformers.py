@@ -77,7 +77,8 @@ class AsyncckptTrainerMixin:
     Trainer's own (``trainer.train(resume_from_checkpoint=True)``). ``asyncckpt_finish(blocking=True)``
     waits for every pending checkpoint (``train()`` does it before returning).
     ``asyncckpt_max_in_flight`` counts checkpoints (each is up to :data:`FILES_PER_CHECKPOINT`
-    files, written by as many saves): one more waits until the oldest is written.
+    files, written by as many saves; 2 with ``save_only_model``): one more waits until the oldest
+    is written. The worker's staging memory holds up to that many checkpoints' tensors.
     """
 
     asyncckpt_max_in_flight: int = 2
@@ -94,7 +95,8 @@ class AsyncckptTrainerMixin:
         """The async ``torch.save`` writing the checkpoints (its optimizer attached once it exists)."""
         if self.asyncckpt_saver is None:
             # A limit in saves of single files would make a checkpoint's third file wait for its first.
-            self.asyncckpt_saver = TorchAsyncCheckpoint(max_in_flight=FILES_PER_CHECKPOINT * self.asyncckpt_max_in_flight,
+            files = 2 if getattr(getattr(self, "args", None), "save_only_model", False) else FILES_PER_CHECKPOINT
+            self.asyncckpt_saver = TorchAsyncCheckpoint(max_in_flight=files * self.asyncckpt_max_in_flight,
                                                         snapshot=self.asyncckpt_snapshot)
         opt = getattr(self, "optimizer", None)
         if opt is not None:
