@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -244,15 +245,18 @@ class BasePins:
         self._held: dict[str, int] = {}
         self._epoch: dict[str, int] = {}
         self._deleting: set[str] = set()
+        self._lock = threading.Lock()  # saves pin on the worker's loop, retention deletes on its control thread
 
     def hold(self, name: str) -> bool:
         """Pin ``name``; False when a deletion of it has begun (then the save must not use it as its base)."""
-        self._held[name] = self._held.get(name, 0) + 1
-        self._epoch[name] = self._epoch.get(name, 0) + 1
-        return name not in self._deleting
+        with self._lock:
+            self._held[name] = self._held.get(name, 0) + 1
+            self._epoch[name] = self._epoch.get(name, 0) + 1
+            return name not in self._deleting
 
     def release(self, name: str) -> None:
-        self._held[name] -= 1
+        with self._lock:
+            self._held[name] -= 1
 
     def token(self, name: str) -> tuple[bool, int]:
         """Whether ``name`` is held now, and how often it was held so far."""
@@ -264,10 +268,11 @@ class BasePins:
 
     def begin_delete(self, name: str, token: tuple[bool, int]) -> bool:
         """Start deleting ``name`` unless it was held since ``token``; from now on :meth:`hold` refuses it."""
-        if self.held_since(name, token):
-            return False
-        self._deleting.add(name)
-        return True
+        with self._lock:
+            if self.held_since(name, token):
+                return False
+            self._deleting.add(name)
+            return True
 
     def end_delete(self, name: str) -> None:
         self._deleting.discard(name)

@@ -17,6 +17,7 @@ from .retention import RetentionPolicy, apply_retention
 
 if TYPE_CHECKING:
     from .runtime.context import WorkerContext
+    from .storage import Storage
     from .tiers import Tiers
 
 __all__ = ["CleanupOp", "CommitOp", "DrainOp", "ReserveStagingOp", "RetentionOp"]
@@ -36,6 +37,9 @@ class RetentionOp:
     now: float | None = None  # the wall clock to judge max_age_s by (default: the worker's)
     rank: int = 0
     milestone: str | None = None
+
+    def sessions(self, ctx: WorkerContext) -> list[Storage]:
+        return [ctx.storage(self.root, self.storage_options)]
 
     async def run(self, ctx: WorkerContext, prior: Any) -> Any:
         storage = ctx.storage(self.root, self.storage_options)
@@ -60,6 +64,9 @@ class CommitOp:
     layout: str = "flat"
     retention: list[RetentionOp] = field(default_factory=list)
     milestone: str | None = "committed"
+
+    def sessions(self, ctx: WorkerContext) -> list[Storage]:
+        return [ctx.storage(self.root, self.storage_options)] + [s for r in self.retention for s in r.sessions(ctx)]
 
     async def run(self, ctx: WorkerContext, prior: Any) -> Any:
         storage = ctx.storage(self.root, self.storage_options)
@@ -87,6 +94,9 @@ class DrainOp:
     concurrency: int = 4
     milestone: str | None = None
 
+    def sessions(self, ctx: WorkerContext) -> list[Storage]:
+        return [ctx.storage(u, o) for u, o in zip(self.tiers.uris, self.tiers.storage_options)]
+
     async def run(self, ctx: WorkerContext, prior: Any) -> Any:
         from .tiers import drain_rank
 
@@ -103,6 +113,9 @@ class CleanupOp:
     storage_options: dict[str, Any]
     prefixes: list[str]
     milestone: str | None = None
+
+    def sessions(self, ctx: WorkerContext) -> list[Storage]:
+        return [ctx.storage(self.root, self.storage_options)]
 
     async def run(self, ctx: WorkerContext, prior: Any) -> Any:
         t0 = time.perf_counter()

@@ -282,6 +282,9 @@ class DcpCommitOp:
     per_rank: int | None = None
     milestone: str | None = "committed"
 
+    def sessions(self, ctx: WorkerContext) -> list[Storage]:
+        return [ctx.storage(self.root, self.storage_options)]
+
     async def run(self, ctx: WorkerContext, prior: Any) -> Any:
         storage = ctx.storage(self.root, self.storage_options)
         md = pickle.loads(self.metadata)
@@ -318,6 +321,9 @@ class DcpExtraFilesOp:
     files: dict[str, bytes]
     storage_options: dict[str, Any] = field(default_factory=dict)
     milestone: str | None = None
+
+    def sessions(self, ctx: WorkerContext) -> list[Storage]:
+        return [ctx.storage(self.root, self.storage_options)]
 
     async def run(self, ctx: WorkerContext, prior: Any) -> Any:
         storage = ctx.storage(self.root, self.storage_options)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +13,7 @@ import torch
 
 from ..catalog import BasePins
 from ..staging import StagingPool
-from ..storage import Storage, open_storage
+from ..storage import Storage, blocking_calls_here, open_storage
 
 __all__ = ["WorkerConfig", "WorkerContext", "current_context", "run_sink"]
 
@@ -48,6 +51,7 @@ class WorkerContext:
         self._sessions: dict[tuple[str, str], Storage] = {}
         self.cuda_stream: Any = None
         self.pins: dict[str, BasePins] = {}  # root -> bases of incremental saves being written here
+        self._control = _ControlThread()
 
     def storage(self, root: str, options: dict[str, Any] | None = None) -> Storage:
         """The storage session for ``root`` with ``options``, opened once and reused."""
@@ -63,7 +67,21 @@ class WorkerContext:
             self.cuda_stream = torch.cuda.Stream(device=device)
         return self.cuda_stream
 
+    async def run_control(self, op: Any, prior: Any) -> Any:
+        """Run control step ``op``; on the control thread when every session it uses allows that.
+
+        A step that names its sessions (``op.sessions(ctx)``) and whose sessions all have
+        ``Capabilities.any_loop`` (local files) runs on a thread with an event loop of its own,
+        where their calls are made inline: no hand-off to an I/O thread per small call, and its
+        fsyncs never hold up the loop that takes snapshots. Others run here.
+        """
+        sessions = getattr(op, "sessions", None)
+        if sessions is not None and all(st.capabilities.any_loop for st in sessions(self)):
+            return await self._control.run(op.run(self, prior))
+        return await op.run(self, prior)
+
     async def close(self) -> None:
+        self._control.stop()
         sessions, self._sessions = list(self._sessions.values()), {}
         for st in sessions:
             try:
@@ -72,6 +90,40 @@ class WorkerContext:
                 log.warning("closing %s failed: %s", getattr(st, "uri", st), exc)
         self.pool.clear()
         self.storages.clear()
+
+
+class _ControlThread:
+    """A thread running an event loop of its own, started on first use, for control steps."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _ensure(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=loop.run_forever, name="asyncckpt-control", daemon=True)
+                self._thread.start()
+                self._loop = loop
+            return self._loop
+
+    async def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        async def blocking_ok() -> Any:
+            with blocking_calls_here():
+                return await coro
+
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(blocking_ok(), self._ensure()))
+
+    def stop(self) -> None:
+        with self._lock:
+            loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
+        if loop is not None and thread is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(5)
+            if not thread.is_alive():
+                loop.close()
 
 
 _CURRENT: WorkerContext | None = None

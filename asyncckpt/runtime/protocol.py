@@ -38,6 +38,10 @@ class ControlOp(Protocol):
 
     ``milestone``, when set, is reported to the trainer once the step succeeded (e.g.
     ``"committed"``), so a chain can make progress visible before it ends.
+
+    A step may also define ``sessions(ctx) -> list[Storage]``, the storage sessions it uses; when
+    all of them have ``Capabilities.any_loop`` the worker runs it on its control thread
+    (:meth:`WorkerContext.run_control`).
     """
 
     milestone: str | None

@@ -263,7 +263,7 @@ class _Server:
             prior = body.prior
             try:
                 for op in body.ops:
-                    prior = await op.run(self.ctx, prior)
+                    prior = await self.ctx.run_control(op, prior)
                     if op.milestone and idx is not None:
                         self.send(Kind.PROGRESS, idx, pickle.dumps(op.milestone))
             except BaseException as exc:  # noqa: BLE001

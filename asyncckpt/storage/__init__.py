@@ -6,7 +6,16 @@
 
 from __future__ import annotations
 
-from .base import AbortsIncompleteUploads, Capabilities, CleansTempFiles, ObjectWriter, ReadsScattered, Storage
+from .base import (
+    AbortsIncompleteUploads,
+    Capabilities,
+    CleansTempFiles,
+    ObjectWriter,
+    ReadsScattered,
+    Storage,
+    blocking_calls_here,
+    blocking_calls_welcome,
+)
 from .keys import TEMP_MARK, check_key, join_key
 from .local import LocalStorage
 from .registry import (
@@ -31,6 +40,8 @@ __all__ = [
     "ObjectWriter",
     "ReadsScattered",
     "Storage",
+    "blocking_calls_here",
+    "blocking_calls_welcome",
     "check_key",
     "check_scheme",
     "join_key",

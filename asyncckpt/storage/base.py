@@ -9,11 +9,16 @@ a caller checks the flag, then calls the matching method of `AbortsIncompleteUpl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextvars
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["AbortsIncompleteUploads", "Capabilities", "CleansTempFiles", "ObjectWriter", "ReadsScattered", "Storage"]
+__all__ = [
+    "AbortsIncompleteUploads", "Capabilities", "CleansTempFiles", "ObjectWriter", "ReadsScattered", "Storage",
+    "blocking_calls_here", "blocking_calls_welcome",
+]
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,11 @@ class Capabilities:
       so a chunk spanning several tensors lands in them without a staging copy.
     - ``min_part_size``: the smallest part, other than an object's last, that ``write_part``
       takes (5 MiB: S3's multipart minimum; a local file takes parts of any size).
+    - ``any_loop``: a session holds nothing bound to the event loop it was opened on, so it may be
+      used from another loop in another thread; and inside :func:`blocking_calls_here` its
+      methods may do their blocking work inline instead of handing it to a thread. The worker
+      runs its control steps (commit, retention, cleanup) for such storages on a thread of their
+      own that way: no thread hop per small call, and no fsync on the loop that serves snapshots.
     """
 
     conditional_put: bool = False
@@ -41,6 +51,29 @@ class Capabilities:
     cleanup_temp: bool = False
     scatter_read: bool = False
     min_part_size: int = 5 << 20
+    any_loop: bool = False
+
+
+_BLOCKING_OK: contextvars.ContextVar[bool] = contextvars.ContextVar("asyncckpt_blocking_calls", default=False)
+
+
+@contextmanager
+def blocking_calls_here() -> Iterator[None]:
+    """Within this block (this task and the tasks it starts), blocking storage calls are fine.
+
+    The caller promises it runs on a thread whose event loop serves nothing else, so a backend
+    with ``Capabilities.any_loop`` may run its system calls inline rather than in a thread pool.
+    """
+    token = _BLOCKING_OK.set(True)
+    try:
+        yield
+    finally:
+        _BLOCKING_OK.reset(token)
+
+
+def blocking_calls_welcome() -> bool:
+    """Whether the running code is inside :func:`blocking_calls_here` (see ``Capabilities.any_loop``)."""
+    return _BLOCKING_OK.get()
 
 
 @runtime_checkable

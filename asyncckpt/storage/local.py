@@ -7,6 +7,7 @@ import builtins
 import ctypes
 import errno
 import os
+import stat
 import threading
 import uuid
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from ..errors import (
     StoragePermissionError,
     TransientStorageError,
 )
-from .base import Capabilities
+from .base import Capabilities, blocking_calls_welcome
 from .keys import TEMP_MARK, check_key
 
 __all__ = ["LocalStorage"]
@@ -172,7 +173,8 @@ class _LocalWriter:
 class LocalStorage:
     """A directory on a local (or network-mounted POSIX) filesystem."""
 
-    capabilities = Capabilities(conditional_put=True, cleanup_temp=True, scatter_read=True, min_part_size=1)
+    capabilities = Capabilities(conditional_put=True, cleanup_temp=True, scatter_read=True, min_part_size=1,
+                                any_loop=True)
 
     def __init__(self, root: str | os.PathLike[str], *, threads: int = 8, direct_io: bool = True) -> None:
         self.root = Path(root).absolute()
@@ -202,6 +204,8 @@ class LocalStorage:
         return f"LocalStorage({self.uri!r})"
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
+        if blocking_calls_welcome():  # a thread of the caller's own (see Capabilities.any_loop): no hop
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def path(self, key: str) -> Path:
@@ -218,9 +222,33 @@ class LocalStorage:
     def _check_inside(self, p: Path, what: str) -> None:
         """Refuse ``p`` if it (or the directory it would be created in) leads outside the root."""
         real_root = os.path.realpath(self.root)
-        real = os.path.realpath(p)
+        real = self._realpath_below(p, real_root)
         if real != real_root and not real.startswith(real_root + os.sep):
             raise IntegrityError(f"{p} resolves to {real}, outside the checkpoint root {real_root}; refusing to {what} it")
+
+    def _realpath_below(self, p: Path, real_root: str) -> str:
+        """``os.path.realpath(p)`` for ``p`` under the root, checking only the components below it.
+
+        The root itself was just resolved; below it, as long as no component is a symbolic link,
+        the real path is the real root plus the rest (one lstat per component instead of one per
+        component of the whole path). A link anywhere below falls back to the full resolution.
+        """
+        try:
+            rest = p.relative_to(self.root).parts
+        except ValueError:
+            return os.path.realpath(p)
+        cur = str(self.root)
+        for part in rest:
+            cur = os.path.join(cur, part)
+            try:
+                st = os.lstat(cur)
+            except FileNotFoundError:
+                break  # nothing below exists: no link can redirect it
+            except OSError:
+                return os.path.realpath(p)
+            if stat.S_ISLNK(st.st_mode):
+                return os.path.realpath(p)
+        return os.path.join(real_root, *rest) if rest else real_root
 
     async def open_writer(self, key: str, size_hint: int | None = None) -> _LocalWriter:
         return await self._run(self._open_writer_sync, key, size_hint)
