@@ -431,7 +431,7 @@ _TENSORS = frozenset(_PLAIN)
 _SCALARS = frozenset({type(None), bool, int, float, str, bytes})
 _MAX_DEPTH = 100  # deeper (or cyclic) states are planned in full, which reports a cycle by name
 _layout_ids = itertools.count(1)
-_Meta = tuple[list[int], list[int], list[Any], list[Any], list[Any]]
+_Meta = tuple[list[int], list[Any], list[Any], list[Any], list[Any]]
 
 
 def _scalar_node(v: Any) -> Node:

@@ -58,6 +58,9 @@ class SharedRef:
     storage_offset: int  # in elements of dtype
 
 
+_version = operator.attrgetter("_version")
+
+
 @dataclass
 class SnapshotSpec:
     """What one snapshot copies into its staging slot, laid out as ``nbytes`` bytes.
@@ -86,18 +89,26 @@ class SnapshotGuard:
     __slots__ = ("_items",)
 
     def __init__(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
-        self._items: list[tuple[str, torch.Tensor, int]] = [(k, t, t._version) for k, t in named]
+        pairs = list(named)
+        tensors = [t for _, t in pairs]
+        # keys, tensors, their counters (read in one C-level pass); one attribute, replaced whole
+        self._items: tuple[list[str], list[torch.Tensor], list[int]] = (
+            [k for k, _ in pairs], tensors, list(map(_version, tensors)))
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._items[1])
 
     def changed(self) -> list[str]:
         """The keys whose tensor was modified in place since the guard was made."""
-        return [k for k, t, v in self._items if t._version != v]
+        keys, tensors, versions = self._items
+        now = list(map(_version, tensors))
+        if now == versions:
+            return []
+        return [k for k, a, b in zip(keys, now, versions) if a != b]
 
     def release(self) -> None:
         """Drop the references to the tensors (after the check)."""
-        self._items = []
+        self._items = ([], [], [])
 
 
 class TrainerCopies:

@@ -177,3 +177,18 @@ def test_arrays_and_plain_values_beside_many_tensors(tmp_path):
             out = asyncckpt.load(tmp_path / f"s{i}")
             assert out["lr"] == state["lr"] and out["big"] == 1 << 80 and np.array_equal(out["arr"], state["arr"])
             assert all(torch.equal(out[f"w{j}"], state[f"w{j}"]) for j in range(1000))
+
+
+def test_the_guard_names_exactly_the_tensors_changed_in_place():
+    from asyncckpt.staging import SnapshotGuard
+
+    state = {f"w{i}": torch.zeros(3) for i in range(1000)}
+    view = state["w5"][1:]
+    guard = SnapshotGuard([*state.items(), ("w5.view", view)])
+    assert len(guard) == 1001 and guard.changed() == []
+    state["w7"].add_(1)
+    view.mul_(2)  # a view shares its base's counter
+    state["w900"].data.add_(1)  # .data has a counter of its own: invisible (docs/snapshot.md)
+    assert guard.changed() == ["w5", "w7", "w5.view"]
+    guard.release()
+    assert len(guard) == 0 and guard.changed() == []
