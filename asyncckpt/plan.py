@@ -220,7 +220,10 @@ def _plain_tensors(tensors: Sequence[torch.Tensor]) -> bool:
         return True
     if set(map(_layout, tensors)) != {torch.strided}:
         return False
-    if any(map(_is_nested, tensors)) or any(map(_is_quantized, tensors)):
+    try:
+        if any(map(_is_nested, tensors)) or any(map(_is_quantized, tensors)):
+            return False
+    except AttributeError:  # a torch without nested tensors: the checks one by one cope
         return False
     if any(d.type not in ("cpu", "cuda") for d in set(map(_device, tensors))):
         return False
