@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import time
 import warnings
@@ -18,7 +19,7 @@ from .deletion import on_delete
 from .engine import NativeSink, SaveJob, SaveResult
 from .errors import BadInputError, CheckpointError, CheckpointExistsError, WorkerDiedError
 from .format import Entry, Node, check_compression
-from .plan import INLINE_MAX, Packed, Plan, PlanCache, plan_state
+from .plan import INLINE_MAX, Packed, Plan, PlanCache, paused_gc, plan_state
 from .queue import AsyncCallsQueue, Job, Stage
 from .retention import RetentionPolicy
 from .runtime.messages import Kind
@@ -45,6 +46,10 @@ log = logging.getLogger("asyncckpt")
 #: CPU state of at most this many bytes (to be shared with the worker) is copied by ``save()``
 #: itself: the copy costs less than a round trip to the worker and is consistent at once.
 TRAINER_COPY_MAX = 4 << 20
+
+
+_offset_and_size = operator.itemgetter(0, 1)
+_is_cuda = operator.attrgetter("is_cuda")
 
 
 @dataclass
@@ -215,6 +220,10 @@ class AsyncCheckpointer:
             self.attach(optimizers, modules=modules)
         if start_worker:
             self.queue.start_worker()
+            # What the first save would otherwise do on the training loop: start the fd-sharing
+            # listener and make (and touch) one copy slab, large enough for any state copied whole.
+            start_fd_sharing()
+            self._copies.reserve(TRAINER_COPY_MAX, count=1)
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -458,12 +467,13 @@ class AsyncCheckpointer:
         """
         shared: dict[int, torch.Tensor] = {}
         copied: dict[int, torch.Tensor] = {}
+        entries = plan.entries
         for i, t in plan.tensors.items():
-            if t.device.type == "cpu" and plan.entries[i].nbytes <= INLINE_MAX:
+            if entries[i].nbytes <= INLINE_MAX and not t.is_cuda:  # plans hold CPU and CUDA tensors only
                 copied[i] = t
             else:
                 shared[i] = t
-        if shared and all(t.device.type == "cpu" for t in shared.values()) and \
+        if shared and not any(map(_is_cuda, shared.values())) and \
                 sum(plan.entries[i].nbytes for i in shared) <= TRAINER_COPY_MAX:
             copied.update(shared)
             shared = {}
@@ -474,16 +484,21 @@ class AsyncCheckpointer:
         prog = self._program
         if prog is not None and plan.layout_id and prog.layout_id == plan.layout_id:
             return prog
-        shared, copied = self._split(plan)
-        items = sorted(((plan.entries[i].offset, plan.entries[i].nbytes, t, plan.own.get(i, -1))
-                        for i, t in copied.items()), key=lambda x: (x[0], x[1]))
-        prog = _Program(
-            plan.layout_id, list(shared), CopyProgram(items) if items else None,
-            any(t.is_cuda for t in plan.tensors.values()), Packed(plan.entries, "entries"),
-            plan.tree, Packed(plan.tree, "tree"),
-        )
+        with paused_gc():  # a view per small tensor (see plan.paused_gc)
+            prog = self._new_program(plan)
         self._program = prog if plan.layout_id else None
         return prog
+
+    def _new_program(self, plan: Plan) -> _Program:
+        shared, copied = self._split(plan)
+        entries, own = plan.entries, plan.own
+        items = sorted(((entries[i].offset, entries[i].nbytes, t, own.get(i, -1)) for i, t in copied.items()),
+                       key=_offset_and_size)
+        return _Program(
+            plan.layout_id, list(shared), CopyProgram(items) if items else None,
+            any(map(_is_cuda, plan.tensors.values())), Packed(plan.entries, "entries"),
+            plan.tree, Packed(plan.tree, "tree"),
+        )
 
     @staticmethod
     def _packed_tree(prog: _Program, tree: Node) -> Packed:
@@ -643,6 +658,7 @@ class AsyncCheckpointer:
             self.queue.close(abort=True)
             self._plans.clear()  # the last state's tensors are no longer needed
             self._program = None
+            self._copies.clear()
         if errors:
             if len(errors) > 1:
                 log.warning("asyncckpt: %d saves failed; raising the first: %s", len(errors),

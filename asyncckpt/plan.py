@@ -7,12 +7,13 @@ Runs in the trainer inside ``save()``; its cost is bounded by metadata work, not
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import itertools
 import math
 import operator
 import pickle
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,9 @@ from .dtypes import torch_dtype_name
 from .errors import BadInputError
 from .format import ALIGN, SHARED_STORAGE, BigIntNode, BytesNode, DictNode, Entry, ListNode, Node, RefNode, ValueNode
 
-__all__ = ["INLINE_MAX", "Packed", "Plan", "PlanCache", "decode_packed", "plan_state", "tensor_bytes", "validate_key"]
+__all__ = [
+    "INLINE_MAX", "Packed", "Plan", "PlanCache", "decode_packed", "paused_gc", "plan_state", "tensor_bytes", "validate_key",
+]
 
 #: Tensors at most this large are copied into the request at ``save()`` time (cheaper than
 #: sharing their memory, and immediately consistent); larger ones are snapshotted by the worker.
@@ -65,10 +68,12 @@ class Plan:
     #: False when a later state of the same structure cannot reuse this layout (pickled objects,
     #: conjugate/negative views: what they save is not the leaf itself)
     cacheable: bool = True
+    #: while planning: every tensor of the state passed :func:`_plan_tensor`'s checks at once
+    checked: bool = False
 
     def add(self, key: str, kind: str, dtype: str, shape: list[int], nbytes: int) -> int:
         offset = -(-self.data_nbytes // ALIGN) * ALIGN
-        self.entries.append(Entry(key=key, kind=kind, dtype=dtype, shape=shape, offset=offset, nbytes=nbytes))  # type: ignore[arg-type]
+        self.entries.append(Entry(key, kind, dtype, shape, offset, nbytes))  # type: ignore[arg-type]
         self.data_nbytes = offset + nbytes
         return len(self.entries) - 1
 
@@ -90,6 +95,8 @@ def validate_key(key: Any, path: str) -> str | int:
     included), ints outside the signed 64-bit range, and strings that are not valid Unicode
     text (lone surrogates, which UTF-8 cannot encode).
     """
+    if type(key) is str and key.isascii():  # the usual key: nothing to check
+        return key
     where = path or "<root>"
     if isinstance(key, bool) or not isinstance(key, (str, int)):
         raise BadInputError(
@@ -135,8 +142,17 @@ def _storage_key(t: torch.Tensor) -> tuple[torch.device, int, int] | None:
     return (t.device, st.data_ptr(), n) if n else None
 
 
-def _shared_storages(root: Any) -> dict[int, tuple[torch.device, int, int]]:
-    """id of each tensor of the state whose storage another tensor of the state uses too -> that storage."""
+def _shared_storages(root: Any, tensors: Sequence[torch.Tensor] | None = None) -> dict[int, tuple[torch.device, int, int]]:
+    """id of each tensor of the state whose storage another tensor of the state uses too -> that storage.
+
+    ``tensors``: every tensor of the state (in any order), when known; their storages are then
+    compared in a few C-level passes instead of one Python call per tensor.
+    """
+    if tensors is not None:
+        try:
+            return _shared_among(tensors)
+        except (RuntimeError, NotImplementedError):  # tensor kinds without a plain storage: one by one
+            pass
     keys: dict[int, tuple[torch.device, int, int]] = {}
     count: dict[tuple[torch.device, int, int], int] = {}
     active: set[int] = set()  # containers on the current path (a cycle is reported by _walk)
@@ -155,6 +171,87 @@ def _shared_storages(root: Any) -> dict[int, tuple[torch.device, int, int]]:
 
     visit(root)
     return {i: k for i, k in keys.items() if count[k] > 1}
+
+
+def _shared_among(tensors: Sequence[torch.Tensor]) -> dict[int, tuple[torch.device, int, int]]:
+    """:func:`_shared_storages` of a state whose tensors are ``tensors``, compared by storage address first."""
+    if not tensors:
+        return {}
+    if set(map(_layout, tensors)) != {torch.strided}:
+        raise NotImplementedError  # sparse and other layouts have no storage: the caller goes one by one
+    storages = list(map(torch.Tensor.untyped_storage, tensors))
+    seen: set[int] = set()
+    again: set[int] = set()  # addresses met twice (or more): only these can be shared
+    for ptr in map(torch.UntypedStorage.data_ptr, storages):
+        if ptr in seen:
+            again.add(ptr)
+        else:
+            seen.add(ptr)
+    if not again:
+        return {}
+    keys: dict[int, tuple[torch.device, int, int]] = {}
+    count: dict[tuple[torch.device, int, int], int] = {}
+    for t, st in zip(tensors, storages):
+        ptr = st.data_ptr()
+        n = st.nbytes()
+        if ptr in again and n:
+            key = (t.device, ptr, n)
+            count[key] = count.get(key, 0) + 1
+            keys[id(t)] = key
+    return {i: k for i, k in keys.items() if count[k] > 1}
+
+
+#: names of the dtypes met so far (every one of them is supported: see :func:`_plain_tensors`)
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+_layout = operator.attrgetter("layout")
+_shape = operator.attrgetter("shape")
+_dtype = operator.attrgetter("dtype")
+_device = operator.attrgetter("device")
+_is_nested = operator.attrgetter("is_nested")
+_is_quantized = operator.attrgetter("is_quantized")
+
+
+def _plain_tensors(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when every tensor passes :func:`_plan_tensor`'s checks, decided in a few C-level passes
+    (then planning skips them per tensor); False sends each tensor through the checks (which name
+    the first bad one). ``tensors`` are of the plain tensor types (:func:`_flatten` admits no other).
+    """
+    if not tensors:
+        return True
+    if set(map(_layout, tensors)) != {torch.strided}:
+        return False
+    try:
+        if any(map(_is_nested, tensors)) or any(map(_is_quantized, tensors)):
+            return False
+    except AttributeError:  # a torch without nested tensors: the checks one by one cope
+        return False
+    if any(d.type not in ("cpu", "cuda") for d in set(map(_device, tensors))):
+        return False
+    if any(map(torch.Tensor.is_conj, tensors)) or any(map(torch.Tensor.is_neg, tensors)):
+        return False  # planned one by one: they are resolved (and make the plan uncacheable)
+    for dtype in set(map(_dtype, tensors)):
+        if dtype not in _DTYPE_NAMES:
+            try:
+                _DTYPE_NAMES[dtype] = torch_dtype_name(dtype, "")
+            except BadInputError:
+                return False
+    return True
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """The garbage collector off for a block (back on after it if it was on).
+
+    Planning allocates a few small objects per tensor (entries, nodes, sizes) and no cycle: with
+    the collector on, a large state triggers full collections in the middle (a 50,000-tensor
+    state: several times slower)."""
+    collect = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collect:
+            gc.enable()
 
 
 def _plan_view(plan: Plan, t: torch.Tensor, key: tuple[torch.device, int, int], path: str) -> Node:
@@ -182,6 +279,23 @@ def _plan_view(plan: Plan, t: torch.Tensor, key: tuple[torch.device, int, int], 
 
 
 def _plan_tensor(plan: Plan, t: torch.Tensor, path: str) -> Node:
+    if plan.checked:
+        key = plan.shared.get(id(t)) if plan.shared else None
+        if key is None:  # the usual tensor: its own storage, checked already (plan.add, inlined)
+            plan.leaves.append(t)
+            nbytes = t.nbytes
+            offset = -(-plan.data_nbytes // ALIGN) * ALIGN
+            idx = len(plan.entries)
+            plan.entries.append(Entry(path, "tensor", _DTYPE_NAMES[t.dtype], list(t.shape), offset, nbytes))
+            plan.data_nbytes = offset + nbytes
+            if nbytes <= plan.inline_max and t.device.type == "cpu":
+                plan.inline[idx] = tensor_bytes(t)
+            else:
+                plan.tensors[idx] = t
+                plan.own[idx] = len(plan.leaves) - 1
+            return RefNode(idx)
+        plan.leaves.append(t)
+        return _plan_view(plan, t.detach(), key, path)
     if t.is_sparse or t.layout != torch.strided:
         raise BadInputError(f"{path}: sparse tensors (layout {t.layout}) are not supported; call .to_dense() first")
     if getattr(t, "is_nested", False):
@@ -255,14 +369,16 @@ def _walk(plan: Plan, obj: Any, path: str, allow_pickle: bool, seen: set[int]) -
             raise BadInputError(f"{path or '<root>'}: the state contains a reference cycle")
         seen.add(id(obj))
         keys = [validate_key(k, path) for k in obj]
-        values = [_walk(plan, obj[k], _join(path, k), allow_pickle, seen) for k in keys]
+        values = [_plan_tensor(plan, v, f"{path}/{k}" if path else str(k)) if type(v) in _TENSORS
+                  else _walk(plan, v, _join(path, k), allow_pickle, seen) for k, v in zip(keys, obj.values())]
         seen.discard(id(obj))
         return DictNode(keys=keys, values=values, ordered=type(obj) is collections.OrderedDict)
     if type(obj) in (list, tuple):
         if id(obj) in seen:
             raise BadInputError(f"{path or '<root>'}: the state contains a reference cycle")
         seen.add(id(obj))
-        items = [_walk(plan, v, _join(path, i), allow_pickle, seen) for i, v in enumerate(obj)]
+        items = [_plan_tensor(plan, v, f"{path}/{i}" if path else str(i)) if type(v) in _TENSORS
+                 else _walk(plan, v, _join(path, i), allow_pickle, seen) for i, v in enumerate(obj)]
         seen.discard(id(obj))
         return ListNode(items=items, tuple=type(obj) is tuple)
     if allow_pickle:
@@ -296,9 +412,20 @@ def plan_state(state: Any, *, allow_pickle: bool = False, inline_max: int = INLI
         raise BadInputError(f"a state dict must be a mapping, got {type(state).__name__}")
     plan = Plan(tree=ValueNode(value=None), inline_max=inline_max)
     root = dict(state) if type(state) not in (dict, collections.OrderedDict) else state
-    plan.shared = _shared_storages(root)
-    plan.tree = _walk(plan, root, "", allow_pickle, set())
+    with paused_gc():
+        _plan_into(plan, root, allow_pickle)
     return plan
+
+
+def _plan_into(plan: Plan, root: Any, allow_pickle: bool) -> None:
+    tensors: list[torch.Tensor] = []
+    flat = _flatten(root, [], tensors, [], [], 0)
+    plan.shared = _shared_storages(root, tensors if flat else None)
+    plan.checked = flat and _plain_tensors(tensors)
+    try:
+        plan.tree = _walk(plan, root, "", allow_pickle, set())
+    finally:
+        plan.checked = False
 
 
 # -- reusing a layout ------------------------------------------------------------------------------
@@ -306,9 +433,8 @@ def plan_state(state: Any, *, allow_pickle: bool = False, inline_max: int = INLI
 _TENSORS = frozenset(_PLAIN)
 _SCALARS = frozenset({type(None), bool, int, float, str, bytes})
 _MAX_DEPTH = 100  # deeper (or cyclic) states are planned in full, which reports a cycle by name
-_shape = operator.attrgetter("shape")
-_dtype = operator.attrgetter("dtype")
 _layout_ids = itertools.count(1)
+_Meta = tuple[list[int], list[Any], list[Any], list[Any], list[Any]]
 
 
 def _scalar_node(v: Any) -> Node:
@@ -400,7 +526,7 @@ class PlanCache:
     def __init__(self) -> None:
         self._plan: Plan | None = None
         self._sig: list[Any] = []
-        self._meta: tuple[list[int], list[Any], list[Any], list[Any]] | None = None
+        self._meta: _Meta | None = None
         self._scalars: list[Any] = []
         self._arrays: list[tuple[np.dtype[Any], tuple[int, ...]]] = []
         self._array_entries: list[int] = []
@@ -418,22 +544,19 @@ class PlanCache:
         if not isinstance(state, Mapping):
             raise BadInputError(f"a state dict must be a mapping, got {type(state).__name__}")
         root = dict(state) if type(state) not in (dict, collections.OrderedDict) else state
+        # The temporaries of a plan (per-tensor sizes, strides, lists) are freed inside _plan_of, before
+        # the collector is back on: it would otherwise walk all of them once at once.
+        with paused_gc():
+            return self._plan_of(root, allow_pickle, full)
+
+    def _plan_of(self, root: Any, allow_pickle: bool, full: Callable[..., Plan] | None) -> Plan:
         sig: list[Any] = []
         tensors: list[Any] = []
         scalars: list[Any] = []
         arrays: list[np.ndarray] = []
-        # These passes allocate a few small objects per tensor (torch.Size, stride tuples) and no
-        # cycle: with the collector on, a large state triggers full collections in the middle
-        # (a 50,000-tensor state: several times slower).
-        collect = gc.isenabled()
-        gc.disable()
-        try:
-            ok = _flatten(root, sig, tensors, scalars, arrays, 0)
-            cached = self._plan
-            meta = self._metadata(tensors) if ok and cached is not None and sig == self._sig else None
-        finally:
-            if collect:
-                gc.enable()
+        ok = _flatten(root, sig, tensors, scalars, arrays, 0)
+        cached = self._plan
+        meta = self._metadata(tensors) if ok and cached is not None and sig == self._sig else None
         if meta is not None and cached is not None:
             moved = self._moved(meta, tensors)
             if moved is not None and [(a.dtype, a.shape) for a in arrays] == self._arrays:
@@ -449,23 +572,27 @@ class PlanCache:
             if meta is not None:
                 plan.layout_id = next(_layout_ids)
                 self._plan, self._sig, self._meta, self._scalars = plan, sig, meta, scalars
-                self._storages = {k[1] for k in map(_storage_key, tensors) if k is not None}
+                self._storages = set(meta[0])
                 self._members = {p for ms in plan.member_pos.values() for _, p in ms}
                 self._arrays = [(a.dtype, a.shape) for a in arrays]
                 self._array_entries = [i for i, e in enumerate(plan.entries) if e.kind == "ndarray"]
         return plan
 
     @staticmethod
-    def _metadata(tensors: list[torch.Tensor]) -> tuple[list[int], list[Any], list[Any], list[Any]] | None:
+    def _metadata(tensors: list[torch.Tensor]) -> _Meta | None:
+        """(storage addresses, storage offsets, shapes, strides, dtypes) of ``tensors``: a few C-level
+        passes (a storage's address and the offset cost less than ``Tensor.data_ptr``, and with the
+        same dtype they tell the same: an equal pair is an equal data pointer)."""
         try:
-            return (list(map(torch.Tensor.data_ptr, tensors)), list(map(_shape, tensors)),
+            return (list(map(torch.UntypedStorage.data_ptr, map(torch.Tensor.untyped_storage, tensors))),
+                    list(map(torch.Tensor.storage_offset, tensors)), list(map(_shape, tensors)),
                     list(map(torch.Tensor.stride, tensors)), list(map(_dtype, tensors)))
         except (RuntimeError, NotImplementedError):  # sparse and other tensors without a plain layout
             return None
 
-    def _moved(self, meta: tuple[list[int], list[Any], list[Any], list[Any]], tensors: list[torch.Tensor]) -> list[int] | None:
-        """Leaf positions whose tensor lives elsewhere now (same shape, strides, dtype), or None when
-        the layout cannot be reused: another shape, or a moved tensor that shares a storage.
+    def _moved(self, meta: _Meta, tensors: list[torch.Tensor]) -> list[int] | None:
+        """Leaf positions whose tensor lives elsewhere now (same storage offset, shape, strides, dtype),
+        or None when the layout cannot be reused: another shape, or a moved tensor that shares a storage.
 
         A tensor made afresh each save (``torch.get_rng_state()``) keeps the layout when its new
         storage is its own: not one of the cached state's (still referenced, so no other tensor

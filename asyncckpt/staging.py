@@ -17,6 +17,7 @@ import asyncio
 import ctypes
 import itertools
 import mmap
+import operator
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -57,6 +58,9 @@ class SharedRef:
     storage_offset: int  # in elements of dtype
 
 
+_version = operator.attrgetter("_version")
+
+
 @dataclass
 class SnapshotSpec:
     """What one snapshot copies into its staging slot, laid out as ``nbytes`` bytes.
@@ -85,18 +89,26 @@ class SnapshotGuard:
     __slots__ = ("_items",)
 
     def __init__(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
-        self._items: list[tuple[str, torch.Tensor, int]] = [(k, t, t._version) for k, t in named]
+        pairs = list(named)
+        tensors = [t for _, t in pairs]
+        # keys, tensors, their counters (read in one C-level pass); one attribute, replaced whole
+        self._items: tuple[list[str], list[torch.Tensor], list[int]] = (
+            [k for k, _ in pairs], tensors, list(map(_version, tensors)))
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._items[1])
 
     def changed(self) -> list[str]:
         """The keys whose tensor was modified in place since the guard was made."""
-        return [k for k, t, v in self._items if t._version != v]
+        keys, tensors, versions = self._items
+        now = list(map(_version, tensors))
+        if now == versions:
+            return []
+        return [k for k, a, b in zip(keys, now, versions) if a != b]
 
     def release(self) -> None:
         """Drop the references to the tensors (after the check)."""
-        self._items = []
+        self._items = ([], [], [])
 
 
 class TrainerCopies:
@@ -123,10 +135,11 @@ class TrainerCopies:
             if done(idx):
                 del self._busy[i]
 
-    def reserve(self, nbytes: int) -> None:
-        """Allocate (and touch) every slab for copies of ``nbytes`` now, not in the first saves."""
+    def reserve(self, nbytes: int, count: int | None = None) -> None:
+        """Allocate (and touch) every slab (the first ``count``) for copies of ``nbytes`` now, not in
+        the first saves."""
         cap = max(1 << 20, 1 << (max(nbytes, 1) - 1).bit_length())
-        for i in range(self.max_slabs):
+        for i in range(self.max_slabs if count is None else min(count, self.max_slabs)):
             if i < len(self._slabs) and (self._slabs[i].numel() >= nbytes or i in self._busy):
                 continue
             slab = torch.zeros(cap, dtype=torch.uint8).share_memory_()
@@ -134,6 +147,11 @@ class TrainerCopies:
                 self._slabs[i] = slab
             else:
                 self._slabs.append(slab)
+
+    def clear(self) -> None:
+        """Drop every slab (the checkpointer is closed)."""
+        self._slabs.clear()
+        self._busy.clear()
 
     def busy(self, slab: int, call_idx: int) -> None:
         self._busy[slab] = call_idx
@@ -177,6 +195,38 @@ def flat_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 _ZEROS = torch.zeros(64, dtype=torch.uint8)
+_PADS = [_ZEROS[:n] for n in range(65)]  # made once: a view costs about a microsecond
+_requires_grad = operator.attrgetter("requires_grad")
+
+
+def _byte_views(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`flat_bytes` of each tensor, at one view (two for more than one dimension) per
+    contiguous tensor instead of five ops."""
+    if (all(map(torch.Tensor.is_contiguous, tensors)) and not any(map(_requires_grad, tensors))
+            and all(map(torch.Tensor.dim, tensors))):
+        try:  # the usual case, without a Python step per tensor
+            out = list(map(torch.Tensor.view, tensors, itertools.repeat(torch.uint8)))
+        except RuntimeError:  # a size-1 last dim with another stride: one by one below
+            pass
+        else:
+            for i, d in enumerate(map(torch.Tensor.dim, out)):
+                if d > 1:
+                    out[i] = out[i].view(-1)
+            return out
+    out = []
+    append = out.append
+    u8 = torch.uint8
+    for t in tensors:
+        if t.is_contiguous() and t.dim() and not t.requires_grad:
+            try:
+                v = t.view(u8)  # a reinterpretation: any dtype, no copy kernel needed
+            except RuntimeError:  # a size-1 last dim with another stride: the general way
+                append(flat_bytes(t))
+                continue
+            append(v if v.dim() == 1 else v.view(-1))
+        else:
+            append(flat_bytes(t))
+    return out
 
 
 class CopyProgram:
@@ -206,30 +256,36 @@ class CopyProgram:
         self.inputs: list[torch.Tensor] = []
         self.patches: list[tuple[int, int]] = []
         self.by_leaf: dict[int, int] = {}  # leaf position -> input index
+        views = iter(_byte_views([t for _, n, t, _ in items if n]))
+        inputs = self.inputs
         slab_pos, r = 0, -1
         run_end = 0  # file offset where the current run's bytes so far end
+        next_run = self.spans[0][0] if self.spans else -1
         for off, n, t, leaf in items:
-            while r + 1 < len(self.spans) and off >= self.spans[r + 1][0]:
-                r += 1
-                a, s0, _ = self.spans[r]
-                self._pad(s0 - slab_pos)
-                slab_pos, run_end = s0, a
+            if off >= next_run >= 0:
+                while r + 1 < len(self.spans) and off >= self.spans[r + 1][0]:
+                    r += 1
+                    a, s0, _ = self.spans[r]
+                    self._pad(s0 - slab_pos)
+                    slab_pos, run_end = s0, a
+                next_run = self.spans[r + 1][0] if r + 1 < len(self.spans) else -1
             if n == 0:
                 continue
-            self._pad(off - run_end)
-            slab_pos += off - run_end
+            if off != run_end:
+                self._pad(off - run_end)
+                slab_pos += off - run_end
             if leaf >= 0:
-                self.by_leaf[leaf] = len(self.inputs)
+                self.by_leaf[leaf] = len(inputs)
                 if not t.is_contiguous():
-                    self.patches.append((len(self.inputs), leaf))
-            self.inputs.append(flat_bytes(t))
+                    self.patches.append((len(inputs), leaf))
+            inputs.append(next(views))
             slab_pos += n
             run_end = off + n
         self._pad(self.nbytes - slab_pos)
 
     def _pad(self, n: int) -> None:
         while n > 0:
-            self.inputs.append(_ZEROS[: min(n, 64)])
+            self.inputs.append(_PADS[min(n, 64)])
             n -= 64
 
     def run(self, out: torch.Tensor, leaves: list[torch.Tensor], moved: Sequence[int] = ()) -> None:
