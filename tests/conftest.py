@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +13,8 @@ import pytest
 import torch
 
 import asyncckpt
+
+from . import _mypy
 
 pytest_plugins = ["tests.s3_servers"]
 
@@ -54,3 +58,47 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+# Tests that take tens of seconds each (multi-process runs, whole-framework trainings) run first: with
+# ``-n 2`` a long test that starts late keeps one worker busy after the other has run out of work. The
+# mypy test runs last (mypy itself runs in the background meanwhile, see tests/_mypy.py). Only the order
+# changes (a stable sort: everything else keeps its collection order).
+_LONG_MARKERS = ("slow", "multiproc")
+_LONG_PATHS = ("tests/integrations/",)
+
+
+def _runs_long(item: pytest.Item) -> bool:
+    return any(item.get_closest_marker(m) for m in _LONG_MARKERS) or item.nodeid.startswith(_LONG_PATHS)
+
+
+_MYPY_RUN = pytest.StashKey["_mypy.Run | None"]()
+
+
+def _order(item: pytest.Item) -> int:
+    if item.nodeid == _mypy.NODEID:
+        return 2  # last: mypy runs in the background meanwhile (pytest_collection_finish)
+    return 0 if _runs_long(item) else 1
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=_order)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start mypy for tests/test_typing.py in the background, once per run (xdist workers share the run id)."""
+    if session.config.option.collectonly or not any(item.nodeid == _mypy.NODEID for item in session.items):
+        return
+    if importlib.util.find_spec("mypy") is None:
+        return  # the test skips
+    workerinput = getattr(session.config, "workerinput", None)
+    run_id = workerinput["testrunuid"] if workerinput else uuid.uuid4().hex
+    out_dir = Path(tempfile.gettempdir()) / f"asyncckpt-mypy-{run_id}"
+    session.config.stash[_MYPY_RUN] = _mypy.start(out_dir)
+    session.config.stash[_mypy.OUT_DIR] = out_dir  # where the test reads the result
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    run = session.config.stash.get(_MYPY_RUN, None)
+    if run is not None:
+        run.finish(stop=bool(session.shouldstop or session.shouldfail or exitstatus == pytest.ExitCode.INTERRUPTED))
