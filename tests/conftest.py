@@ -60,29 +60,12 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-# Tests that take tens of seconds each (multi-process runs, whole-framework trainings) run first: with
-# ``-n 2`` a long test that starts late keeps one worker busy after the other has run out of work. The
-# mypy test runs last (mypy itself runs in the background meanwhile, see tests/_mypy.py). Only the order
-# changes (a stable sort: everything else keeps its collection order).
-_LONG_MARKERS = ("slow", "multiproc")
-_LONG_PATHS = ("tests/integrations/",)
-
-
-def _runs_long(item: pytest.Item) -> bool:
-    return any(item.get_closest_marker(m) for m in _LONG_MARKERS) or item.nodeid.startswith(_LONG_PATHS)
-
-
 _MYPY_RUN = pytest.StashKey["_mypy.Run | None"]()
 
 
-def _order(item: pytest.Item) -> int:
-    if item.nodeid == _mypy.NODEID:
-        return 2  # last: mypy runs in the background meanwhile (pytest_collection_finish)
-    return 0 if _runs_long(item) else 1
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=_order)
+    """The mypy test runs last: mypy itself runs in the background meanwhile (tests/_mypy.py)."""
+    items.sort(key=lambda item: item.nodeid == _mypy.NODEID)  # stable: the rest keeps its order
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
