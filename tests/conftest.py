@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +13,8 @@ import pytest
 import torch
 
 import asyncckpt
+
+from . import _mypy
 
 pytest_plugins = ["tests.s3_servers"]
 
@@ -54,3 +58,30 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+_MYPY_RUN = pytest.StashKey["_mypy.Run | None"]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The mypy test runs last: mypy itself runs in the background meanwhile (tests/_mypy.py)."""
+    items.sort(key=lambda item: item.nodeid == _mypy.NODEID)  # stable: the rest keeps its order
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start mypy for tests/test_typing.py in the background, once per run (xdist workers share the run id)."""
+    if session.config.option.collectonly or not any(item.nodeid == _mypy.NODEID for item in session.items):
+        return
+    if importlib.util.find_spec("mypy") is None:
+        return  # the test skips
+    workerinput = getattr(session.config, "workerinput", None)
+    run_id = workerinput["testrunuid"] if workerinput else uuid.uuid4().hex
+    out_dir = Path(tempfile.gettempdir()) / f"asyncckpt-mypy-{run_id}"
+    session.config.stash[_MYPY_RUN] = _mypy.start(out_dir)
+    session.config.stash[_mypy.OUT_DIR] = out_dir  # where the test reads the result
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    run = session.config.stash.get(_MYPY_RUN, None)
+    if run is not None:
+        run.finish(stop=bool(session.shouldstop or session.shouldfail or exitstatus == pytest.ExitCode.INTERRUPTED))

@@ -1,18 +1,28 @@
-"""The package type-checks: mypy (configured in pyproject.toml) finds no error in asyncckpt/."""
+"""The package type-checks: mypy (configured in pyproject.toml) finds no error in asyncckpt/.
+
+mypy runs in the background while the other tests run (tests/_mypy.py, started by tests/conftest.py),
+and this test runs last; on its own (no background run for this session) it starts mypy itself.
+"""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import shutil
+from pathlib import Path
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from . import _mypy
 
 
-def test_mypy_finds_no_error_in_the_package():
+def test_mypy_finds_no_error_in_the_package(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     pytest.importorskip("mypy", reason="mypy comes with the [dev] extra")
-    out = subprocess.run([sys.executable, "-m", "mypy"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
-    assert "Success: no issues found" in out.stdout
+    out_dir = request.config.stash.get(_mypy.OUT_DIR, None)
+    if out_dir is None:
+        out_dir = tmp_path / "mypy"
+        run = _mypy.start(out_dir)
+        assert run is not None
+        run.finish(stop=False)
+    rc, out = _mypy.result(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    assert rc == 0, out[-8000:]
+    assert "Success: no issues found" in out

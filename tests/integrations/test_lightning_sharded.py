@@ -9,15 +9,20 @@ optimizer, scheduler, step and every rank's RNG state. The run draws from every 
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from .conftest import assert_same, run_script
+from .conftest import HERE, ROOT, assert_same, run_script
 
 pytest.importorskip("lightning", reason="lightning is not installed (pip install 'asyncckpt[lightning]')")
 
@@ -26,18 +31,51 @@ from asyncckpt.integrations.sharded import META_FILE, META_KEY, rng_key
 pytestmark = pytest.mark.multiproc
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The uninterrupted run with Lightning's stock ModelParallelStrategy."""
-    out = tmp_path_factory.mktemp("ref")
-    run_script("lightning_fsdp_train.py", str(out), "--strategy", "stock", timeout=300)
-    return out
+def start_script(script: str, *args: str) -> subprocess.Popen[str]:
+    """``run_script``'s command and environment, started in the background (finish it with ``finish``)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, str(HERE / script), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
 
 
-def test_sharded_sigkill_then_resume_is_bit_exact(tmp_path: Path, reference: Path) -> None:
-    expected = torch.load(reference / "final.pt", weights_only=False)
+def finish(proc: subprocess.Popen[str], timeout: float = 300, expect_kill: bool = False) -> str:
+    """Wait for a ``start_script`` run; fail with its output as ``run_script`` does. Returns stdout + stderr."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # only the process this test started, by its handle
+        proc.communicate()
+        raise
+    what = " ".join(proc.args[1:] if isinstance(proc.args, list) else [str(proc.args)])
+    if expect_kill:
+        assert proc.returncode == -9, f"{what} was meant to die by SIGKILL, rc={proc.returncode}\n{err[-3000:]}"
+    else:
+        assert proc.returncode == 0, f"{what} failed, rc={proc.returncode}\n{err[-3000:]}"
+    return out + err
+
+
+@contextlib.contextmanager
+def stopped_on_error(proc: subprocess.Popen[str]) -> Iterator[None]:
+    """Kill a ``start_script`` run (by its handle) if the block fails, so the first failure is the one reported."""
+    try:
+        yield
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+
+
+def test_sharded_sigkill_then_resume_is_bit_exact(tmp_path: Path) -> None:
+    # The uninterrupted run with Lightning's stock ModelParallelStrategy (the reference) and the run that
+    # is killed are independent: they run side by side (each is mostly interpreter and import time).
+    reference = tmp_path / "ref"
     killed = tmp_path / "killed"
-    run_script("lightning_fsdp_train.py", str(killed), "--kill-at", "3", expect_kill=True, timeout=300)
+    ref_proc = start_script("lightning_fsdp_train.py", str(reference), "--strategy", "stock")
+    with stopped_on_error(ref_proc):
+        finish(start_script("lightning_fsdp_train.py", str(killed), "--kill-at", "3"), expect_kill=True)
+    finish(ref_proc)
+    expected = torch.load(reference / "final.pt", weights_only=False)
     last = killed / "ckpts" / "last.ckpt"
     assert (last / ".metadata").is_file() and (last / META_FILE).is_file()
     assert not (killed / "final.pt").exists()
@@ -52,20 +90,22 @@ def test_sharded_sigkill_then_resume_is_bit_exact(tmp_path: Path, reference: Pat
     rng_keys = {k for k in dcp.FileSystemReader(str(last)).read_metadata().state_dict_metadata if k.startswith("asyncckpt")}
     assert rng_keys == {META_KEY, rng_key(0), rng_key(1)}  # one RNG state per rank, in the same generation
 
-    # Stock Lightning resumes from the same directory (meta.pt and DCP files as it writes them): the
-    # same weights, optimizer and scheduler, but it keeps no RNG state, so it ends elsewhere.
+    # Stock Lightning resumes from the same directory (meta.pt and DCP files as it writes them), from a copy
+    # made before the meta.pt below is replaced; both resumes run side by side. It restores the same weights,
+    # optimizer and scheduler, but it keeps no RNG state, so it ends elsewhere.
     stock = tmp_path / "stock"
     shutil.copytree(killed, stock, symlinks=True)
-    run_script("lightning_fsdp_train.py", str(stock), "--strategy", "stock", "--resume", timeout=300)
+    stock_proc = start_script("lightning_fsdp_train.py", str(stock), "--strategy", "stock", "--resume")
+    with stopped_on_error(stock_proc):
+        # A crash between the commit and meta.pt's replacement leaves an older meta.pt beside newer weights:
+        # asyncckpt's load takes the metadata of the committed generation, never meta.pt.
+        shutil.copyfile(reference / "ckpts" / "last.ckpt" / META_FILE, last / META_FILE)  # step 16: "training done"
+        output = finish(start_script("lightning_fsdp_train.py", str(killed), "--resume"))
+    finish(stock_proc)
     stock_restored = torch.load(stock / "restored.pt", weights_only=False)
     assert not torch.equal(torch.load(stock / "final.pt", weights_only=False)["model"]["net.0.weight"],
                            expected["model"]["net.0.weight"])
-
-    # A crash between the commit and meta.pt's replacement leaves an older meta.pt beside newer weights:
-    # asyncckpt's load takes the metadata of the committed generation, never meta.pt.
-    shutil.copyfile(reference / "ckpts" / "last.ckpt" / META_FILE, last / META_FILE)  # step 16: "training done"
-    proc = run_script("lightning_fsdp_train.py", str(killed), "--resume", timeout=300)
-    assert "Restored all states" in proc.stderr + proc.stdout
+    assert "Restored all states" in output
     assert_same(torch.load(killed / "final.pt", weights_only=False), expected, "asyncckpt resume")
     restored = torch.load(killed / "restored.pt", weights_only=False)
     assert_same({k: v for k, v in restored.items() if k != "rng"},
