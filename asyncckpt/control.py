@@ -86,16 +86,16 @@ class CommitOp:
 
 @dataclass
 class DrainOp:
-    """Copy this rank's files of ``name`` from the fast tier to every other tier, chunk by chunk, verified."""
+    """Copy this rank's files of ``name`` from the fast tier to every other tier, chunk by chunk, verified.
+
+    It names no ``sessions``: a drain moves bulk data with several chunks in flight through the
+    storages' I/O threads, so it stays on the worker's main loop rather than the control thread."""
 
     tiers: Tiers
     name: str
     rank: int
     concurrency: int = 4
     milestone: str | None = None
-
-    def sessions(self, ctx: WorkerContext) -> list[Storage]:
-        return [ctx.storage(u, o) for u, o in zip(self.tiers.uris, self.tiers.storage_options)]
 
     async def run(self, ctx: WorkerContext, prior: Any) -> Any:
         from .tiers import drain_rank
