@@ -160,6 +160,17 @@ def titan_run(manager: str, mib: int, root: str, saves: int, step_s: float, inte
     return blocked, total
 
 
+def table_row(mib: int, name: str, where: str | None, run: Callable[[str], tuple[list[float], float]]) -> None:
+    """Run ``run(root)`` in a fresh directory under ``where`` (removed afterwards) and print its table row."""
+    root = tempfile.mkdtemp(prefix=f"bench-integ-{name}-", dir=where)
+    try:
+        blocked, total = run(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    ms = [b * 1000 for b in blocked]
+    print(f"| {mib} MiB | {name} | {statistics.median(ms):.0f} ({min(ms):.0f}-{max(ms):.0f}) | {total:.2f} |", flush=True)
+
+
 def titan(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
@@ -171,14 +182,8 @@ def titan(args: argparse.Namespace) -> None:
     try:
         for mib in args.mib:
             for name in ("sync", "titan_async", "asyncckpt"):
-                root = tempfile.mkdtemp(prefix=f"bench-titan-{name}-", dir=args.dir)
-                try:
-                    blocked, total = titan_run(name, mib, root, args.saves, args.step_s, args.interval)
-                finally:
-                    shutil.rmtree(root, ignore_errors=True)
-                ms = [b * 1000 for b in blocked]
-                print(f"| {mib} MiB | {name} | {statistics.median(ms):.0f} ({min(ms):.0f}-{max(ms):.0f}) | {total:.2f} |",
-                      flush=True)
+                table_row(mib, name, args.dir,
+                          lambda root, n=name, m=mib: titan_run(n, m, root, args.saves, args.step_s, args.interval))
     finally:
         dist.destroy_process_group()
 
@@ -255,14 +260,8 @@ def hf(args: argparse.Namespace) -> None:
     print("| --- | --- | --- | --- |")
     for mib in args.mib:
         for name in ("stock", "asyncckpt"):
-            root = tempfile.mkdtemp(prefix=f"bench-hf-{name}-", dir=args.dir)
-            try:
-                blocked, total = hf_run(name, mib, root, args.saves, args.step_s, args.interval)
-            finally:
-                shutil.rmtree(root, ignore_errors=True)
-            ms = [b * 1000 for b in blocked]
-            print(f"| {mib} MiB | {name} | {statistics.median(ms):.0f} ({min(ms):.0f}-{max(ms):.0f}) | {total:.2f} |",
-                  flush=True)
+            table_row(mib, name, args.dir,
+                      lambda root, n=name, m=mib: hf_run(n, m, root, args.saves, args.step_s, args.interval))
 
 
 def lightning(args: argparse.Namespace) -> None:
@@ -272,13 +271,7 @@ def lightning(args: argparse.Namespace) -> None:
     for mib in args.mib:
         state = make_state(mib)
         for name, make in makers.items():
-            root = tempfile.mkdtemp(prefix=f"bench-integ-{name}-", dir=args.dir)
-            try:
-                blocked, total = run_one(make, state, root, args.saves)
-            finally:
-                shutil.rmtree(root, ignore_errors=True)
-            ms = [b * 1000 for b in blocked]
-            print(f"| {mib} MiB | {name} | {statistics.median(ms):.0f} ({min(ms):.0f}-{max(ms):.0f}) | {total:.2f} |", flush=True)
+            table_row(mib, name, args.dir, lambda root, mk=make, st=state: run_one(mk, st, root, args.saves))
 
 
 def main() -> None:
