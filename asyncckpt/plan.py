@@ -153,16 +153,12 @@ def _shared_storages(root: Any, tensors: Sequence[torch.Tensor] | None = None) -
             return _shared_among(tensors)
         except (RuntimeError, NotImplementedError):  # tensor kinds without a plain storage: one by one
             pass
-    keys: dict[int, tuple[torch.device, int, int]] = {}
-    count: dict[tuple[torch.device, int, int], int] = {}
+    found: list[tuple[torch.Tensor, tuple[torch.device, int, int] | None]] = []
     active: set[int] = set()  # containers on the current path (a cycle is reported by _walk)
 
     def visit(obj: Any) -> None:
         if isinstance(obj, torch.Tensor):
-            key = _storage_key(obj)
-            if key is not None:
-                count[key] = count.get(key, 0) + 1
-                keys[id(obj)] = key
+            found.append((obj, _storage_key(obj)))
         elif type(obj) in (dict, collections.OrderedDict, list, tuple) and id(obj) not in active:
             active.add(id(obj))
             for v in obj.values() if isinstance(obj, dict) else obj:
@@ -170,6 +166,18 @@ def _shared_storages(root: Any, tensors: Sequence[torch.Tensor] | None = None) -
             active.discard(id(obj))
 
     visit(root)
+    return _used_twice(found)
+
+
+def _used_twice(found: Iterable[tuple[torch.Tensor, tuple[torch.device, int, int] | None]],
+                ) -> dict[int, tuple[torch.device, int, int]]:
+    """id -> storage key of the tensors in ``found`` (tensor, its key or None) whose key occurs more than once."""
+    keys: dict[int, tuple[torch.device, int, int]] = {}
+    count: dict[tuple[torch.device, int, int], int] = {}
+    for t, key in found:
+        if key is not None:
+            count[key] = count.get(key, 0) + 1
+            keys[id(t)] = key
     return {i: k for i, k in keys.items() if count[k] > 1}
 
 
@@ -189,16 +197,8 @@ def _shared_among(tensors: Sequence[torch.Tensor]) -> dict[int, tuple[torch.devi
             seen.add(ptr)
     if not again:
         return {}
-    keys: dict[int, tuple[torch.device, int, int]] = {}
-    count: dict[tuple[torch.device, int, int], int] = {}
-    for t, st in zip(tensors, storages):
-        ptr = st.data_ptr()
-        n = st.nbytes()
-        if ptr in again and n:
-            key = (t.device, ptr, n)
-            count[key] = count.get(key, 0) + 1
-            keys[id(t)] = key
-    return {i: k for i, k in keys.items() if count[k] > 1}
+    return _used_twice((t, (t.device, st.data_ptr(), st.nbytes()) if st.data_ptr() in again and st.nbytes() else None)
+                       for t, st in zip(tensors, storages))
 
 
 #: names of the dtypes met so far (every one of them is supported: see :func:`_plain_tensors`)
