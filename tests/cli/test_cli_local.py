@@ -223,6 +223,11 @@ def test_export_safetensors_is_read_by_safetensors(capsys, root, source, tmp_pat
 @pytest.mark.parametrize("suffix", ["pt", "safetensors"])
 def test_export_interrupted_leaves_nothing_half_written(capsys, root, tmp_path, monkeypatch, suffix):
     real = cli.read_entries
+    handled = threading.Event()
+
+    def on_sigint(signum, frame):  # type: ignore[no-untyped-def]
+        handled.set()
+        signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt in the main thread
 
     def ctrl_c_after_first_bytes(storage, m, wanted, on_bytes, **k):  # type: ignore[no-untyped-def]
         fired = threading.Event()
@@ -232,11 +237,18 @@ def test_export_interrupted_leaves_nothing_half_written(capsys, root, tmp_path, 
             if not fired.is_set():
                 fired.set()
                 signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # Ctrl-C while the readers run
+                # Hold this reader until the main thread has taken the interrupt: on a loaded machine the
+                # other readers could otherwise finish the export before the handler runs.
+                handled.wait(30)
 
         return real(storage, m, wanted, first, **k)
 
+    previous = signal.signal(signal.SIGINT, on_sigint)
     monkeypatch.setattr(cli, "read_entries", ctrl_c_after_first_bytes)
-    rc, _out, err = run(capsys, "export", root, "--to", tmp_path / f"model.{suffix}")
+    try:
+        rc, _out, err = run(capsys, "export", root, "--to", tmp_path / f"model.{suffix}")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert rc == 130 and "interrupted" in err
     assert list(tmp_path.glob("*model*")) == []  # neither the file nor its temp
 
