@@ -40,6 +40,7 @@ from .format import (
     manifest_version,
     new_save_id,
     plan_references,
+    remember_manifest,
 )
 from .format.compression import encode_chunk
 from .kinds.base import kind_named
@@ -159,6 +160,7 @@ class NativeSink:
             refs=refs,
         )
         blob = encode_manifest(manifest)
+        remember_manifest(blob, manifest)
         await storage.put_record(join_key(job.name, manifest_file(job.rank, generation)), blob)
         dt = time.perf_counter() - t0
         log.info("wrote rank part", extra={"rank": job.rank, "step": job.step, "op": "write",

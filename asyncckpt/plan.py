@@ -13,6 +13,7 @@ import itertools
 import math
 import operator
 import pickle
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -681,8 +682,35 @@ _encoder = msgspec.msgpack.Encoder()
 _DECODERS: dict[str, Any] = {}
 
 
+#: What the worker decoded lately, by kind and bytes: a layout is sent with every save, the same bytes
+#: each time, and decoding 50,000 entries costs far more than comparing their bytes. The values are
+#: only read (entries and nodes are frozen). Bounded by the bytes kept.
+_UNPACKED: collections.OrderedDict[tuple[str, bytes], Any] = collections.OrderedDict()
+_unpacked_lock = threading.Lock()
+_UNPACKED_LIMIT = 64 << 20
+_unpacked_bytes = 0
+
+
 def decode_packed(kind: str, blob: bytes) -> Any:
     """Unpickling side of :class:`Packed` (runs in the worker)."""
+    global _unpacked_bytes
+    with _unpacked_lock:
+        hit = _UNPACKED.get((kind, blob))
+        if hit is not None:
+            _UNPACKED.move_to_end((kind, blob))
+            return hit
+    value = _unpack(kind, blob)
+    if len(blob) <= _UNPACKED_LIMIT // 4:
+        with _unpacked_lock:
+            if (kind, blob) not in _UNPACKED:
+                _UNPACKED[(kind, blob)] = value
+                _unpacked_bytes += len(blob)
+                while _unpacked_bytes > _UNPACKED_LIMIT:
+                    _unpacked_bytes -= len(_UNPACKED.popitem(last=False)[0][1])
+    return value
+
+
+def _unpack(kind: str, blob: bytes) -> Any:
     dec = _DECODERS.get(kind)
     if dec is None:
         dec = _DECODERS[kind] = msgspec.msgpack.Decoder(list[Entry] if kind == "entries" else Node)

@@ -80,6 +80,7 @@ from .records import (
     manifest_file_rank,
     manifest_version,
     new_save_id,
+    remember_manifest,
 )
 from .refs import ReferencePlan, digest, owned_offsets, plan_references, referenced_files, resolve_reference
 from .tree import MAX_DEPTH, build_tree, leaves, refs, select_keys
@@ -153,6 +154,7 @@ __all__ = [
     "read_entries_into",
     "referenced_files",
     "refs",
+    "remember_manifest",
     "resolve_reference",
     "safetensors_dtype",
     "select_keys",

@@ -14,7 +14,9 @@ the committed ones; the new COMMIT names them (docs/format.md, "Generations").
 from __future__ import annotations
 
 import re
+import threading
 import uuid
+from collections import OrderedDict
 from typing import Annotated, Literal, Union
 
 import msgspec
@@ -65,6 +67,7 @@ __all__ = [
     "manifest_file_rank",
     "manifest_version",
     "new_save_id",
+    "remember_manifest",
 ]
 
 FORMAT_NAME = "asyncckpt"
@@ -285,6 +288,13 @@ def encode_manifest(m: RankManifest) -> bytes:
     return _msgpack_encoder.encode(m)
 
 
+def remember_manifest(blob: bytes, m: RankManifest) -> None:
+    """Declare ``blob`` the encoding of ``m``, a manifest this process built and wrote: reading exactly
+    these bytes back returns ``m`` without decoding and checking them again (the commit and retention
+    of a save read the manifest its worker has just written). Only for a writer's own manifests."""
+    _remember(blob, m)
+
+
 def manifest_version(features: list[str]) -> int:
     """The lowest manifest version that holds ``features`` (1 when none is used)."""
     return 2 if features else 1
@@ -322,8 +332,47 @@ def _check_features(m: RankManifest | _Head, where: str) -> None:
         )
 
 
+#: Manifests this process wrote (``remember_manifest``) or decoded and checked, by their exact bytes:
+#: a worker reads the same few manifests several times per save (commit, retention, deletion), and
+#: at 50,000 tensors one decode and check costs a third of a second. The checks guard against bytes from elsewhere
+#: (damaged or foreign files); bytes equal to what this process encoded from its own manifest are
+#: neither. Bounded by the encoded bytes kept; the structs are frozen.
+_DECODED: OrderedDict[bytes, RankManifest] = OrderedDict()
+_DECODED_LIMIT = 32 << 20
+_decoded_bytes = 0
+_decoded_lock = threading.Lock()
+
+
 def decode_manifest(data: bytes, where: str) -> RankManifest:
-    """Decode and sanity-check a manifest; every size is bounded before anything is allocated."""
+    """Decode and sanity-check a manifest; every size is bounded before anything is allocated.
+
+    The same bytes decode to the same (shared, frozen) manifest: a recent one is returned from a
+    small cache instead of being decoded and checked again.
+    """
+    if type(data) is bytes:
+        with _decoded_lock:
+            hit = _DECODED.get(data)
+            if hit is not None:
+                _DECODED.move_to_end(data)
+                return hit
+    m = _decode_checked(data, where)
+    _remember(data, m)
+    return m
+
+
+def _remember(data: bytes, m: RankManifest) -> None:
+    global _decoded_bytes
+    if type(data) is not bytes or len(data) > _DECODED_LIMIT // 4:
+        return
+    with _decoded_lock:
+        if data not in _DECODED:
+            _DECODED[data] = m
+            _decoded_bytes += len(data)
+            while _decoded_bytes > _DECODED_LIMIT:
+                _decoded_bytes -= len(_DECODED.popitem(last=False)[0])
+
+
+def _decode_checked(data: bytes, where: str) -> RankManifest:
     try:
         m = _manifest_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as exc:
