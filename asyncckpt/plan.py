@@ -501,15 +501,41 @@ def _same_values(a: list[Any], b: list[Any]) -> bool:
                for x, y in zip(a, b) if isinstance(x, (float, np.floating)) and x == 0)
 
 
-def _retree(node: Node, values: Iterator[Any]) -> Node:
-    """``node`` with its scalar leaves replaced, in walk order, by ``values``."""
+_NO_SCALARS: tuple[()] = ()
+
+
+def _skeleton(node: Node) -> Any:
+    """Where ``node``'s scalar leaves are: None for a scalar leaf, ``_NO_SCALARS`` for a subtree without
+    one, else the list of ``(child index, child skeleton)`` of the children that hold one, in order."""
     if isinstance(node, DictNode):
-        return DictNode(keys=node.keys, values=[_retree(v, values) for v in node.values], ordered=node.ordered)
-    if isinstance(node, ListNode):
-        return ListNode(items=[_retree(v, values) for v in node.items], tuple=node.tuple)
-    if isinstance(node, RefNode):
+        children: list[Node] = node.values
+    elif isinstance(node, ListNode):
+        children = node.items
+    elif isinstance(node, RefNode):
+        return _NO_SCALARS
+    else:
+        return None
+    out = [(i, sub) for i, c in enumerate(children) if (sub := _skeleton(c)) is not _NO_SCALARS]
+    return out or _NO_SCALARS
+
+
+def _retree_at(node: Node, skeleton: Any, values: Iterator[Any]) -> Node:
+    """``node`` with its scalar leaves replaced, in walk order, by ``values``; only the subtrees that hold
+    scalars (``skeleton``) are rebuilt, the others are shared with ``node``."""
+    if skeleton is None:
+        return _scalar_node(next(values))
+    if skeleton is _NO_SCALARS:
         return node
-    return _scalar_node(next(values))
+    if isinstance(node, DictNode):
+        vals = list(node.values)
+        for i, sub in skeleton:
+            vals[i] = _retree_at(vals[i], sub, values)
+        return DictNode(keys=node.keys, values=vals, ordered=node.ordered)
+    assert isinstance(node, ListNode)
+    items = list(node.items)
+    for i, sub in skeleton:
+        items[i] = _retree_at(items[i], sub, values)
+    return ListNode(items=items, tuple=node.tuple)
 
 
 class PlanCache:
@@ -533,11 +559,12 @@ class PlanCache:
         self._array_entries: list[int] = []
         self._storages: set[int] = set()  # storage addresses of the cached plan's tensors
         self._members: set[int] = set()  # leaf positions of tensors that share a storage
+        self._skeleton: Any = None  # where the cached tree's scalars are (computed at its first change)
         self.hits = 0
         self.misses = 0
 
     def clear(self) -> None:
-        self._plan, self._meta, self._sig, self._scalars = None, None, [], []
+        self._plan, self._meta, self._sig, self._scalars, self._skeleton = None, None, [], [], None
 
     def plan(self, state: Any, *, allow_pickle: bool = False,
              full: Callable[..., Plan] | None = None) -> Plan:
@@ -573,6 +600,7 @@ class PlanCache:
             if meta is not None:
                 plan.layout_id = next(_layout_ids)
                 self._plan, self._sig, self._meta, self._scalars = plan, sig, meta, scalars
+                self._skeleton = None
                 self._storages = set(meta[0])
                 self._members = {p for ms in plan.member_pos.values() for _, p in ms}
                 self._arrays = [(a.dtype, a.shape) for a in arrays]
@@ -619,7 +647,12 @@ class PlanCache:
         return moved
 
     def _reuse(self, cached: Plan, tensors: list[torch.Tensor], scalars: list[Any], arrays: list[np.ndarray]) -> Plan:
-        tree = cached.tree if _same_values(scalars, self._scalars) else _retree(cached.tree, iter(scalars))
+        if _same_values(scalars, self._scalars):
+            tree = cached.tree
+        else:
+            if self._skeleton is None:
+                self._skeleton = _skeleton(cached.tree)
+            tree = _retree_at(cached.tree, self._skeleton, iter(scalars))
         plan = Plan(tree=tree, entries=cached.entries, data_nbytes=cached.data_nbytes, inline_max=0,
                     features=cached.features, leaves=tensors, own=cached.own, member_pos=cached.member_pos,
                     layout_id=cached.layout_id, storage_entries=cached.storage_entries)

@@ -9,10 +9,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import asyncckpt
 from asyncckpt.errors import BadInputError
-from asyncckpt.plan import PlanCache
+from asyncckpt.plan import PlanCache, plan_state
 
 
 def _saved(ck: asyncckpt.AsyncCheckpointer, state: dict, path) -> dict:
@@ -50,6 +52,44 @@ def test_plain_values_change_the_tree_not_the_layout(tmp_path):
     cache.plan({"w": w, "lr": 0.1})
     plan = cache.plan({"w": w, "lr": 0.2})
     assert cache.hits == 1 and plan.tree.values[1].value == 0.2  # type: ignore[attr-defined]
+
+
+_TENSORS = [torch.zeros(3), torch.ones(2, 2), torch.arange(4)]
+# Two values of one type per slot: the layout is reused only when every leaf keeps its type.
+_scalar_pair = st.one_of(*(st.tuples(s, s) for s in (
+    st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70), st.floats(allow_nan=False), st.text(max_size=3),
+    st.binary(max_size=3))))
+_shape = st.recursive(
+    st.one_of(st.just("S"), st.sampled_from(range(len(_TENSORS)))),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text("abc", max_size=2), inner, max_size=4),
+                            st.lists(inner, max_size=3).map(tuple)),
+    max_leaves=12)
+
+
+def _fill(shape, values):  # type: ignore[no-untyped-def]
+    """The state of ``shape`` with its scalar slots ("S") taken from ``values`` in walk order."""
+    if shape == "S":
+        return next(values)
+    if isinstance(shape, int):
+        return _TENSORS[shape]
+    if isinstance(shape, dict):
+        return {k: _fill(v, values) for k, v in shape.items()}
+    return type(shape)(_fill(v, values) for v in shape)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.dictionaries(st.text("xyz", min_size=1, max_size=2), _shape, min_size=1, max_size=4),
+       pairs=st.lists(_scalar_pair, min_size=40, max_size=40))
+def test_a_reused_layout_rebuilds_the_tree_a_full_plan_would(shape, pairs):  # type: ignore[no-untyped-def]
+    """New plain values on the same structure: the tree of the reused layout, which rebuilds only the
+    subtrees holding values, equals the tree of a plan made from scratch; the first one is unchanged."""
+    cache = PlanCache()
+    a, b = _fill(shape, (p[0] for p in pairs)), _fill(shape, (p[1] for p in pairs))
+    before = cache.plan(a).tree
+    for state in (b, a, b):
+        assert cache.plan(state).tree == plan_state(state, inline_max=0).tree
+    assert before == plan_state(a, inline_max=0).tree
+    assert cache.hits == 3  # the layout was reused every time
 
 
 def test_zero_and_negative_zero_are_told_apart():
