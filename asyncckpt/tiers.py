@@ -35,6 +35,7 @@ from .format import (
     manifest_file,
     manifest_file_rank,
     read_chunk,
+    remember_manifest,
 )
 from .storage import Storage, join_key, open_storage
 
@@ -155,7 +156,9 @@ async def drain_rank(storages: list[Storage], name: str, rank: int, concurrency:
         copied += await _drain_references(src, dst, m, concurrency)
         dst_key = join_key(m.data_file.rpartition("/")[0], data_file(rank, generation))
         await _copy_verified(src, dst, m.data_file, dst_key, m, concurrency)
-        blob = encode_manifest(msgspec.structs.replace(m, name=name, data_file=dst_key))
+        drained = msgspec.structs.replace(m, name=name, data_file=dst_key)
+        blob = encode_manifest(drained)
+        remember_manifest(blob, drained)  # the tier's commit reads it back
         await dst.put_record(join_key(name, manifest_file(rank, generation)), blob)
         copied += ChunkGeometry.of(m).stored_nbytes + len(blob)
     dt = time.perf_counter() - t0
