@@ -720,7 +720,7 @@ _DECODERS: dict[str, Any] = {}
 #: only read (entries and nodes are frozen). Bounded by the bytes kept.
 _UNPACKED: collections.OrderedDict[tuple[str, bytes], Any] = collections.OrderedDict()
 _unpacked_lock = threading.Lock()
-_UNPACKED_LIMIT = 64 << 20
+_UNPACKED_LIMIT = 32 << 20
 _unpacked_bytes = 0
 
 
