@@ -13,7 +13,6 @@ import itertools
 import math
 import operator
 import pickle
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +24,10 @@ import torch
 from .dtypes import torch_dtype_name
 from .errors import BadInputError
 from .format import ALIGN, SHARED_STORAGE, BigIntNode, BytesNode, DictNode, Entry, ListNode, Node, RefNode, ValueNode
+from .format.memo import DecodedCache
 
 __all__ = [
-    "INLINE_MAX", "Packed", "Plan", "PlanCache", "decode_packed", "paused_gc", "plan_state", "tensor_bytes", "validate_key",
+    "INLINE_MAX", "UNPACKED", "Packed", "Plan", "PlanCache", "decode_packed", "paused_gc", "plan_state", "tensor_bytes", "validate_key",
 ]
 
 #: Tensors at most this large are copied into the request at ``save()`` time (cheaper than
@@ -717,29 +717,17 @@ _DECODERS: dict[str, Any] = {}
 
 #: What the worker decoded lately, by kind and bytes: a layout is sent with every save, the same bytes
 #: each time, and decoding 50,000 entries costs far more than comparing their bytes. The values are
-#: only read (entries and nodes are frozen). Bounded by the bytes kept.
-_UNPACKED: collections.OrderedDict[tuple[str, bytes], Any] = collections.OrderedDict()
-_unpacked_lock = threading.Lock()
-_UNPACKED_LIMIT = 32 << 20
-_unpacked_bytes = 0
+#: only read (entries and nodes are frozen). At most 32 MiB of encoded bytes.
+UNPACKED: DecodedCache[Any] = DecodedCache(32 << 20)
 
 
 def decode_packed(kind: str, blob: bytes) -> Any:
     """Unpickling side of :class:`Packed` (runs in the worker)."""
-    global _unpacked_bytes
-    with _unpacked_lock:
-        hit = _UNPACKED.get((kind, blob))
-        if hit is not None:
-            _UNPACKED.move_to_end((kind, blob))
-            return hit
+    hit = UNPACKED.get((kind, blob))
+    if hit is not None:
+        return hit
     value = _unpack(kind, blob)
-    if len(blob) <= _UNPACKED_LIMIT // 4:
-        with _unpacked_lock:
-            if (kind, blob) not in _UNPACKED:
-                _UNPACKED[(kind, blob)] = value
-                _unpacked_bytes += len(blob)
-                while _unpacked_bytes > _UNPACKED_LIMIT:
-                    _unpacked_bytes -= len(_UNPACKED.popitem(last=False)[0][1])
+    UNPACKED.put((kind, blob), value, len(blob))
     return value
 
 

@@ -13,6 +13,7 @@ import torch
 import asyncckpt
 from asyncckpt.errors import FormatError
 from asyncckpt.format import records
+from asyncckpt.format.memo import DecodedCache
 from asyncckpt.plan import Packed, decode_packed
 
 
@@ -44,18 +45,17 @@ def test_same_bytes_decode_to_the_same_manifest_and_other_bytes_are_checked() ->
         records.decode_manifest(blob[:-3], "truncated")
 
 
-def test_the_manifest_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(records, "_DECODED_LIMIT", 64 << 10)
-    monkeypatch.setattr(records, "_DECODED", collections.OrderedDict())
-    monkeypatch.setattr(records, "_decoded_bytes", 0)
-    blobs = []
-    for i in range(40):
-        m = msgspec.structs.replace(_manifest(50), step=i)
-        blobs.append(records.encode_manifest(m))
-        records.remember_manifest(blobs[-1], m)
-    kept = sum(map(len, records._DECODED))
-    assert kept == records._decoded_bytes <= 64 << 10 and len(records._DECODED) < len(blobs)
-    assert blobs[-1] in records._DECODED and blobs[0] not in records._DECODED  # the oldest went first
+def test_the_cache_is_bounded_by_the_bytes_of_its_keys() -> None:
+    cache: DecodedCache[int] = DecodedCache(1000)
+    for i in range(10):
+        cache.put(bytes([i]) * 200, i, 200)
+    assert cache.nbytes == 1000 and len(cache) == 5  # the oldest went first
+    assert cache.get(bytes([9]) * 200) == 9 and cache.get(bytes([4]) * 200) is None
+    cache.get(bytes([5]) * 200)  # used: now the newest
+    cache.put(b"x" * 200, -1, 200)
+    assert bytes([5]) * 200 in cache and bytes([6]) * 200 not in cache
+    cache.put(b"y" * 251, -2, 251)  # over a quarter of the limit: never kept
+    assert b"y" * 251 not in cache and cache.nbytes == 1000
 
 
 def test_packed_layouts_decode_once_per_bytes() -> None:

@@ -310,15 +310,14 @@ def test_reference_outside_the_root_is_refused(template: tuple[Path, list[Any]],
 
 def test_reader_without_the_feature_refuses_it_by_name(template: tuple[Path, list[Any]],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import collections
-
     from asyncckpt.format import records
+    from asyncckpt.format.memo import DecodedCache
 
     src, _ = template
     blob = (src / "s2" / "rank-00000.manifest").read_bytes()
     # An older reader: it knows fewer features and has decoded nothing yet (decodes are kept by bytes).
     monkeypatch.setattr(records, "KNOWN_FEATURES", frozenset(records.KNOWN_FEATURES - {REFS}))
-    monkeypatch.setattr(records, "_DECODED", collections.OrderedDict())
+    monkeypatch.setattr(records, "DECODED_MANIFESTS", DecodedCache(1 << 20))
     with pytest.raises(FormatError, match="'refs'"):
         decode_manifest(blob, "m")
 

@@ -14,9 +14,7 @@ the committed ones; the new COMMIT names them (docs/format.md, "Generations").
 from __future__ import annotations
 
 import re
-import threading
 import uuid
-from collections import OrderedDict
 from typing import Annotated, Literal, Union
 
 import msgspec
@@ -24,11 +22,13 @@ import msgspec
 from ..errors import FormatError, IntegrityError
 from ..storage.keys import check_key
 from .crc import CHECKSUM_ALGO, checksum
+from .memo import DecodedCache
 
 __all__ = [
     "ALIGN",
     "CHUNK_CODECS",
     "COMMIT_FILE",
+    "DECODED_MANIFESTS",
     "DIGEST_SIZE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -334,13 +334,10 @@ def _check_features(m: RankManifest | _Head, where: str) -> None:
 
 #: Manifests this process wrote (``remember_manifest``) or decoded and checked, by their exact bytes:
 #: a worker reads the same few manifests several times per save (commit, retention, deletion), and
-#: at 50,000 tensors one decode and check costs a third of a second. The checks guard against bytes from elsewhere
-#: (damaged or foreign files); bytes equal to what this process encoded from its own manifest are
-#: neither. Bounded by the encoded bytes kept; the structs are frozen.
-_DECODED: OrderedDict[bytes, RankManifest] = OrderedDict()
-_DECODED_LIMIT = 32 << 20
-_decoded_bytes = 0
-_decoded_lock = threading.Lock()
+#: at 50,000 tensors one decode and check costs a third of a second. The checks guard against bytes
+#: from elsewhere (damaged or foreign files); bytes equal to what this process encoded from its own
+#: manifest are neither. At most 32 MiB of encoded bytes; the structs are frozen.
+DECODED_MANIFESTS: DecodedCache[RankManifest] = DecodedCache(32 << 20)
 
 
 def decode_manifest(data: bytes, where: str) -> RankManifest:
@@ -350,26 +347,17 @@ def decode_manifest(data: bytes, where: str) -> RankManifest:
     small cache instead of being decoded and checked again.
     """
     if type(data) is bytes:
-        with _decoded_lock:
-            hit = _DECODED.get(data)
-            if hit is not None:
-                _DECODED.move_to_end(data)
-                return hit
+        hit = DECODED_MANIFESTS.get(data)
+        if hit is not None:
+            return hit
     m = _decode_checked(data, where)
     _remember(data, m)
     return m
 
 
 def _remember(data: bytes, m: RankManifest) -> None:
-    global _decoded_bytes
-    if type(data) is not bytes or len(data) > _DECODED_LIMIT // 4:
-        return
-    with _decoded_lock:
-        if data not in _DECODED:
-            _DECODED[data] = m
-            _decoded_bytes += len(data)
-            while _decoded_bytes > _DECODED_LIMIT:
-                _decoded_bytes -= len(_DECODED.popitem(last=False)[0])
+    if type(data) is bytes:
+        DECODED_MANIFESTS.put(data, m, len(data))
 
 
 def _decode_checked(data: bytes, where: str) -> RankManifest:
