@@ -11,16 +11,19 @@ from __future__ import annotations
 from typing import Any
 
 from .checkpoint_io import RNG_KEY, CheckpointIOMethods
+from .fabric import FabricShardedCheckpointMethods, init_fabric_strategy
 from .sharded import FSDP1CheckpointMethods, ShardedCheckpointMethods, init_strategy
 
 try:
     from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
+    from lightning_fabric.strategies import ModelParallelStrategy as FabricModelParallelStrategy
     from pytorch_lightning.strategies import FSDPStrategy, ModelParallelStrategy
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("asyncckpt.integrations.pytorch_lightning needs the 'pytorch-lightning' package: "
                       "pip install 'asyncckpt[pytorch-lightning]'") from exc
 
-__all__ = ["RNG_KEY", "AsyncckptCheckpointIO", "AsyncckptFSDPStrategy", "AsyncckptModelParallelStrategy"]
+__all__ = ["RNG_KEY", "AsyncckptCheckpointIO", "AsyncckptFSDPStrategy", "AsyncckptFabricModelParallelStrategy",
+           "AsyncckptModelParallelStrategy"]
 
 
 class AsyncckptCheckpointIO(CheckpointIOMethods, CheckpointIO):
@@ -43,3 +46,10 @@ class AsyncckptFSDPStrategy(FSDP1CheckpointMethods, FSDPStrategy):
 
     def __init__(self, *args: Any, rng: bool = True, **kwargs: Any) -> None:
         init_strategy(self, FSDPStrategy, args, kwargs, "state_dict_type", lambda v: v == "sharded", rng=rng)
+
+
+class AsyncckptFabricModelParallelStrategy(FabricShardedCheckpointMethods, FabricModelParallelStrategy):
+    """:class:`asyncckpt.integrations.lightning.AsyncckptFabricModelParallelStrategy` for ``lightning_fabric``."""
+
+    def __init__(self, *args: Any, rng: bool = True, **kwargs: Any) -> None:
+        init_fabric_strategy(self, FabricModelParallelStrategy, args, kwargs, rng=rng)
