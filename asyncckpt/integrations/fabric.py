@@ -40,7 +40,8 @@ from typing import Any
 from ..errors import BadInputError
 from .sharded import META_KEY, ShardedSaves, entry_sizes
 
-__all__ = ["FabricShardedCheckpointMethods", "has_dtensor_parameters", "init_fabric_strategy"]
+__all__ = ["FabricFSDP1CheckpointMethods", "FabricShardedCheckpointMethods", "has_dtensor_parameters",
+           "init_fabric_strategy"]
 
 log = logging.getLogger("asyncckpt")
 
@@ -115,6 +116,10 @@ class FabricShardedCheckpointMethods(ShardedSaves):
     def asyncckpt_is_sharded_module(self, obj: Any) -> bool:
         """True for the sharded model of a checkpoint's state (a module with ``DTensor`` parameters)."""
         return has_dtensor_parameters(obj)
+
+    def asyncckpt_load_model(self, module: Any, state_dict: dict[str, Any], *, strict: bool) -> None:
+        """Load the module's loaded (sharded) state dict into it."""
+        module.load_state_dict(state_dict, strict=strict)
 
     def asyncckpt_module(self, state: dict[str, Any], what: str) -> tuple[str, Any]:
         """The key and module of the one sharded model in ``state``, refused as Fabric refuses it."""
@@ -197,13 +202,34 @@ class FabricShardedCheckpointMethods(ShardedSaves):
         if strict and missing:  # Fabric's message
             raise KeyError(f"The requested state contains a key '{missing[0]}' that does not exist in the loaded "
                            "checkpoint. To disable strict loading, set `strict=False`.")
-        module.load_state_dict(loaded[module_key], strict=strict)
+        self.asyncckpt_load_model(module, loaded[module_key], strict=strict)
         for k, opt in optimizers.items():
             set_optimizer_state_dict(module, opt, optim_state_dict=loaded[k], options=StateDictOptions(cpu_offload=True))
         for key in requested:
             if key in metadata:
                 state[key] = metadata.pop(key)
         return metadata
+
+
+class FabricFSDP1CheckpointMethods(FabricShardedCheckpointMethods):
+    """:class:`FabricShardedCheckpointMethods` for Fabric's ``FSDPStrategy`` (FSDP1, ``state_dict_type="sharded"``).
+
+    The same keys as the stock strategy (the user's), so either resumes from the other's checkpoint.
+    FSDP1 needs CUDA: tested only where a GPU is present.
+    """
+
+    def asyncckpt_is_sharded_module(self, obj: Any) -> bool:
+        """True for a module wrapped (anywhere inside) by FSDP1's ``FullyShardedDataParallel``."""
+        import torch
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return isinstance(obj, torch.nn.Module) and any(isinstance(m, FullyShardedDataParallel) for m in obj.modules())
+
+    def asyncckpt_load_model(self, module: Any, state_dict: dict[str, Any], *, strict: bool) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # an FSDP1 module's own load_state_dict expects its default (full) state dict type
+        set_model_state_dict(module, state_dict, options=StateDictOptions(strict=strict))
 
 
 def has_dtensor_parameters(module: Any) -> bool:
@@ -215,13 +241,14 @@ def has_dtensor_parameters(module: Any) -> bool:
 
 
 def init_fabric_strategy(strategy: FabricShardedCheckpointMethods, base: type[Any], args: tuple[Any, ...],
-                         kwargs: dict[str, Any], *, rng: bool = True) -> None:
-    """``base.__init__(strategy, *args, **kwargs)`` for Fabric's ``ModelParallelStrategy``, then the asyncckpt part
-    (sharded unless ``save_distributed_checkpoint=False``; the completion group gets the strategy's ``timeout``)."""
+                         kwargs: dict[str, Any], flag: str, sharded: Callable[[Any], bool], *, rng: bool = True) -> None:
+    """``base.__init__(strategy, *args, **kwargs)`` for a Fabric strategy, then the asyncckpt part: sharded when
+    ``sharded(value of base's argument flag)`` (defaults applied) says so; the completion group gets the
+    strategy's ``timeout``."""
     import inspect
 
     base.__init__(strategy, *args, **kwargs)
     bound = inspect.signature(base.__init__).bind(strategy, *args, **kwargs)
     bound.apply_defaults()
-    FabricShardedCheckpointMethods.__init__(strategy, sharded=bool(bound.arguments["save_distributed_checkpoint"]),
-                                            rng=rng, timeout=bound.arguments.get("timeout"))
+    FabricShardedCheckpointMethods.__init__(strategy, sharded=sharded(bound.arguments[flag]), rng=rng,
+                                            timeout=bound.arguments.get("timeout"))

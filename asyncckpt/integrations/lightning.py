@@ -1,6 +1,8 @@
 """Lightning (``import lightning``): ``Trainer(plugins=[AsyncckptCheckpointIO()])`` or ``Fabric(plugins=[...])``.
 Sharded (FSDP2 / tensor parallel) checkpoints: ``Trainer(strategy=AsyncckptModelParallelStrategy(...))``;
 FSDP1: ``Trainer(strategy=AsyncckptFSDPStrategy(state_dict_type="sharded", ...))`` (CUDA only, as FSDP1 is).
+Fabric's sharded checkpoints: ``Fabric(strategy=AsyncckptFabricModelParallelStrategy(parallelize_fn, ...))``;
+FSDP1: ``Fabric(strategy=AsyncckptFabricFSDPStrategy(...))`` (CUDA only).
 
 Importing this module imports ``lightning``; install it with ``pip install 'asyncckpt[lightning]'``.
 """
@@ -10,18 +12,20 @@ from __future__ import annotations
 from typing import Any
 
 from .checkpoint_io import RNG_KEY, CheckpointIOMethods
-from .fabric import FabricShardedCheckpointMethods, init_fabric_strategy
+from .fabric import FabricFSDP1CheckpointMethods, FabricShardedCheckpointMethods, init_fabric_strategy
 from .sharded import FSDP1CheckpointMethods, ShardedCheckpointMethods, init_strategy
 
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+    from lightning.fabric.strategies import FSDPStrategy as FabricFSDPStrategy
     from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallelStrategy
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("asyncckpt.integrations.lightning needs the 'lightning' package: "
                       "pip install 'asyncckpt[lightning]'") from exc
 
-__all__ = ["RNG_KEY", "AsyncckptCheckpointIO", "AsyncckptFSDPStrategy", "AsyncckptFabricModelParallelStrategy",
+__all__ = ["RNG_KEY", "AsyncckptCheckpointIO", "AsyncckptFSDPStrategy", "AsyncckptFabricFSDPStrategy",
+           "AsyncckptFabricModelParallelStrategy",
            "AsyncckptModelParallelStrategy"]
 
 
@@ -71,4 +75,16 @@ class AsyncckptFabricModelParallelStrategy(FabricShardedCheckpointMethods, Fabri
     """
 
     def __init__(self, *args: Any, rng: bool = True, **kwargs: Any) -> None:
-        init_fabric_strategy(self, FabricModelParallelStrategy, args, kwargs, rng=rng)
+        init_fabric_strategy(self, FabricModelParallelStrategy, args, kwargs, "save_distributed_checkpoint", bool,
+                             rng=rng)
+
+
+class AsyncckptFabricFSDPStrategy(FabricFSDP1CheckpointMethods, FabricFSDPStrategy):
+    """Fabric's ``FSDPStrategy`` (FSDP1) whose sharded ``fabric.save`` (``state_dict_type="sharded"``, its default)
+    asyncckpt's worker writes; ``"full"`` is left to the stock strategy. Takes ``FSDPStrategy``'s arguments.
+    FSDP1 needs CUDA, so this class is tested only where a GPU is present (skipped on CPU).
+    """
+
+    def __init__(self, *args: Any, rng: bool = True, **kwargs: Any) -> None:
+        init_fabric_strategy(self, FabricFSDPStrategy, args, kwargs, "state_dict_type", lambda v: v == "sharded",
+                             rng=rng)

@@ -3,7 +3,8 @@
 Lightning's ``ModelParallelStrategy`` writes a sharded checkpoint itself, bypassing
 ``CheckpointIO``: a DCP directory (``dcp.save`` on every rank) plus ``meta.pt`` (loop counters,
 callbacks, schedulers: ``torch.save`` on rank 0 afterwards). :class:`ShardedCheckpointMethods`
-replaces both writes:
+replaces both writes (its queue, save and load are :class:`ShardedSaves`, which the Fabric
+strategies of :mod:`asyncckpt.integrations.fabric` share):
 
 * the DCP part goes through :func:`asyncckpt.dcp.async_save` on a queue of the strategy's own:
   ``save_checkpoint`` returns once the worker holds its copy of the tensors, the worker writes

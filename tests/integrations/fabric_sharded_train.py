@@ -1,7 +1,8 @@
 """A tiny FSDP2 Fabric run on 2 CPU gloo ranks (Fabric's ModelParallelStrategy): train, save sharded, maybe die, resume.
+(``--fsdp1``: Fabric's FSDPStrategy with sharded state dicts on up to 2 GPUs instead.)
 
     python fabric_sharded_train.py OUT_DIR [--strategy asyncckpt|stock] [--steps N] [--every K] [--kill-at STEP]
-        [--resume] [--exit-skew S] [--namespace lightning|lightning_fabric]
+        [--resume] [--exit-skew S] [--namespace lightning|lightning_fabric] [--fsdp1]
 
 Fabric launches rank 1 from this script. Every K steps both ranks call ``fabric.save(OUT_DIR/ckpts/last, state)``
 (model, optimizer, the LR scheduler as a stateful object, the step) and nothing else: no finalize,
@@ -44,18 +45,20 @@ p.add_argument("--kill-at", type=int, default=-1)
 p.add_argument("--resume", action="store_true")
 p.add_argument("--exit-skew", type=float, default=0.0)
 p.add_argument("--namespace", default="lightning")
+p.add_argument("--fsdp1", action="store_true", help="FSDPStrategy (FSDP1, sharded state dicts) on up to 2 GPUs instead")
 args = p.parse_args()
 
 if args.namespace == "lightning":
     from lightning.fabric import Fabric
-    from lightning.fabric.strategies import ModelParallelStrategy
+    from lightning.fabric.strategies import FSDPStrategy, ModelParallelStrategy
 
-    from asyncckpt.integrations.lightning import AsyncckptFabricModelParallelStrategy
+    from asyncckpt.integrations.lightning import AsyncckptFabricFSDPStrategy, AsyncckptFabricModelParallelStrategy
 else:
     from lightning_fabric import Fabric  # type: ignore[no-redef]
-    from lightning_fabric.strategies import ModelParallelStrategy  # type: ignore[assignment]
+    from lightning_fabric.strategies import FSDPStrategy, ModelParallelStrategy  # type: ignore[assignment]
 
     from asyncckpt.integrations.pytorch_lightning import (  # type: ignore[assignment]
+        AsyncckptFabricFSDPStrategy,
         AsyncckptFabricModelParallelStrategy,
     )
 
@@ -83,9 +86,14 @@ def snapshot(fabric: Any, model: Any, opt: Any, sched: Any, step: int, path: str
 
 
 def main() -> None:
-    cls = AsyncckptFabricModelParallelStrategy if args.strategy == "asyncckpt" else ModelParallelStrategy
-    strategy = cls(parallelize, data_parallel_size=2, tensor_parallel_size=1)
-    fabric = Fabric(accelerator="cpu", devices=2, strategy=strategy)
+    strategy: Any
+    if args.fsdp1:
+        strategy = (AsyncckptFabricFSDPStrategy if args.strategy == "asyncckpt" else FSDPStrategy)(state_dict_type="sharded")
+        fabric = Fabric(accelerator="cuda", devices=min(2, torch.cuda.device_count()), strategy=strategy)
+    else:
+        cls = AsyncckptFabricModelParallelStrategy if args.strategy == "asyncckpt" else ModelParallelStrategy
+        strategy = cls(parallelize, data_parallel_size=2, tensor_parallel_size=1)
+        fabric = Fabric(accelerator="cpu", devices=2, strategy=strategy)
     fabric.launch()
     torch.manual_seed(0)  # the same initial weights on every rank
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(64, 4))
@@ -107,7 +115,7 @@ def main() -> None:
         snapshot(fabric, model, opt, sched, start, os.path.join(args.out, "restored.pt"))
     for step in range(start, args.steps):
         g = torch.Generator().manual_seed(1000 * step + rank)
-        x, y = torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
+        x, y = torch.randn(8, 16, generator=g).to(fabric.device), torch.randn(8, 4, generator=g).to(fabric.device)
         noise = torch.randn_like(x) * 0.01 + random.random() * 1e-3 + float(np.random.rand()) * 1e-3
         loss = torch.nn.functional.mse_loss(model(x + noise), y)
         fabric.backward(loss)

@@ -102,6 +102,23 @@ def test_fabric_sharded_sigkill_then_resume_is_bit_exact(tmp_path: Path) -> None
                 "stock Fabric's checkpoint loaded by asyncckpt")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP1 needs CUDA (torch refuses it on CPU)")
+def test_fabric_fsdp1_sigkill_then_resume_is_bit_exact(tmp_path: Path) -> None:
+    """The same with AsyncckptFabricFSDPStrategy (sharded) against stock FSDPStrategy, on up to 2 GPUs."""
+    ref, killed, stock = tmp_path / "ref", tmp_path / "killed", tmp_path / "stock"
+    finish(start_script(SCRIPT, str(ref), "--strategy", "stock", "--fsdp1"))
+    expected = torch.load(ref / "final.pt", weights_only=False)
+    finish(start_script(SCRIPT, str(killed), "--fsdp1", "--kill-at", "8"), expect_kill=True)
+    last = killed / "ckpts" / "last"
+    assert embedded_meta(last)["step"] == 6 and torch.load(last / META_FILE, weights_only=True)["step"] == 6
+    shutil.copytree(killed, stock)
+    finish(start_script(SCRIPT, str(stock), "--strategy", "stock", "--fsdp1", "--resume"))
+    finish(start_script(SCRIPT, str(killed), "--fsdp1", "--resume"))
+    assert_same(torch.load(killed / "final.pt", weights_only=False), expected, "asyncckpt FSDP1 resume")
+    restored, stock_restored = (torch.load(d / "restored.pt", weights_only=False) for d in (killed, stock))
+    assert_same(without_rng(stock_restored), without_rng(restored), "restored by stock vs asyncckpt FSDP1")
+
+
 def test_fabric_strategy_refuses_what_stock_fabric_refuses(tmp_path: Path) -> None:
     """No process group (one rank): filtered and remote saves, storage options and a torn directory fail by name."""
     from lightning.fabric.strategies import ModelParallelStrategy
@@ -130,3 +147,7 @@ def test_fabric_strategy_refuses_what_stock_fabric_refuses(tmp_path: Path) -> No
     from asyncckpt.integrations.pytorch_lightning import AsyncckptFabricModelParallelStrategy as Standalone
 
     assert isinstance(Standalone(lambda m, mesh: m), fabric_pkg.ModelParallelStrategy)
+    from asyncckpt.integrations.lightning import AsyncckptFabricFSDPStrategy
+
+    assert AsyncckptFabricFSDPStrategy().asyncckpt_sharded  # state_dict_type's default
+    assert not AsyncckptFabricFSDPStrategy(state_dict_type="full", rng=False).asyncckpt_sharded
