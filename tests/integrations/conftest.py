@@ -51,8 +51,9 @@ def start_script(script: str, *args: str) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
 
 
-def finish(proc: subprocess.Popen[str], timeout: float = 300, expect_kill: bool = False) -> str:
-    """Wait for a ``start_script`` run; fail with its output as ``run_script`` does. Returns stdout + stderr."""
+def finish(proc: subprocess.Popen[str], timeout: float = 300, expect_kill: bool = False, expect_rc: int = 0) -> str:
+    """Wait for a ``start_script`` run; fail with its output as ``run_script`` does (or unless it exits with
+    ``expect_rc``). Returns stdout + stderr."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -63,7 +64,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = 300, expect_kill: bool 
     if expect_kill:
         assert proc.returncode == -9, f"{what} was meant to die by SIGKILL, rc={proc.returncode}\n{err[-3000:]}"
     else:
-        assert proc.returncode == 0, f"{what} failed, rc={proc.returncode}\n{err[-3000:]}"
+        assert proc.returncode == expect_rc, f"{what} failed, rc={proc.returncode}\n{err[-3000:]}"
     return out + err
 
 

@@ -9,7 +9,9 @@ Fabric launches rank 1 from this script. Every K steps both ranks call ``fabric.
 no teardown. ``--kill-at STEP``: at that step (a save step) the previous save is committed first,
 then the save of STEP is started and every rank SIGKILLs itself with it in flight. ``--resume``
 loads OUT_DIR/ckpts/last with ``fabric.load`` and goes on from its step. ``--exit-skew S``: rank 1
-sleeps S seconds before it exits, so the ranks reach exit at different times.
+sleeps S seconds before it exits, so the ranks reach exit at different times. ``--raise-at-end``: rank 0
+ends with an uncaught exception after its last save, and rank 1 (normal exit) writes OUT_DIR/rank1-exited
+from an exit hook that runs after the strategy's.
 
 At the end rank 0 writes OUT_DIR/final.pt: the full (gathered) model and optimizer state, the
 scheduler state, the step and every rank's next draws from torch, Python ``random`` and NumPy. A
@@ -23,6 +25,7 @@ The batches come from a generator seeded by step and rank, so they do not depend
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import random
 import signal
@@ -45,6 +48,8 @@ p.add_argument("--kill-at", type=int, default=-1)
 p.add_argument("--resume", action="store_true")
 p.add_argument("--exit-skew", type=float, default=0.0)
 p.add_argument("--namespace", default="lightning")
+p.add_argument("--raise-at-end", action="store_true",
+               help="rank 0 ends with an uncaught exception; rank 1 exits normally and writes OUT_DIR/rank1-exited")
 p.add_argument("--fsdp1", action="store_true", help="FSDPStrategy (FSDP1, sharded state dicts) on up to 2 GPUs instead")
 args = p.parse_args()
 
@@ -101,6 +106,8 @@ def main() -> None:
     opt = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=1e-2))
     sched = torch.optim.lr_scheduler.StepLR(opt.optimizer, step_size=3, gamma=0.5)
     rank = fabric.global_rank
+    if args.raise_at_end and rank == 1:  # runs after the strategy's exit hook (atexit: last in, first out)
+        atexit.register(lambda: open(os.path.join(args.out, "rank1-exited"), "w").close())
     torch.manual_seed(100 + rank)  # every rank its own streams (a resume restores them)
     random.seed(200 + rank)
     np.random.seed(300 + rank)
@@ -133,6 +140,8 @@ def main() -> None:
     snapshot(fabric, model, opt, sched, args.steps, os.path.join(args.out, "final.pt"))
     if rank == 1 and args.exit_skew:
         time.sleep(args.exit_skew)
+    if args.raise_at_end and rank == 0:
+        raise RuntimeError("rank 0 fails after its last save")
 
 
 if __name__ == "__main__":

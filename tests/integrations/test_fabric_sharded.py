@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -45,16 +46,29 @@ def without_rng(state: dict[str, object]) -> dict[str, object]:
 
 
 def test_fabric_sharded_sigkill_then_resume_is_bit_exact(tmp_path: Path) -> None:
-    ref, full, killed = tmp_path / "ref", tmp_path / "full", tmp_path / "killed"
-    # Three independent runs side by side (each is mostly interpreter, import and launch time). "full" uses the
-    # lightning_fabric namespace, never calls anything but fabric.save, and its ranks exit 2 s apart.
+    ref, full, killed, failed = tmp_path / "ref", tmp_path / "full", tmp_path / "killed", tmp_path / "failed"
+    # Independent runs side by side (each is mostly interpreter, import and launch time). "full" uses the
+    # lightning_fabric namespace, never calls anything but fabric.save, and its ranks exit 2 s apart; in "failed"
+    # rank 0 ends with an exception after its last save while rank 1 exits normally.
     ref_proc = start_script(SCRIPT, str(ref), "--strategy", "stock")
     with stopped_on_error(ref_proc):
         full_proc = start_script(SCRIPT, str(full), "--namespace", "lightning_fabric", "--exit-skew", "2")
         with stopped_on_error(full_proc):
-            finish(start_script(SCRIPT, str(killed), "--kill-at", "8"), expect_kill=True)
+            failed_proc = start_script(SCRIPT, str(failed), "--raise-at-end")
+            with stopped_on_error(failed_proc):
+                finish(start_script(SCRIPT, str(killed), "--kill-at", "8"), expect_kill=True)
+            out = finish(failed_proc, expect_rc=1)
         finish(full_proc)
     finish(ref_proc)
+
+    # The failed run: rank 0 dropped its pending save (step 12); rank 1, left waiting for it at exit, was not
+    # stuck there (gloo reports the closed peer) and exited; step 10's generation stays the committed one.
+    assert "dropped at exit" in out
+    deadline = time.monotonic() + 120  # bounds a hang; rank 1 is not this test's child, so it is polled
+    while not (failed / "rank1-exited").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (failed / "rank1-exited").exists(), "rank 1 never finished its exit"
+    assert embedded_meta(failed / "ckpts" / "last")["step"] == 10
     expected = torch.load(ref / "final.pt", weights_only=False)
     assert expected["step"] == 12
 
