@@ -193,15 +193,18 @@ class FabricShardedCheckpointMethods(ShardedSaves):
         optimizers = {k: o for k, o in state.items() if isinstance(o, torch.optim.Optimizer)}
         loaded: dict[str, Any] = {module_key: get_model_state_dict(module)}
         loaded.update({k: get_optimizer_state_dict(module, o) for k, o in optimizers.items()})
-        metadata = self.asyncckpt_load(target, loaded, sizes, weights_only)
-        if not isinstance(metadata, dict):
-            raise BadInputError(f"{target}: its {META_KEY!r} entry holds a {type(metadata).__name__}, not Fabric's "
-                                "metadata dict")
         requested = state.keys() - {module_key} - optimizers.keys()
-        missing = [k for k in requested if k not in metadata]
-        if strict and missing:  # Fabric's message
-            raise KeyError(f"The requested state contains a key '{missing[0]}' that does not exist in the loaded "
-                           "checkpoint. To disable strict loading, set `strict=False`.")
+
+        def check(meta: Any) -> None:
+            if not isinstance(meta, dict):
+                raise BadInputError(f"{target}: its {META_KEY!r} entry holds a {type(meta).__name__}, not Fabric's "
+                                    "metadata dict")
+            missing = [k for k in requested if k not in meta]
+            if strict and missing:  # Fabric's message
+                raise KeyError(f"The requested state contains a key '{missing[0]}' that does not exist in the loaded "
+                               "checkpoint. To disable strict loading, set `strict=False`.")
+
+        metadata = self.asyncckpt_load(target, loaded, sizes, weights_only, check)
         self.asyncckpt_load_model(module, loaded[module_key], strict=strict)
         for k, opt in optimizers.items():
             set_optimizer_state_dict(module, opt, optim_state_dict=loaded[k], options=StateDictOptions(cpu_offload=True))

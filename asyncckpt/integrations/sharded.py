@@ -191,11 +191,12 @@ class ShardedSaves:
         self.asyncckpt_pending[path] = handle.call_idx
 
     def asyncckpt_load(self, path: Path, state: dict[str, Any], sizes: tuple[int, dict[str, int]],
-                       weights_only: bool | None) -> Any:
+                       weights_only: bool | None, check: Callable[[Any], None] | None = None) -> Any:
         """``dcp.load`` of ``state`` (state dicts to fill in place) plus the metadata of the same generation.
 
         ``sizes`` is what :func:`entry_sizes` returned for ``path``. Restores this rank's RNG state
-        when the checkpoint holds one per rank of this run; returns the unpickled metadata.
+        when the checkpoint holds one per rank of this run; returns the unpickled metadata. ``check``
+        (raising) sees the metadata first: a refused checkpoint leaves the RNG state alone.
         """
         import torch.distributed.checkpoint as dcp
 
@@ -211,6 +212,8 @@ class ShardedSaves:
                      self.world_size)
         dcp.load(state, checkpoint_id=path)  # one .metadata, so one generation for all of it
         meta = torch.load(io.BytesIO(state[META_KEY].numpy().tobytes()), map_location="cpu", weights_only=weights_only)
+        if check is not None:
+            check(meta)
         if rng_here:
             set_rng_state(torch.load(io.BytesIO(state[own_rng].numpy().tobytes()), map_location="cpu", weights_only=True))
         return meta

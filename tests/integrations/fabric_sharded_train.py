@@ -8,7 +8,8 @@ Fabric launches rank 1 from this script. Every K steps both ranks call ``fabric.
 (model, optimizer, the LR scheduler as a stateful object, the step) and nothing else: no finalize,
 no teardown. ``--kill-at STEP``: at that step (a save step) the previous save is committed first,
 then the save of STEP is started and every rank SIGKILLs itself with it in flight. ``--resume``
-loads OUT_DIR/ckpts/last with ``fabric.load`` and goes on from its step. ``--exit-skew S``: rank 1
+loads OUT_DIR/ckpts/last with ``fabric.load`` (after checking that a strict load of a key the
+checkpoint lacks raises) and goes on from its step. ``--exit-skew S``: rank 1
 sleeps S seconds before it exits, so the ranks reach exit at different times. ``--raise-at-end``: rank 0
 ends with an uncaught exception after its last save, and rank 1 (normal exit) writes OUT_DIR/rank1-exited
 from an exit hook that runs after the strategy's.
@@ -114,6 +115,14 @@ def main() -> None:
     ckpt = os.path.join(args.out, "ckpts", "last")
     start = 0
     if args.resume:
+        untouched = torch.get_rng_state()
+        try:  # strict (the default): a requested key the checkpoint lacks is refused, the RNG state left alone
+            fabric.load(ckpt, {"model": model, "optimizer": opt, "absent": None})
+        except KeyError as exc:
+            assert "'absent'" in str(exc), exc
+        else:
+            raise AssertionError("a strict fabric.load of a key the checkpoint lacks did not raise")
+        assert torch.equal(torch.get_rng_state(), untouched)
         state: dict[str, Any] = {"model": model, "optimizer": opt, "scheduler": None, "step": 0}
         rest = fabric.load(ckpt, state)
         assert rest == {"note": "kept"}, rest  # what state did not ask for comes back
