@@ -1,6 +1,8 @@
 """Lightning (``import lightning``): ``Trainer(plugins=[AsyncckptCheckpointIO()])`` or ``Fabric(plugins=[...])``.
 Sharded (FSDP2 / tensor parallel) checkpoints: ``Trainer(strategy=AsyncckptModelParallelStrategy(...))``;
 FSDP1: ``Trainer(strategy=AsyncckptFSDPStrategy(state_dict_type="sharded", ...))`` (CUDA only, as FSDP1 is).
+Fabric's sharded checkpoints: ``Fabric(strategy=AsyncckptFabricModelParallelStrategy(parallelize_fn, ...))``;
+FSDP1: ``Fabric(strategy=AsyncckptFabricFSDPStrategy(...))`` (CUDA only).
 
 Importing this module imports ``lightning``; install it with ``pip install 'asyncckpt[lightning]'``.
 """
@@ -10,16 +12,21 @@ from __future__ import annotations
 from typing import Any
 
 from .checkpoint_io import RNG_KEY, CheckpointIOMethods
+from .fabric import FabricFSDP1CheckpointMethods, FabricShardedCheckpointMethods, init_fabric_strategy
 from .sharded import FSDP1CheckpointMethods, ShardedCheckpointMethods, init_strategy
 
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+    from lightning.fabric.strategies import FSDPStrategy as FabricFSDPStrategy
+    from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallelStrategy
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("asyncckpt.integrations.lightning needs the 'lightning' package: "
                       "pip install 'asyncckpt[lightning]'") from exc
 
-__all__ = ["RNG_KEY", "AsyncckptCheckpointIO", "AsyncckptFSDPStrategy", "AsyncckptModelParallelStrategy"]
+__all__ = ["RNG_KEY", "AsyncckptCheckpointIO", "AsyncckptFSDPStrategy", "AsyncckptFabricFSDPStrategy",
+           "AsyncckptFabricModelParallelStrategy",
+           "AsyncckptModelParallelStrategy"]
 
 
 class AsyncckptCheckpointIO(CheckpointIOMethods, CheckpointIO):
@@ -55,3 +62,29 @@ class AsyncckptFSDPStrategy(FSDP1CheckpointMethods, FSDPStrategy):
 
     def __init__(self, *args: Any, rng: bool = True, **kwargs: Any) -> None:
         init_strategy(self, FSDPStrategy, args, kwargs, "state_dict_type", lambda v: v == "sharded", rng=rng)
+
+
+class AsyncckptFabricModelParallelStrategy(FabricShardedCheckpointMethods, FabricModelParallelStrategy):
+    """Fabric's ``ModelParallelStrategy`` (FSDP2 / tensor parallel) whose ``fabric.save`` asyncckpt's worker writes.
+
+    Takes the strategy's arguments: ``Fabric(strategy=AsyncckptFabricModelParallelStrategy(parallelize_fn, ...))``.
+    ``fabric.save(path, state)`` returns once the worker holds its copy of the shards; the DCP checkpoint
+    (Fabric's keys), the user's metadata (also as ``meta.pt``) and each rank's RNG state are committed
+    together at a later optimizer step or at exit, and ``fabric.load(path, state)`` restores all three
+    (see :mod:`asyncckpt.integrations.fabric`). ``rng=False``: no RNG state.
+    """
+
+    def __init__(self, *args: Any, rng: bool = True, **kwargs: Any) -> None:
+        init_fabric_strategy(self, FabricModelParallelStrategy, args, kwargs, "save_distributed_checkpoint", bool,
+                             rng=rng)
+
+
+class AsyncckptFabricFSDPStrategy(FabricFSDP1CheckpointMethods, FabricFSDPStrategy):
+    """Fabric's ``FSDPStrategy`` (FSDP1) whose sharded ``fabric.save`` (``state_dict_type="sharded"``, its default)
+    asyncckpt's worker writes; ``"full"`` is left to the stock strategy. Takes ``FSDPStrategy``'s arguments.
+    FSDP1 needs CUDA, so this class is tested only where a GPU is present (skipped on CPU).
+    """
+
+    def __init__(self, *args: Any, rng: bool = True, **kwargs: Any) -> None:
+        init_fabric_strategy(self, FabricFSDPStrategy, args, kwargs, "state_dict_type", lambda v: v == "sharded",
+                             rng=rng)

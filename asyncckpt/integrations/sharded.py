@@ -3,7 +3,8 @@
 Lightning's ``ModelParallelStrategy`` writes a sharded checkpoint itself, bypassing
 ``CheckpointIO``: a DCP directory (``dcp.save`` on every rank) plus ``meta.pt`` (loop counters,
 callbacks, schedulers: ``torch.save`` on rank 0 afterwards). :class:`ShardedCheckpointMethods`
-replaces both writes:
+replaces both writes (its queue, save and load are :class:`ShardedSaves`, which the Fabric
+strategies of :mod:`asyncckpt.integrations.fabric` share):
 
 * the DCP part goes through :func:`asyncckpt.dcp.async_save` on a queue of the strategy's own:
   ``save_checkpoint`` returns once the worker holds its copy of the tensors, the worker writes
@@ -43,7 +44,7 @@ from ..queue import AsyncCallsQueue
 from ..rng import get_rng_state, set_rng_state
 
 __all__ = ["META_FILE", "META_KEY", "RNG_KEY_PREFIX", "FSDP1CheckpointMethods", "ShardedCheckpointMethods",
-           "init_strategy", "rng_key"]
+           "ShardedSaves", "entry_sizes", "init_strategy", "rng_key"]
 
 log = logging.getLogger("asyncckpt")
 
@@ -82,24 +83,18 @@ def _as_uint8(blob: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
 
 
-class ShardedCheckpointMethods:
-    """``save_checkpoint`` / ``load_checkpoint`` / ``remove_checkpoint`` of a sharded Lightning strategy through asyncckpt.
+class ShardedSaves:
+    """What every asyncckpt Lightning strategy for sharded checkpoints shares (Trainer and Fabric).
 
-    Mixed in before a Lightning strategy whose sharded checkpoint is ``{"state_dict": ...,
-    "optimizer_N": ...}`` in DCP plus ``meta.pt`` (``ModelParallelStrategy``). The strategy
-    supplies ``broadcast``, ``barrier``, ``global_rank``, ``world_size``, ``is_global_zero``,
-    ``model``, ``optimizers`` and ``lightning_module``. ``sharded=False`` (a full checkpoint
-    gathered on rank 0) leaves every call to the strategy itself (pass ``AsyncckptCheckpointIO``
-    as its ``checkpoint_io`` plug-in to make that write asynchronous). ``rng=False`` neither saves
-    nor restores the ranks' RNG state.
+    The strategy's own queue of :func:`asyncckpt.dcp.async_save` calls, the pending save of each
+    path (so two saves of one name never commit out of order), the save of a DCP state with
+    Lightning's metadata (:data:`META_KEY`, and :data:`META_FILE` written by the committing worker)
+    and each rank's RNG state (:func:`rng_key`) in one generation, and the load of all of it in one
+    ``dcp.load``. The strategy supplies ``broadcast``, ``barrier``, ``global_rank``, ``world_size``
+    and ``is_global_zero``. ``rng=False`` neither saves nor restores the ranks' RNG state.
 
-    All ranks call ``save_checkpoint``, ``load_checkpoint``, ``remove_checkpoint``,
-    ``on_train_batch_start`` and ``teardown`` (Lightning does): finishing a save is collective.
+    Finishing a save is collective: every rank calls ``asyncckpt_collect`` / ``asyncckpt_close``.
     """
-
-    #: the DCP key of the module's state: Lightning's ``ModelParallelStrategy`` writes ``state_dict``,
-    #: its ``FSDPStrategy`` ``model`` (kept, so the stock strategy reads what asyncckpt wrote)
-    asyncckpt_model_key: ClassVar[str] = "state_dict"
 
     # provided by the Lightning strategy this is mixed into
     broadcast: Callable[..., Any]
@@ -107,18 +102,15 @@ class ShardedCheckpointMethods:
     global_rank: int
     world_size: int
     is_global_zero: bool
-    model: Any
-    optimizers: Any
-    lightning_module: Any
 
-    def __init__(self, *, sharded: bool = True, rng: bool = True) -> None:
-        self.asyncckpt_sharded = sharded
+    def __init__(self, *, rng: bool = True) -> None:
         self.asyncckpt_rng = rng
         self.asyncckpt_queue: AsyncCallsQueue | None = None
         self.asyncckpt_pending: dict[str, int] = {}  # absolute path -> call index of its newest save
         self.asyncckpt_abort = False
+        #: process group of the completion all-reduce (None: the default group)
+        self.asyncckpt_group: Any = None
 
-    # -- helpers -------------------------------------------------------------------------------
     def asyncckpt_collect(self, blocking: bool = False) -> None:
         """Commit the saves every rank has written (all of them with ``blocking``); collective.
 
@@ -156,6 +148,103 @@ class ShardedCheckpointMethods:
             self.asyncckpt_pending.clear()
             q.close(abort=True)
 
+    def asyncckpt_target(self, filepath: Any) -> str:
+        """The absolute local path every rank saves ``filepath`` to (rank 0's), once no save of it is pending.
+
+        Commits what is written (non-blocking), waits for a pending save of the same path (two saves
+        of one name in flight could commit out of order), and removes a full (single-file)
+        checkpoint of that name, which the directory replaces as in Lightning. Collective.
+        """
+        raw = os.fspath(self.broadcast(filepath))
+        if "://" in raw:
+            raise BadInputError(f"{type(self).__name__} writes sharded checkpoints to local paths only, got {raw}")
+        path = os.path.abspath(raw)
+        self.asyncckpt_collect()
+        self.asyncckpt_wait_for(path)
+        if self.broadcast(os.path.isfile(path)):
+            if self.is_global_zero:
+                os.unlink(path)
+            self.barrier("asyncckpt.save_checkpoint")
+        return path
+
+    def asyncckpt_save(self, state: dict[str, Any], path: str, meta: Any) -> None:
+        """Start the async DCP save of ``state`` into ``path`` (from :meth:`asyncckpt_target`); collective.
+
+        Rank 0's ``meta`` (Lightning's ``meta.pt`` dict) goes into the same generation as
+        :data:`META_KEY` and beside it as :data:`META_FILE`; each rank's RNG state under
+        :func:`rng_key` (unless ``rng=False``). Returns once the worker holds its copy of the tensors.
+        """
+        import asyncckpt.dcp as adcp
+
+        state = dict(state)
+        extra: dict[str, bytes] | None = None
+        if self.global_rank == 0:  # rank 0's metadata, as Lightning writes meta.pt from rank 0
+            blob = _serialize(meta)
+            state[META_KEY] = _as_uint8(blob)
+            extra = {META_FILE: blob}
+        if self.asyncckpt_rng:  # every rank's own streams, under a key of its own (DCP keeps one copy per key)
+            state[rng_key(self.global_rank)] = _as_uint8(_serialize(_arrays_as_tensors(get_rng_state())))
+        if self.asyncckpt_queue is None:
+            self.asyncckpt_queue = AsyncCallsQueue(group=self.asyncckpt_group)
+        handle = adcp.async_save(state, checkpoint_id=path, queue=self.asyncckpt_queue, snapshot="blocking",
+                                 extra_files=extra)
+        self.asyncckpt_pending[path] = handle.call_idx
+
+    def asyncckpt_load(self, path: Path, state: dict[str, Any], sizes: tuple[int, dict[str, int]],
+                       weights_only: bool | None, check: Callable[[Any], None] | None = None) -> Any:
+        """``dcp.load`` of ``state`` (state dicts to fill in place) plus the metadata of the same generation.
+
+        ``sizes`` is what :func:`entry_sizes` returned for ``path``. Restores this rank's RNG state
+        when the checkpoint holds one per rank of this run; returns the unpickled metadata. ``check``
+        (raising) sees the metadata first: a refused checkpoint leaves the RNG state alone.
+        """
+        import torch.distributed.checkpoint as dcp
+
+        size, rng_sizes = sizes
+        state = dict(state)
+        state[META_KEY] = torch.empty(size, dtype=torch.uint8)
+        own_rng = rng_key(self.global_rank)
+        rng_here = self.asyncckpt_rng and own_rng in rng_sizes and len(rng_sizes) == self.world_size
+        if rng_here:
+            state[own_rng] = torch.empty(rng_sizes[own_rng], dtype=torch.uint8)
+        elif self.asyncckpt_rng:
+            log.info("not restoring the RNG state: %s holds it for %d rank(s), %d run now", path, len(rng_sizes),
+                     self.world_size)
+        dcp.load(state, checkpoint_id=path)  # one .metadata, so one generation for all of it
+        meta = torch.load(io.BytesIO(state[META_KEY].numpy().tobytes()), map_location="cpu", weights_only=weights_only)
+        if check is not None:
+            check(meta)
+        if rng_here:
+            set_rng_state(torch.load(io.BytesIO(state[own_rng].numpy().tobytes()), map_location="cpu", weights_only=True))
+        return meta
+
+
+class ShardedCheckpointMethods(ShardedSaves):
+    """``save_checkpoint`` / ``load_checkpoint`` / ``remove_checkpoint`` of a sharded Lightning strategy through asyncckpt.
+
+    Mixed in before a Lightning Trainer strategy whose sharded checkpoint is ``{"state_dict": ...,
+    "optimizer_N": ...}`` in DCP plus ``meta.pt`` (``ModelParallelStrategy``). Besides what
+    :class:`ShardedSaves` needs, the strategy supplies ``model``, ``optimizers`` and
+    ``lightning_module``. ``sharded=False`` (a full checkpoint gathered on rank 0) leaves every
+    call to the strategy itself (pass ``AsyncckptCheckpointIO`` as its ``checkpoint_io`` plug-in to
+    make that write asynchronous). ``rng=False`` neither saves nor restores the ranks' RNG state.
+
+    All ranks call ``save_checkpoint``, ``load_checkpoint``, ``remove_checkpoint``,
+    ``on_train_batch_start`` and ``teardown`` (Lightning does): finishing a save is collective.
+    """
+
+    #: the DCP key of the module's state: Lightning's ``ModelParallelStrategy`` writes ``state_dict``,
+    #: its ``FSDPStrategy`` ``model`` (kept, so the stock strategy reads what asyncckpt wrote)
+    asyncckpt_model_key: ClassVar[str] = "state_dict"
+
+    model: Any
+    optimizers: Any
+    lightning_module: Any
+
+    def __init__(self, *, sharded: bool = True, rng: bool = True) -> None:
+        ShardedSaves.__init__(self, rng=rng)
+        self.asyncckpt_sharded = sharded
+
     # -- the strategy's methods ----------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         """Start the sharded save of ``checkpoint`` into directory ``filepath``; returns once it is snapshotted."""
@@ -165,33 +254,10 @@ class ShardedCheckpointMethods:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options (got {storage_options!r}): "
                             "sharded checkpoints do not go through the CheckpointIO")
-        import asyncckpt.dcp as adcp
-
-        raw = os.fspath(self.broadcast(filepath))
-        if "://" in raw:
-            raise BadInputError(f"{type(self).__name__} writes sharded checkpoints to local paths only, got {raw}")
-        path = os.path.abspath(raw)
-        self.asyncckpt_collect()
-        self.asyncckpt_wait_for(path)  # two saves of one name in flight could commit out of order
-        if self.broadcast(os.path.isfile(path)):
-            # A full (single-file) checkpoint of that name: replaced by the directory, as Lightning does.
-            if self.is_global_zero:
-                os.unlink(path)
-            self.barrier("asyncckpt.save_checkpoint")
+        path = self.asyncckpt_target(filepath)
         state: dict[str, Any] = {self.asyncckpt_model_key: checkpoint.pop("state_dict")}
         state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
-        extra: dict[str, bytes] | None = None
-        if self.global_rank == 0:  # rank 0's metadata, as Lightning writes meta.pt from rank 0
-            blob = _serialize(checkpoint)
-            state[META_KEY] = _as_uint8(blob)
-            extra = {META_FILE: blob}
-        if self.asyncckpt_rng:  # every rank's own streams, under a key of its own (DCP keeps one copy per key)
-            state[rng_key(self.global_rank)] = _as_uint8(_serialize(_arrays_as_tensors(get_rng_state())))
-        if self.asyncckpt_queue is None:
-            self.asyncckpt_queue = AsyncCallsQueue()
-        handle = adcp.async_save(state, checkpoint_id=path, queue=self.asyncckpt_queue, snapshot="blocking",
-                                 extra_files=extra)
-        self.asyncckpt_pending[path] = handle.call_idx
+        self.asyncckpt_save(state, path, checkpoint)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Load weights, optimizer states and metadata of one committed generation; returns the metadata.
@@ -203,11 +269,9 @@ class ShardedCheckpointMethods:
         """
         path = Path(os.path.abspath(os.fspath(self.broadcast(checkpoint_path))))
         self.asyncckpt_wait_for(path)
-        entries = _entry_sizes(path)
-        if entries is None:
+        sizes = entry_sizes(path)
+        if sizes is None:
             return super().load_checkpoint(path, weights_only=weights_only)  # type: ignore[misc, no-any-return]
-        size, rng_sizes = entries
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -220,25 +284,14 @@ class ShardedCheckpointMethods:
         key = self.asyncckpt_model_key
         state: dict[str, Any] = {key: get_model_state_dict(module)}
         state.update({f"optimizer_{i}": get_optimizer_state_dict(module, opt) for i, opt in enumerate(optimizers)})
-        state[META_KEY] = torch.empty(size, dtype=torch.uint8)
-        own_rng = rng_key(self.global_rank)
-        rng_here = self.asyncckpt_rng and own_rng in rng_sizes and len(rng_sizes) == self.world_size
-        if rng_here:
-            state[own_rng] = torch.empty(rng_sizes[own_rng], dtype=torch.uint8)
-        elif self.asyncckpt_rng:
-            log.info("not restoring the RNG state: %s holds it for %d rank(s), %d run now", path, len(rng_sizes),
-                     self.world_size)
-        dcp.load(state, checkpoint_id=path)  # one .metadata, so one generation for all of it
+        meta = self.asyncckpt_load(path, state, sizes, weights_only)
+        if not isinstance(meta, dict):
+            raise BadInputError(f"{path}: its {META_KEY!r} entry holds a {type(meta).__name__}, not Lightning's "
+                                "checkpoint dict")
         self.asyncckpt_load_model(module, state[key], strict=self.lightning_module.strict_loading)
         for i, opt in enumerate(optimizers):
             set_optimizer_state_dict(module, opt, optim_state_dict=state[f"optimizer_{i}"],
                                      options=StateDictOptions(cpu_offload=True))
-        meta = torch.load(io.BytesIO(state[META_KEY].numpy().tobytes()), map_location="cpu", weights_only=weights_only)
-        if not isinstance(meta, dict):
-            raise BadInputError(f"{path}: its {META_KEY!r} entry holds a {type(meta).__name__}, not Lightning's "
-                                "checkpoint dict")
-        if rng_here:
-            set_rng_state(torch.load(io.BytesIO(state[own_rng].numpy().tobytes()), map_location="cpu", weights_only=True))
         return meta
 
     def asyncckpt_load_model(self, module: Any, state_dict: dict[str, Any], *, strict: bool) -> None:
@@ -307,7 +360,7 @@ def init_strategy(strategy: ShardedCheckpointMethods, base: type[Any], args: tup
     ShardedCheckpointMethods.__init__(strategy, sharded=sharded(bound.arguments[flag]), rng=rng)
 
 
-def _entry_sizes(path: Path) -> tuple[int, dict[str, int]] | None:
+def entry_sizes(path: Path) -> tuple[int, dict[str, int]] | None:
     """The byte sizes of asyncckpt's metadata entry and of every rank's RNG entry (by key) in the DCP
     checkpoint at ``path``; None for other checkpoints."""
     if not path.is_dir():

@@ -40,3 +40,42 @@ def test_sigkill_then_resume_matches_the_uninterrupted_stock_trainer(tmp_path: P
     assert_same(resumed, reference, "final")  # model, optimizer, scheduler and LR, RNG: bit-exact
     assert os.listdir(run) == visible(run) and visible(run) == ["checkpoint-12", "checkpoint-18"]  # save_total_limit=2
     assert_same(torch.load(run / "checkpoint-18" / "pytorch_model.bin", weights_only=True), reference["model"], "ckpt-18")
+
+
+def test_in_flight_limit_counts_whole_checkpoints(tmp_path: Path) -> None:
+    """``asyncckpt_max_in_flight = 1``: one checkpoint's files are all in flight at once (none waits for another
+    of the same checkpoint), and no more than one checkpoint's worth ever is."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from asyncckpt.integrations.transformers import FILES_PER_CHECKPOINT, AsyncckptTrainerMixin
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"loss": torch.nn.functional.mse_loss(self.net(x), labels)}
+
+    class OneCheckpointTrainer(AsyncckptTrainerMixin, Trainer):
+        asyncckpt_max_in_flight = 1
+
+    seen: list[int] = []
+
+    class Count(TrainerCallback):  # on_save runs right after _save_checkpoint returns
+        def on_save(self, args: object, state: object, control: object, **kw: object) -> None:
+            saver = trainer.asyncckpt_saver
+            assert saver is not None
+            seen.append(saver.queue.get_num_unfinalized_calls())
+
+    g = torch.Generator().manual_seed(1)
+    data = [{"x": torch.randn(16, generator=g), "labels": torch.randn(4, generator=g)} for _ in range(16)]
+    targs = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, save_steps=1, per_device_train_batch_size=4,
+                              report_to="none", use_cpu=True, remove_unused_columns=False, logging_strategy="no",
+                              disable_tqdm=True, dataloader_num_workers=0, save_strategy="steps")
+    trainer = OneCheckpointTrainer(model=Tiny(), args=targs, train_dataset=data, callbacks=[Count()])
+    trainer.train()
+    assert trainer.asyncckpt_saver is not None and trainer.asyncckpt_saver.max_in_flight == FILES_PER_CHECKPOINT
+    files = 5  # weights, optimizer, scheduler, RNG state, the commit marker (no scaler on CPU)
+    assert len(seen) == 4 and min(seen) >= files and max(seen) <= FILES_PER_CHECKPOINT, seen
+    assert visible(tmp_path / "run") == [f"checkpoint-{i}" for i in range(1, 5)]
