@@ -76,6 +76,8 @@ def test_in_flight_limit_counts_whole_checkpoints(tmp_path: Path) -> None:
     trainer = OneCheckpointTrainer(model=Tiny(), args=targs, train_dataset=data, callbacks=[Count()])
     trainer.train()
     assert trainer.asyncckpt_saver is not None and trainer.asyncckpt_saver.max_in_flight == FILES_PER_CHECKPOINT
-    files = 5  # weights, optimizer, scheduler, RNG state, the commit marker (no scaler on CPU)
-    assert len(seen) == 4 and min(seen) >= files and max(seen) <= FILES_PER_CHECKPOINT, seen
+    # Never more than one checkpoint's worth in flight. How many of its 5 files (weights, optimizer, scheduler,
+    # RNG state, the commit marker) are still unfinalized when on_save runs depends on the worker's speed:
+    # a file already written may have been finalized by the save's own collect.
+    assert len(seen) == 4 and 1 <= min(seen) and max(seen) <= FILES_PER_CHECKPOINT, seen
     assert visible(tmp_path / "run") == [f"checkpoint-{i}" for i in range(1, 5)]
