@@ -42,6 +42,7 @@ def test_an_unpinned_slot_is_faulted_in_when_it_is_made() -> None:
     nbytes = 8 << 20
     slot = StagingSlot(nbytes, pinned=False)
     try:
-        assert _resident_bytes(slot.tensor.data_ptr()) >= nbytes
+        resident = _resident_bytes(slot.tensor.data_ptr())
+        assert resident >= nbytes, f"only {resident} of {nbytes} bytes of a new slot are resident"
     finally:
         slot.close()
