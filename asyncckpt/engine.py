@@ -48,7 +48,7 @@ from .storage.base import ObjectWriter
 
 if TYPE_CHECKING:
     from .runtime.context import WorkerContext
-    from .staging import CopyProgress, Staged
+    from .staging import Staged
 
 __all__ = ["NativeSink", "SaveJob", "SaveResult", "write_chunks", "write_compressed", "write_parts", "write_stream"]
 
@@ -99,26 +99,9 @@ def data_key(job: SaveJob, generation: int = 0) -> str:
 
 
 class NativeSink:
-    """Writes asyncckpt's own format: ``NAME/rank-R.data`` in checksummed chunks, then ``rank-R.manifest``.
-
-    The write may begin while the snapshot is still being copied (:meth:`start`, given to
-    ``staging.take_snapshot`` as its ``early`` writer): each chunk is checksummed and written as soon
-    as its bytes are in the slot; :meth:`write` then finishes that write instead of starting one.
-    """
-
-    _started: asyncio.Future[SaveResult] | None = None
-
-    def start(self, ctx: WorkerContext, job: SaveJob, staged: Staged, progress: CopyProgress) -> asyncio.Future[SaveResult]:
-        """Start writing ``staged`` while its copy runs (``progress``); :meth:`write` awaits it."""
-        self._started = asyncio.ensure_future(self._write(ctx, job, staged, progress))
-        return self._started
+    """Writes asyncckpt's own format: ``NAME/rank-R.data`` in checksummed chunks, then ``rank-R.manifest``."""
 
     async def write(self, ctx: WorkerContext, job: SaveJob, staged: Staged) -> SaveResult:
-        if self._started is not None:
-            return await self._started
-        return await self._write(ctx, job, staged, None)
-
-    async def _write(self, ctx: WorkerContext, job: SaveJob, staged: Staged, progress: CopyProgress | None) -> SaveResult:
         # An incremental save's base stays pinned until its manifest is written (from then on deletion's
         # mark phase sees the references): retention on this worker keeps it (control.RetentionOp).
         base = job.base
@@ -126,14 +109,13 @@ class NativeSink:
         if pins is not None and base and not pins.hold(base):
             job = replace(job, base=None)  # being deleted: save in full
         try:
-            return await self.write_pinned(ctx, job, staged, progress)
+            return await self.write_pinned(ctx, job, staged)
         finally:
             if pins is not None and base:
                 pins.release(base)
 
-    async def write_pinned(self, ctx: WorkerContext, job: SaveJob, staged: Staged,
-                           progress: CopyProgress | None = None) -> SaveResult:
-        """:meth:`write` once the base is pinned; with ``progress``, chunks wait for their bytes."""
+    async def write_pinned(self, ctx: WorkerContext, job: SaveJob, staged: Staged) -> SaveResult:
+        """:meth:`write` once the base is pinned."""
         t0 = time.perf_counter()
         storage = ctx.storage(job.root, job.storage_options)
         # An overwrite writes the next generation's files beside the committed checkpoint, which
@@ -144,16 +126,13 @@ class NativeSink:
         features = list(job.features)
         entries, nbytes = job.entries, job.data_nbytes
         refs: list[RefTarget] = []
-        if progress is not None and (job.incremental or job.compression is not None):
-            await progress.wait(job.data_nbytes)  # these read the whole image first (digests, packing)
         if job.incremental:
             entries, refs, nbytes = await incremental_layout(storage, job, image)
             image = image[:nbytes]
             features.append(REFS)
         chunks: list[ChunkInfo] | msgspec.UnsetType = msgspec.UNSET
         if job.compression is None:
-            crcs = await write_chunks(storage, key, image, job.chunk_size, job.io_concurrency,
-                                      ready=None if progress is None else progress.wait)
+            crcs = await write_chunks(storage, key, image, job.chunk_size, job.io_concurrency)
         else:
             crcs, chunks = await write_compressed(storage, key, image, job.chunk_size, job.io_concurrency,
                                                   job.compression, job.compression_level)
@@ -240,13 +219,10 @@ async def incremental_layout(storage: Storage, job: SaveJob, image: memoryview
     return plan.entries, plan.refs, plan.data_nbytes
 
 
-async def write_chunks(storage: Storage, key: str, data: memoryview, chunk_size: int, concurrency: int,
-                       ready: Callable[[int], Awaitable[None]] | None = None) -> list[int]:
+async def write_chunks(storage: Storage, key: str, data: memoryview, chunk_size: int, concurrency: int) -> list[int]:
     """Write ``data`` to ``key`` in chunks (several in flight), returning each chunk's CRC32C.
 
-    With ``ready``, chunk ``i`` is read only after ``await ready(its end offset)`` (the snapshot copy
-    has reached it). The object becomes visible only when every chunk is written; on any failure it
-    is aborted.
+    The object becomes visible only when every chunk is written; on any failure it is aborted.
     """
     n = len(data)
     writer = await storage.open_writer(key, size_hint=n)
@@ -255,11 +231,8 @@ async def write_chunks(storage: Storage, key: str, data: memoryview, chunk_size:
     sem = asyncio.Semaphore(max(1, concurrency))
 
     async def one(i: int) -> None:
-        end = min(n, (i + 1) * chunk_size)
-        if ready is not None:
-            await ready(end)
         async with sem:
-            part = data[i * chunk_size : end]
+            part = data[i * chunk_size : min(n, (i + 1) * chunk_size)]
             crcs[i] = await asyncio.to_thread(checksum, part)
             await writer.write_part(i, i * chunk_size, part, crc32c=crcs[i])
 
