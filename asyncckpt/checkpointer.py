@@ -19,7 +19,7 @@ from .deletion import on_delete
 from .engine import NativeSink, SaveJob, SaveResult
 from .errors import BadInputError, CheckpointError, CheckpointExistsError, WorkerDiedError
 from .format import Entry, Node, check_compression
-from .plan import INLINE_MAX, Packed, Plan, PlanCache, paused_gc, plan_state
+from .plan import INLINE_MAX, Packed, PackedTree, Plan, PlanCache, paused_gc, plan_state
 from .queue import AsyncCallsQueue, Job, Stage
 from .retention import RetentionPolicy
 from .runtime.messages import Kind
@@ -61,8 +61,10 @@ class _Program:
     copy: CopyProgram | None  # the entries this thread copies now
     cuda: bool
     entries: Packed
-    tree: Node
+    tree: Node  # the layout's first tree; later trees are sent as patches of it
     packed_tree: Packed
+    last_tree: Node | None = None
+    last_packed: Packed | PackedTree | None = None
 
 
 @dataclass
@@ -501,10 +503,13 @@ class AsyncCheckpointer:
         )
 
     @staticmethod
-    def _packed_tree(prog: _Program, tree: Node) -> Packed:
-        if tree is not prog.tree:  # plain values changed: the same layout, another tree
-            prog.tree, prog.packed_tree = tree, Packed(tree, "tree")
-        return prog.packed_tree
+    def _packed_tree(prog: _Program, tree: Node) -> Packed | PackedTree:
+        if tree is prog.tree:
+            return prog.packed_tree
+        if tree is not prog.last_tree:  # plain values changed: the same layout, another tree
+            prog.last_tree, prog.last_packed = tree, PackedTree.of(tree, prog.tree, prog.packed_tree)
+        assert prog.last_packed is not None
+        return prog.last_packed
 
     def _copy_now(self, program: CopyProgram | None, leaves: list[torch.Tensor],
                   moved: list[int]) -> tuple[int, list[tuple[int, int, int]]] | None:

@@ -27,7 +27,7 @@ from .format import ALIGN, SHARED_STORAGE, BigIntNode, BytesNode, DictNode, Entr
 from .format.memo import DecodedCache
 
 __all__ = [
-    "INLINE_MAX", "UNPACKED", "Packed", "Plan", "PlanCache", "decode_packed", "paused_gc", "plan_state", "tensor_bytes", "validate_key",
+    "INLINE_MAX", "UNPACKED", "Packed", "PackedTree", "Plan", "PlanCache", "decode_packed", "decode_patched_tree", "paused_gc", "plan_state", "tensor_bytes", "validate_key",
 ]
 
 #: Tensors at most this large are copied into the request at ``save()`` time (cheaper than
@@ -753,3 +753,60 @@ class Packed:
 
     def __reduce__(self) -> tuple[Any, tuple[str, bytes]]:
         return (decode_packed, (self.kind, self.blob))
+
+
+class PackedTree:
+    """A tree sent as its layout's first tree (packed once) plus the root's children that differ from it.
+
+    A manager's tree changes at every save (its step and RNG record) while the rest, possibly
+    50,000 nodes, stays: the worker decodes the unchanged base once (:data:`UNPACKED`) and only the
+    changed children each save, then replaces those children of the base's root.
+    """
+
+    __slots__ = ("base", "patches")
+
+    def __init__(self, base: Packed, patches: list[tuple[int, Packed]]) -> None:
+        self.base = base
+        self.patches = patches
+
+    @classmethod
+    def of(cls, tree: Node, base_tree: Node, base: Packed) -> Packed | PackedTree:
+        """``tree`` as a patch of ``base_tree`` (packed as ``base``) when only some of the root's children
+        differ (by identity: :meth:`PlanCache.plan` shares the unchanged ones), else packed whole."""
+        if not isinstance(tree, (DictNode, ListNode)) or not isinstance(base_tree, (DictNode, ListNode)):
+            return Packed(tree, "tree")
+        new, old = _children(tree), _children(base_tree)
+        changed = [i for i, (a, b) in enumerate(zip(new, old)) if a is not b] if len(new) == len(old) else None
+        if changed is None or len(changed) * 2 > len(new) or not _same_container(tree, base_tree):
+            return Packed(tree, "tree")
+        return cls(base, [(i, Packed(new[i], "tree")) for i in changed])
+
+    def __reduce__(self) -> tuple[Any, tuple[str, bytes, list[tuple[int, bytes]]]]:
+        return (decode_patched_tree, (self.base.kind, self.base.blob, [(i, p.blob) for i, p in self.patches]))
+
+
+def _children(node: DictNode | ListNode) -> list[Node]:
+    return node.values if isinstance(node, DictNode) else node.items
+
+
+def _same_container(a: DictNode | ListNode, b: DictNode | ListNode) -> bool:
+    if isinstance(a, DictNode) and isinstance(b, DictNode):
+        return a.ordered == b.ordered and (a.keys is b.keys or a.keys == b.keys)
+    return isinstance(a, ListNode) and isinstance(b, ListNode) and a.tuple == b.tuple
+
+
+def _with_children(node: DictNode | ListNode, children: list[Node]) -> Node:
+    if isinstance(node, DictNode):
+        return DictNode(keys=node.keys, values=children, ordered=node.ordered)
+    return ListNode(items=children, tuple=node.tuple)
+
+
+def decode_patched_tree(kind: str, base: bytes, patches: list[tuple[int, bytes]]) -> Node:
+    """Unpickling side of :class:`PackedTree` (runs in the worker)."""
+    root = decode_packed(kind, base)
+    if not isinstance(root, (DictNode, ListNode)):
+        raise TypeError(f"a patched tree's base must be a dict or list node, got {type(root).__name__}")
+    children = list(_children(root))
+    for i, blob in patches:
+        children[i] = decode_packed(kind, blob)
+    return _with_children(root, children)

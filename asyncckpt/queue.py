@@ -537,6 +537,7 @@ class AsyncCallsQueue:
         if not detached:
             with _PENDING_LOCK:
                 _PENDING.add(self)
+                _arm_exit_hook()
         self._start_stage(call)
         if snapshot == "blocking":
             self._wait(lambda: call.acked)
@@ -826,4 +827,18 @@ def _finish_at_exit() -> None:
             log.error("asyncckpt: a pending request failed at exit: %s", exc)
 
 
-atexit.register(_finish_at_exit)
+_exit_hook_armed = False
+
+
+def _arm_exit_hook() -> None:
+    """Register :func:`_finish_at_exit` at the first request, not at import (caller holds ``_PENDING_LOCK``).
+
+    Exit handlers run last-registered first. A framework registers its own (Lightning's
+    ``destroy_process_group`` for NCCL) when it creates the process group, after asyncckpt was
+    imported and before the first save; registered later, ours runs first, while every rank can
+    still take part in finishing a multi-rank save.
+    """
+    global _exit_hook_armed
+    if not _exit_hook_armed:
+        _exit_hook_armed = True
+        atexit.register(_finish_at_exit)

@@ -1,6 +1,7 @@
 """Worker plug-in (``worker_options={"preload": ["tests._count_decodes"]}``): every manifest the
 worker decodes and checks, and every packed layout it decodes, appends a line to the file named by
-``ASYNCCKPT_TEST_DECODES`` ("manifest" / "packed:entries" / "packed:tree"); cache hits add nothing."""
+``ASYNCCKPT_TEST_DECODES`` ("manifest", "packed:entries:large", "packed:tree:small": the kind, and
+whether the bytes were over 32 KiB); cache hits add nothing."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def _decode_checked(data: bytes, where: str) -> Any:
 
 
 def _unpack_counted(kind: str, blob: bytes) -> Any:
-    _note(f"packed:{kind}")
+    _note(f"packed:{kind}:{'large' if len(blob) > 32 << 10 else 'small'}")
     return _unpack(kind, blob)
 
 

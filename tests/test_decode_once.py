@@ -5,6 +5,7 @@ few manifests back. Caching by exact bytes must never let other bytes through un
 from __future__ import annotations
 
 import collections
+import pickle
 
 import msgspec
 import pytest
@@ -14,7 +15,7 @@ import asyncckpt
 from asyncckpt.errors import FormatError
 from asyncckpt.format import records
 from asyncckpt.format.memo import DecodedCache
-from asyncckpt.plan import Packed, decode_packed
+from asyncckpt.plan import Packed, PackedTree, PlanCache, decode_packed, plan_state
 
 
 def _manifest(n: int) -> records.RankManifest:
@@ -66,9 +67,30 @@ def test_packed_layouts_decode_once_per_bytes() -> None:
     assert other == entries[:10] and other is not first
 
 
+def test_a_tree_with_a_few_changed_children_travels_as_a_patch() -> None:
+    state = {f"w{i}": torch.zeros(2) for i in range(100)}
+    state["meta"] = {"step": 1, "lr": 0.5}
+    cache = PlanCache()
+    first = cache.plan(state).tree
+    base = Packed(first, "tree")
+    state["meta"] = {"step": 2, "lr": 0.25}
+    tree = cache.plan(state).tree
+    sent = PackedTree.of(tree, first, base)
+    assert isinstance(sent, PackedTree) and [i for i, _ in sent.patches] == [100]
+    assert pickle.loads(pickle.dumps(sent)) == tree == plan_state(state, inline_max=0).tree
+    assert pickle.loads(pickle.dumps(base)) == first  # the base itself is untouched
+    # Most children changed, or another container: the whole tree is sent.
+    many = {f"v{i}": float(i) for i in range(10)}
+    plain = PlanCache()
+    t0 = plain.plan(many).tree
+    t1 = plain.plan({k: v + 1 for k, v in many.items()}).tree
+    assert isinstance(PackedTree.of(t1, t0, Packed(t0, "tree")), Packed)
+
+
 @pytest.mark.multiproc
 def test_the_worker_decodes_each_layout_and_its_own_manifests_once(tmp_path, monkeypatch) -> None:
-    """Ten saves of one structure with retention (keep 2): the entries are decoded once, and no
+    """Ten saves of one structure with retention (keep 2): the entries and the tree's unchanged part are
+    decoded once, and no
     manifest is decoded: every one read back (commit, retention, deletion) is one this worker wrote."""
     log = tmp_path / "decodes.txt"
     monkeypatch.setenv("ASYNCCKPT_TEST_DECODES", str(log))
@@ -83,7 +105,9 @@ def test_the_worker_decodes_each_layout_and_its_own_manifests_once(tmp_path, mon
             mgr.wait()
     assert [c.step for c in asyncckpt.list_checkpoints(tmp_path / "ckpts")] == [10, 9]
     counts = collections.Counter(log.read_text().split()) if log.exists() else collections.Counter()
-    # The tree holds the manager's own values (step, RNG state), so it changes with every save.
-    assert counts["packed:entries"] == 1 and counts["manifest"] == 0, counts
+    # The tree holds the manager's own values (step, RNG state), so it changes with every save: only its
+    # small changed part is sent and decoded again; the 2,000-leaf rest was decoded once.
+    assert counts["packed:entries:large"] == 1 and counts["packed:tree:large"] == 1, counts
+    assert counts["manifest"] == 0 and counts["packed:tree:small"] >= 9, counts
     got = asyncckpt.load(tmp_path / "ckpts")  # another reader (this process) checks them as before
     assert torch.equal(got["layer0.weight"], state["layer0.weight"])

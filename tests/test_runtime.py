@@ -172,6 +172,25 @@ def test_a_script_that_saves_and_just_returns_leaves_a_committed_checkpoint(tmp_
     assert torch.equal(torch.load(tmp_path / "final.pt")["w"], torch.full((4 << 20,), 6.0))
 
 
+def test_pending_saves_are_finished_before_exit_hooks_registered_before_the_first_save(tmp_path):
+    """A framework registers its own exit hook (Lightning: destroy_process_group) when it sets up the process
+    group, after importing asyncckpt and before the first save; asyncckpt's finish must run before it."""
+    script = """
+        import atexit, sys, torch, asyncckpt
+        ck = asyncckpt.AsyncCheckpointer(snapshot="lazy")
+
+        def framework_teardown():
+            print("unfinalized at the framework's hook:", ck.queue.get_num_unfinalized_calls(), flush=True)
+
+        atexit.register(framework_teardown)
+        ck.save({"w": torch.full((4 << 20,), 5.0)}, sys.argv[1] + "/final")
+    """
+    out = _run(script, str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "unfinalized at the framework's hook: 0" in out.stdout, out.stdout + out.stderr
+    assert torch.equal(asyncckpt.load(tmp_path / "final")["w"], torch.full((4 << 20,), 5.0))
+
+
 def test_finish_at_exit_false_opts_out(tmp_path):
     script = """
         import sys, torch, asyncckpt
