@@ -633,7 +633,7 @@ class PlanCache:
             return None
         if meta[0] == old[0]:
             return []
-        moved = [i for i, (a, b) in enumerate(zip(meta[0], old[0])) if a != b]
+        moved = list(itertools.compress(range(len(meta[0])), map(operator.ne, meta[0], old[0])))
         seen: set[int] = set()
         for i in moved:
             if i in self._members:
@@ -776,7 +776,8 @@ class PackedTree:
         if not isinstance(tree, (DictNode, ListNode)) or not isinstance(base_tree, (DictNode, ListNode)):
             return Packed(tree, "tree")
         new, old = _children(tree), _children(base_tree)
-        changed = [i for i, (a, b) in enumerate(zip(new, old)) if a is not b] if len(new) == len(old) else None
+        changed = (list(itertools.compress(range(len(new)), map(operator.is_not, new, old)))
+                   if len(new) == len(old) else None)
         if changed is None or len(changed) * 2 > len(new) or not _same_container(tree, base_tree):
             return Packed(tree, "tree")
         return cls(base, [(i, Packed(new[i], "tree")) for i in changed])
