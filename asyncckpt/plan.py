@@ -507,15 +507,11 @@ _NO_SCALARS: tuple[()] = ()
 def _skeleton(node: Node) -> Any:
     """Where ``node``'s scalar leaves are: None for a scalar leaf, ``_NO_SCALARS`` for a subtree without
     one, else the list of ``(child index, child skeleton)`` of the children that hold one, in order."""
-    if isinstance(node, DictNode):
-        children: list[Node] = node.values
-    elif isinstance(node, ListNode):
-        children = node.items
-    elif isinstance(node, RefNode):
+    if isinstance(node, RefNode):
         return _NO_SCALARS
-    else:
+    if not isinstance(node, (DictNode, ListNode)):
         return None
-    out = [(i, sub) for i, c in enumerate(children) if (sub := _skeleton(c)) is not _NO_SCALARS]
+    out = [(i, sub) for i, c in enumerate(_children(node)) if (sub := _skeleton(c)) is not _NO_SCALARS]
     return out or _NO_SCALARS
 
 
@@ -526,16 +522,11 @@ def _retree_at(node: Node, skeleton: Any, values: Iterator[Any]) -> Node:
         return _scalar_node(next(values))
     if skeleton is _NO_SCALARS:
         return node
-    if isinstance(node, DictNode):
-        vals = list(node.values)
-        for i, sub in skeleton:
-            vals[i] = _retree_at(vals[i], sub, values)
-        return DictNode(keys=node.keys, values=vals, ordered=node.ordered)
-    assert isinstance(node, ListNode)
-    items = list(node.items)
+    assert isinstance(node, (DictNode, ListNode))
+    children = list(_children(node))
     for i, sub in skeleton:
-        items[i] = _retree_at(items[i], sub, values)
-    return ListNode(items=items, tuple=node.tuple)
+        children[i] = _retree_at(children[i], sub, values)
+    return _with_children(node, children)
 
 
 class PlanCache:

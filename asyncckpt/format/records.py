@@ -292,7 +292,8 @@ def remember_manifest(blob: bytes, m: RankManifest) -> None:
     """Declare ``blob`` the encoding of ``m``, a manifest this process built and wrote: reading exactly
     these bytes back returns ``m`` without decoding and checking them again (the commit and retention
     of a save read the manifest its worker has just written). Only for a writer's own manifests."""
-    _remember(blob, m)
+    if type(blob) is bytes:
+        DECODED_MANIFESTS.put(blob, m, len(blob))
 
 
 def manifest_version(features: list[str]) -> int:
@@ -351,13 +352,8 @@ def decode_manifest(data: bytes, where: str) -> RankManifest:
         if hit is not None:
             return hit
     m = _decode_checked(data, where)
-    _remember(data, m)
+    remember_manifest(data, m)  # checked now: kept like a manifest of our own
     return m
-
-
-def _remember(data: bytes, m: RankManifest) -> None:
-    if type(data) is bytes:
-        DECODED_MANIFESTS.put(data, m, len(data))
 
 
 def _decode_checked(data: bytes, where: str) -> RankManifest:
