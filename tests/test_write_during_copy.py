@@ -220,3 +220,10 @@ def test_a_native_save_starts_writing_before_its_snapshot_ends_and_loads_back_ex
     for name in ("a", "b"):
         got = asyncckpt.load(str(tmp_path / name))  # every chunk's CRC32C is checked
         assert all(torch.equal(got[k], v) for k, v in state.items())
+    # a small snapshot (one copy piece, so the probe never holds it) is copied before its write starts
+    log.unlink()
+    small = {"w": torch.randn(1 << 20)}
+    with asyncckpt.AsyncCheckpointer(**opts) as ck:
+        ck.save(small, str(tmp_path / "small"))
+        ck.finalize(blocking=True)
+    assert log.read_text().split() == ["snapshot", "write"]
