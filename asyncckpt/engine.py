@@ -49,7 +49,7 @@ from .storage.base import ObjectWriter
 
 if TYPE_CHECKING:
     from .runtime.context import WorkerContext
-    from .staging import Staged
+    from .staging import CopyProgress, Staged
 
 __all__ = ["NativeSink", "SaveJob", "SaveResult", "write_chunks", "write_compressed", "write_parts", "write_stream"]
 
@@ -100,9 +100,21 @@ def data_key(job: SaveJob, generation: int = 0) -> str:
 
 
 class NativeSink:
-    """Writes asyncckpt's own format: ``NAME/rank-R.data`` in checksummed chunks, then ``rank-R.manifest``."""
+    """Writes asyncckpt's own format: ``NAME/rank-R.data`` in checksummed chunks, then ``rank-R.manifest``.
+
+    It is a ``runtime.CopyAwareSink``: the worker may start :meth:`write_while_copying` while the
+    snapshot is still being copied, and each chunk is written once its bytes are in the slot.
+    """
 
     async def write(self, ctx: WorkerContext, job: SaveJob, staged: Staged) -> SaveResult:
+        return await self._write(ctx, job, staged, None)
+
+    async def write_while_copying(self, ctx: WorkerContext, job: SaveJob, staged: Staged,
+                                  progress: CopyProgress) -> SaveResult:
+        """:meth:`write`, started before the snapshot copy ends (``progress`` says how far it got)."""
+        return await self._write(ctx, job, staged, progress)
+
+    async def _write(self, ctx: WorkerContext, job: SaveJob, staged: Staged, progress: CopyProgress | None) -> SaveResult:
         # An incremental save's base stays pinned until its manifest is written (from then on deletion's
         # mark phase sees the references): retention on this worker keeps it (control.RetentionOp).
         base = job.base
@@ -110,13 +122,14 @@ class NativeSink:
         if pins is not None and base and not pins.hold(base):
             job = replace(job, base=None)  # being deleted: save in full
         try:
-            return await self.write_pinned(ctx, job, staged)
+            return await self.write_pinned(ctx, job, staged, progress)
         finally:
             if pins is not None and base:
                 pins.release(base)
 
-    async def write_pinned(self, ctx: WorkerContext, job: SaveJob, staged: Staged) -> SaveResult:
-        """:meth:`write` once the base is pinned."""
+    async def write_pinned(self, ctx: WorkerContext, job: SaveJob, staged: Staged,
+                           progress: CopyProgress | None = None) -> SaveResult:
+        """:meth:`write` once the base is pinned; with ``progress``, chunks wait for their bytes."""
         t0 = time.perf_counter()
         storage = ctx.storage(job.root, job.storage_options)
         # An overwrite writes the next generation's files beside the committed checkpoint, which
@@ -127,13 +140,15 @@ class NativeSink:
         features = list(job.features)
         entries, nbytes = job.entries, job.data_nbytes
         refs: list[RefTarget] = []
+        if progress is not None and (job.incremental or job.compression is not None):
+            await progress.wait(job.data_nbytes)  # these read the whole image first (digests, packing)
         if job.incremental:
             entries, refs, nbytes = await incremental_layout(storage, job, image)
             image = image[:nbytes]
             features.append(REFS)
         chunks: list[ChunkInfo] | msgspec.UnsetType = msgspec.UNSET
         if job.compression is None:
-            crcs = await write_chunks(storage, key, image, job.chunk_size, job.io_concurrency)
+            crcs = await write_chunks(storage, key, image, job.chunk_size, job.io_concurrency, copying=progress)
         else:
             crcs, chunks = await write_compressed(storage, key, image, job.chunk_size, job.io_concurrency,
                                                   job.compression, job.compression_level)
@@ -221,9 +236,13 @@ async def incremental_layout(storage: Storage, job: SaveJob, image: memoryview
     return plan.entries, plan.refs, plan.data_nbytes
 
 
-async def write_chunks(storage: Storage, key: str, data: memoryview, chunk_size: int, concurrency: int) -> list[int]:
+async def write_chunks(storage: Storage, key: str, data: memoryview, chunk_size: int, concurrency: int,
+                       copying: CopyProgress | None = None) -> list[int]:
     """Write ``data`` to ``key`` in chunks (several in flight), returning each chunk's CRC32C.
 
+    ``copying``: ``data`` is a staging slot whose snapshot copy is still running. Each chunk then
+    waits for its bytes, and until the copy ends the copy keeps the CPUs: one chunk is written at a
+    time and, where the store does not verify checksums, its CRC32C is computed after the copy.
     The object becomes visible only when every chunk is written; on any failure it is aborted.
     """
     n = len(data)
@@ -231,14 +250,34 @@ async def write_chunks(storage: Storage, key: str, data: memoryview, chunk_size:
     nchunks = chunk_count(n, chunk_size)
     crcs = [0] * nchunks
     sem = asyncio.Semaphore(max(1, concurrency))
+    during_copy = asyncio.Semaphore(1)
+    later = storage.capabilities.server_checksum is None
+    unsummed: list[int] = []
+
+    def part_of(i: int) -> memoryview:
+        return data[i * chunk_size : min(n, (i + 1) * chunk_size)]
 
     async def one(i: int) -> None:
+        if copying is not None and not copying.finished:
+            await copying.wait(min(n, (i + 1) * chunk_size))
+            if later and not copying.finished:
+                async with during_copy:
+                    if not copying.finished:
+                        await writer.write_part(i, i * chunk_size, part_of(i))
+                        unsummed.append(i)
+                        return
         async with sem:
-            part = data[i * chunk_size : min(n, (i + 1) * chunk_size)]
+            part = part_of(i)
             crcs[i] = await asyncio.to_thread(checksum, part)
             await writer.write_part(i, i * chunk_size, part, crc32c=crcs[i])
 
+    def sum_unsummed() -> None:  # the slot holds the bytes until the sink returns
+        for i in unsummed:
+            crcs[i] = checksum(part_of(i))
+
     await write_parts(writer, nchunks, one)
+    if unsummed:
+        await asyncio.to_thread(sum_unsummed)
     return crcs
 
 

@@ -15,6 +15,7 @@ Built on :class:`~asyncckpt.AsyncCheckpointer` (the one save path) and the catal
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import threading
 import time
@@ -179,9 +180,9 @@ class CheckpointManager:
         self._retry_torn = False  # an "auto" save was torn: save again at the next maybe_save
         self._pending: dict[int, _Pending] = {}
         self._hooked: set[int] = set()
-        self._checked: tuple[int, ...] | None = None  # identity of the last state that passed the checks
+        # the keys and values of the last state that passed the checks (held until close)
+        self._checked: tuple[list[str], list[Any]] = ([], [])
         self._converted: list[str] = []  # its keys whose values are saved as state_dict() / get_state()
-        self._checked_refs: Any = None
         self._multi: bool | None = None  # several ranks? decided at first use (dist may start after us)
         self._looked_at_root = False  # restore() ran, or the first save checked for an earlier run
         self._newest_at_start: int | None = None
@@ -266,9 +267,11 @@ class CheckpointManager:
     def _check_state(self, state: Any) -> None:
         if not isinstance(state, Mapping):
             raise BadInputError(f"the state must be a mapping of names to objects, got {type(state).__name__}")
-        # Called every step: the same mapping holding the same objects was checked already.
-        ident = (id(state), *map(id, state), *map(id, state.values()))
-        if ident == self._checked:
+        # Called every step: the same objects under the same keys were checked already (two C-level
+        # passes that stop at the first difference; the checked objects are held, so `is` is exact).
+        keys, vals = self._checked
+        if (len(state) == len(keys) and all(map(operator.is_, state.values(), vals))
+                and all(map(operator.eq, state, keys))):
             return
         converted = []
         for k, v in state.items():
@@ -287,8 +290,7 @@ class CheckpointManager:
                 "and is not a tensor, array, torch.Generator or plain value (None, bool, int, float, str, bytes, "
                 "lists/dicts of them); give it state_dict()/load_state_dict() or save what it holds instead"
             )
-        # Holding the checked objects keeps their ids from being reused by others while ident is compared.
-        self._checked, self._converted, self._checked_refs = ident, converted, (state, list(state.values()))
+        self._checked, self._converted = (list(state), list(state.values())), converted
         self._hook(state)
 
     def _hook(self, state: Mapping[str, Any]) -> None:
@@ -710,7 +712,7 @@ class CheckpointManager:
             self._warn_if_overwriting()
         finally:
             self._closed = True
-            self._checked, self._checked_refs = None, None  # the user's objects are not held past close
+            self._checked = ([], [])  # the user's objects are not held past close
             try:
                 self.ckpt.close(abort=self.ckpt.in_flight > 0)
             finally:

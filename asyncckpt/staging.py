@@ -19,11 +19,12 @@ import itertools
 import mmap
 import operator
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CopyProgram",
+    "CopyProgress",
+    "EarlyWriter",
     "SharedRef",
     "SharedRegistry",
     "SnapshotGuard",
@@ -501,6 +504,8 @@ class Staged:
     slot: StagingSlot
     nbytes: int
     seconds: float
+    #: the sink's write when it started during the copy (``take_snapshot``'s ``early``), else None
+    writing: asyncio.Future[Any] | None = None
 
 
 def _source(ctx: WorkerContext, ref: SharedRef) -> torch.Tensor:
@@ -547,7 +552,100 @@ def _run_memmoves(moves: list[tuple[int, int, int]]) -> None:
         f.result()
 
 
-def _copy_in(ctx: WorkerContext, spec: SnapshotSpec, slot: StagingSlot) -> None:
+class CopyProgress:
+    """How much of a staging slot is copied: the first :attr:`ready` bytes of the image are final.
+
+    The copy (in threads) reports through :meth:`advance` on the event loop; a writer started
+    before the copy ends awaits :meth:`wait` for the bytes it is about to write.
+    """
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.ready = 0
+        self.error: BaseException | None = None
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    @property
+    def finished(self) -> bool:
+        """Every byte is copied."""
+        return self.ready >= self.nbytes
+
+    def advance(self, upto: int) -> None:
+        """The first ``upto`` bytes are copied (called on the loop)."""
+        self.ready = max(self.ready, upto)
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        """The copy failed: every wait raises from now on."""
+        self.error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiting = []
+        for end, fut in self._waiters:
+            if fut.done():
+                continue
+            if self.error is not None:
+                fut.set_exception(RuntimeError(f"the snapshot copy failed: {self.error!r}"))
+            elif end <= self.ready:
+                fut.set_result(None)
+            else:
+                waiting.append((end, fut))
+        self._waiters = waiting
+
+    async def wait(self, end: int) -> None:
+        """Return once the first ``end`` bytes are copied; raise if the copy failed."""
+        if self.error is not None:
+            raise RuntimeError(f"the snapshot copy failed: {self.error!r}")
+        if end <= self.ready:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((end, fut))
+        await fut
+
+
+def _run_memmoves_in_order(moves: list[tuple[int, int, int]], base: int, nbytes: int,
+                           report: Callable[[int], None]) -> None:
+    """Like :func:`_run_memmoves`, but pieces go out in file order and every time the copied
+    prefix grows, ``report(bytes from the slot's start that are final)`` is called."""
+    global _copy_pool
+    pieces = [(dst + o, src + o, min(_PIECE, n - o)) for dst, src, n in sorted(moves) for o in range(0, n, _PIECE)]
+    done = [False] * len(pieces)
+    lock = threading.Lock()
+    state = [0, 0]  # next piece to hand out, pieces done as a prefix
+
+    def work() -> None:
+        while True:
+            with lock:
+                i = state[0]
+                if i >= len(pieces):
+                    return
+                state[0] += 1
+            dst, src, n = pieces[i]
+            _memmove(dst, src, n)
+            with lock:
+                done[i] = True
+                k = state[1]
+                while k < len(done) and done[k]:
+                    k += 1
+                if k == state[1]:
+                    continue
+                state[1] = k
+                report(pieces[k][0] - base if k < len(pieces) else nbytes)
+
+    if COPY_THREADS <= 1 or len(pieces) <= 1:
+        work()
+        return
+    if _copy_pool is None:
+        _copy_pool = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="asyncckpt-copy")
+    for f in [_copy_pool.submit(work) for _ in range(COPY_THREADS)]:
+        f.result()
+
+
+def _copy_in(ctx: WorkerContext, spec: SnapshotSpec, slot: StagingSlot,
+             report: Callable[[int], None] | None = None) -> None:
+    """Copy ``spec`` into ``slot``. With ``report``, everything else is done before the plain
+    memmoves, which go in file order and report the final prefix as it grows."""
     dst_all = slot.tensor
     base = dst_all.data_ptr()
     stream = None
@@ -572,7 +670,8 @@ def _copy_in(ctx: WorkerContext, spec: SnapshotSpec, slot: StagingSlot) -> None:
                 dst.copy_(src, non_blocking=slot.pinned)
         else:
             dst.copy_(src)
-    _run_memmoves(moves)
+    if report is None:
+        _run_memmoves(moves)
     for off, data in spec.inline:
         slot.view[off : off + len(data)] = data
         spans.append((off, len(data)))
@@ -586,10 +685,24 @@ def _copy_in(ctx: WorkerContext, spec: SnapshotSpec, slot: StagingSlot) -> None:
         dst_all[end : spec.nbytes].zero_()
     if stream is not None:
         stream.synchronize()
+    if report is not None:
+        _run_memmoves_in_order(moves, base, spec.nbytes, report)
+        report(spec.nbytes)
 
 
-async def take_snapshot(ctx: WorkerContext, spec: SnapshotSpec) -> Staged:
-    """Register the spec's storages and copy its bytes into a staging slot (released by the caller)."""
+#: Starts a write of a slot whose copy is under way (see :func:`take_snapshot`).
+EarlyWriter = Callable[[Staged, CopyProgress], "asyncio.Future[Any]"]
+
+
+async def take_snapshot(ctx: WorkerContext, spec: SnapshotSpec, early: EarlyWriter | None = None) -> Staged:
+    """Register the spec's storages and copy its bytes into a staging slot (released by the caller).
+
+    ``early(staged, progress)``, when given, is called once the slot is held and before the copy
+    starts; it may start writing the slot, awaiting ``progress.wait(end)`` before reading bytes up to
+    ``end``. This still returns (the snapshot's ACK) exactly when the copy has ended, with that
+    future in ``Staged.writing``. If the copy fails, the future is cancelled and awaited before
+    the slot is abandoned (``StagingPool.discard``).
+    """
     t0 = time.perf_counter()
     for sid in spec.release:
         ctx.storages.pop(sid, None)
@@ -598,13 +711,33 @@ async def take_snapshot(ctx: WorkerContext, spec: SnapshotSpec) -> Staged:
     spec.new_storages = {}
     try:
         slot = await ctx.pool.acquire(spec.nbytes)
+        staged = Staged(slot, spec.nbytes, 0.0)
+        progress: CopyProgress | None = None
+        writing: asyncio.Future[Any] | None = None
         try:
-            await asyncio.to_thread(_copy_in, ctx, spec, slot)
-        except BaseException:
-            await ctx.pool.release(slot)
+            report: Callable[[int], None] | None = None
+            if early is not None:
+                progress = prog = CopyProgress(spec.nbytes)
+                loop = asyncio.get_running_loop()
+
+                def report(upto: int) -> None:  # in a copy thread
+                    loop.call_soon_threadsafe(prog.advance, upto)
+
+                writing = staged.writing = early(staged, progress)
+            await asyncio.to_thread(_copy_in, ctx, spec, slot, report)
+        except BaseException as exc:
+            if progress is not None:
+                progress.fail(exc)
+            if writing is not None:
+                writing.cancel()
+                await asyncio.gather(writing, return_exceptions=True)
+                await ctx.pool.discard(slot)  # an I/O thread of the cancelled write may still read it
+            else:
+                await ctx.pool.release(slot)
             raise
     finally:
         for sid in sent:
             ctx.storages.pop(sid, None)
-    return Staged(slot, spec.nbytes, time.perf_counter() - t0)
+    staged.seconds = time.perf_counter() - t0
+    return staged
 

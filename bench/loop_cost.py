@@ -71,33 +71,47 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def loop_per_save(root: str, options: dict[str, Any], steps: int, every: int, repeats: int) -> dict[str, Any]:
-    """Extra loop time per save (interleaved with-save / without-save runs) and the maybe_save call."""
+    """Extra loop time per save and the maybe_save call.
+
+    One model and one manager; ``repeats`` rounds of a segment without saves then a segment of the
+    same length with a save at the first step of every ``every`` (so each save's background work
+    lies inside its segment), then a wait for the last commit that is not timed. Extra per save of
+    a round = (timed segment - plain segment) / saves; also the mean extra time by step offset after a
+    save, which shows whether the cost is the call, the steps right after it, or every step.
+    """
     extra: list[float] = []
     calls: list[float] = []
     waited: list[bool] = []
     base_means: list[float] = []
-    for _ in range(repeats):
-        model, opt, sched = _model()
-        _steps(model, opt, sched, 20)
-        base = _steps(model, opt, sched, steps)
-        with asyncckpt.CheckpointManager(root, every_steps=every, keep_last=2, signals=(), storage_options=options) as mgr:
-            state = {"model": model, "optim": opt, "sched": sched}
-            mgr.maybe_save(every, state)  # first save (moves storages to shared memory) not timed
-            mgr.wait()
-            offset = every
+    by_offset: list[list[float]] = [[] for _ in range(every)]
+    model, opt, sched = _model()
+    _steps(model, opt, sched, 20)
+    with asyncckpt.CheckpointManager(root, every_steps=every, keep_last=2, signals=(), storage_options=options) as mgr:
+        state = {"model": model, "optim": opt, "sched": sched}
+        mgr.maybe_save(every, state)  # first save (moves storages to shared memory) not timed
+        mgr.wait()
+        counter = [every]
 
-            def hook(step: int, mgr: Any = mgr, state: Any = state, offset: int = offset) -> None:
-                full = mgr.in_flight >= mgr.ckpt.max_in_flight  # this call will wait for a slot
-                t0 = time.perf_counter()
-                h = mgr.maybe_save(offset + step, state)
-                if h is not None:
-                    calls.append(time.perf_counter() - t0)
-                    waited.append(full)
+        def hook(step: int) -> None:
+            full = mgr.in_flight >= mgr.ckpt.max_in_flight  # this call will wait for a slot
+            counter[0] += 1
+            t0 = time.perf_counter()
+            h = mgr.maybe_save(counter[0], state)
+            if h is not None:
+                calls.append(time.perf_counter() - t0)
+                waited.append(full)
 
+        for _ in range(repeats):
+            base = _steps(model, opt, sched, steps)
+            counter[0] += -(counter[0] + 1) % every  # the segment's first step saves
             timed = _steps(model, opt, sched, steps, hook)
-        n_saves = steps // every
-        extra.append((sum(timed) - sum(base)) / n_saves)
-        base_means.append(statistics.mean(base))
+            mgr.wait()
+            mean = statistics.mean(base)
+            extra.append((sum(timed) - sum(base)) / -(-steps // every))
+            base_means.append(mean)
+            for i, t in enumerate(timed):
+                by_offset[i % every].append(t - mean)
+    rest = [x for xs in by_offset[4:] for x in xs]
     return {
         "loop_s_per_save_median": statistics.median(extra),
         "loop_s_per_save_runs": extra,
@@ -107,6 +121,8 @@ def loop_per_save(root: str, options: dict[str, Any], steps: int, every: int, re
         # saves asked for while max_in_flight saves were still writing: maybe_save waits (when_full="wait")
         "maybe_save_calls_waiting_for_a_slot": sum(waited),
         "step_s_median": statistics.median(base_means),
+        # mean extra step time at offsets 0 (the save step), 1, 2, 3 after a save, and the mean of the rest
+        "extra_s_by_offset": [statistics.mean(xs) for xs in by_offset[:4]] + [statistics.mean(rest) if rest else 0.0],
     }
 
 
@@ -232,7 +248,7 @@ def summary(res: dict[str, Any]) -> None:
           f"{os.cpu_count()} CPUs, torch {torch.__version__}")
     others = res.get("others", {})
     ts, dcp = others.get("torch.save_s_median"), others.get("dcp.async_save_s_median")
-    print("loop time per save, examples/train.py model (~1 MiB, MLP + AdamW + cosine), save every 50 steps:")
+    print(f"loop time per save, examples/train.py model (~1 MiB, MLP + AdamW + cosine), save every {res.get('every', 50)} steps:")
     for key, val in res.items():
         if not key.startswith("per_save["):
             continue
@@ -243,6 +259,10 @@ def summary(res: dict[str, Any]) -> None:
               f"p99 {_ms(val['maybe_save_call_p99_s'])}  ({val['maybe_save_calls']} saves, "
               f"{val['maybe_save_calls_waiting_for_a_slot']} waited for a slot); "
               f"extra loop time per save {_ms(val['loop_s_per_save_median'])}  [target <= 1 ms median, <= 5 ms p99]")
+        off = val.get("extra_s_by_offset")
+        if off:
+            print("           extra step time after a save: " + ", ".join(
+                f"step +{i} {1e3 * x:.2f} ms" for i, x in enumerate(off[:-1])) + f", later steps {1e3 * off[-1]:.3f} ms each")
     if ts is not None:
         print(f"  torch.save (local, blocking)      {_ms(ts)}")
         print(f"  dcp.async_save (local, call+wait) {_ms(dcp)}")
@@ -273,7 +293,7 @@ def main() -> None:
     args = ap.parse_args()
     steps, every, reps = (100, 10, 1) if args.quick else (600, 50, 5)
     torch.set_num_threads(1)
-    res: dict[str, Any] = {"load_average_start": os.getloadavg()}
+    res: dict[str, Any] = {"load_average_start": os.getloadavg(), "every": every}
     servers: list[Any] = []
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends:

@@ -35,6 +35,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 #: The issue's targets, checked against the measured figures in the "targets" section.
 TARGET_BLOCKED_VS_MEMCPY = 1.10
 TARGET_DURABLE_VS_DISK = 1.15
+TARGET_LOAD_VS_TORCH_LOAD = 1.0
 TARGET_WORKER_EXTRA_MIB = 256
 TARGET_INFLATION_PCT = 5.0
 
@@ -429,6 +430,10 @@ def check_targets(res: dict[str, Any]) -> dict[str, Any]:
         if disk:
             ratio = d / disk
             t["durable_vs_disk"] = {"value": ratio, "target": TARGET_DURABLE_VS_DISK, "met": ratio <= TARGET_DURABLE_VS_DISK}
+        ref = eng.get("torch_save", {})
+        if ref.get("available") and ref["load_s"]["median"]:
+            ratio = r["load_s"]["median"] / ref["load_s"]["median"]
+            t["load_vs_torch_load"] = {"value": ratio, "target": TARGET_LOAD_VS_TORCH_LOAD, "met": ratio <= TARGET_LOAD_VS_TORCH_LOAD}
         w = r["peak_rss_mib"]["worker"]
         br = r.get("worker_rss_breakdown_mib")
         if w is not None and br is not None:
@@ -448,6 +453,25 @@ def check_targets(res: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- report ----------------------------------------------------------------------------------------------
+
+
+def _ratio_table(res: dict[str, Any]) -> str:
+    """Every engine against the limits: blocked / memcpy floor, durable / disk limit, load / torch.load."""
+    lim, eng = res["limits"], res["engines"]
+    memcpy, disk = lim["memcpy_s"]["median"], lim["disk_s"]["median"]
+    ref = eng.get("torch_save", {})
+    tl = ref["load_s"]["median"] if ref.get("available") else None
+
+    def ratio(x: float | None, base: float | None) -> str:
+        return f"{x / base:.2f} x" if x and base else "-"
+
+    head = f"{'ratios (medians)':34s} {'blocked/memcpy':>15s} {'durable/disk':>13s} {'load/torch.load':>16s}"
+    lines = [head, "-" * len(head)]
+    for r in eng.values():
+        if r.get("available"):
+            lines.append(f"{r['label']:34s} {ratio(r['blocked_s']['median'], memcpy):>15s} "
+                         f"{ratio(r['durable_s']['median'], disk):>13s} {ratio(r['load_s']['median'], tl):>16s}")
+    return "\n".join(lines)
 
 
 def summary_table(res: dict[str, Any]) -> str:
@@ -483,6 +507,7 @@ def summary_table(res: dict[str, Any]) -> str:
                      " (times it was the fastest):")
         for m, s in sorted(methods.items(), key=lambda kv: kv[1]["median"]):
             lines.append(f"    {m:50s} {s['median']:7.3f}  ({won.count(m)}/{len(won)})")
+    lines += ["", _ratio_table(res)]
     tr = res.get("train")
     if tr:
         lines += ["", f"training loop: {tr['params'] / 1e6:.1f} M params, {tr['state_mib']:.0f} MiB state, "

@@ -362,8 +362,12 @@ def finalize_async_saves(blocking: bool = False, *, queue: AsyncCallsQueue | Non
         failed = [idx for idx in handles if not q.is_pending(idx) and not handles[idx].committed]
         # Every rank is here for the same save when its failure came through the all-reduce.
         collective = isinstance(exc, CheckpointError) and any(handles[i].world > 1 for i in failed)
-        names = ", ".join(handles[i].checkpoint_id for i in failed) or "a DCP save"
-        err = as_checkpoint_exception(exc, f"the DCP save of {names}", group=q.group, collective=collective)
+        # A failure that reached this rank through the all-reduce (a peer died) may leave its save
+        # still pending here: then name the saves in flight, oldest first.
+        named = failed or sorted(i for i, h in handles.items() if not h.committed)
+        names = ", ".join(handles[i].checkpoint_id for i in named)
+        what = f"the DCP save of {names}" if names else "a DCP save"
+        err = as_checkpoint_exception(exc, what, group=q.group, collective=collective)
         for idx in failed:
             handles.pop(idx).error = err
         raise err from exc

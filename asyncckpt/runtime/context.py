@@ -145,7 +145,8 @@ def current_context() -> WorkerContext:
 
 
 async def run_sink(ctx: WorkerContext, sink: Any, job: Any, staged: Any, timeout_s: float | None = None) -> Any:
-    """Run ``sink.write(ctx, job, staged)`` and give the staging slot back afterwards.
+    """Run ``sink.write(ctx, job, staged)`` (or await the write started during the copy,
+    ``staged.writing``) and give the staging slot back afterwards.
 
     After ``timeout_s`` (a hung storage) or a cancellation the write is abandoned and so is its
     slot: an I/O thread may still read it, so it is never reused.
@@ -154,7 +155,7 @@ async def run_sink(ctx: WorkerContext, sink: Any, job: Any, staged: Any, timeout
 
     from ..errors import StorageTimeoutError
 
-    task = asyncio.ensure_future(sink.write(ctx, job, staged))
+    task = staged.writing if staged.writing is not None else asyncio.ensure_future(sink.write(ctx, job, staged))
     try:
         done, _ = await asyncio.wait({task}, timeout=timeout_s)
     except asyncio.CancelledError:

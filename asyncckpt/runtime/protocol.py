@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from ..staging import SnapshotSpec, Staged
+    from ..staging import CopyProgress, SnapshotSpec, Staged
     from .context import WorkerContext
 
-__all__ = ["CallPayload", "ControlOp", "ControlPayload", "SavePayload", "Sink"]
+__all__ = ["CallPayload", "ControlOp", "ControlPayload", "CopyAwareSink", "SavePayload", "Sink"]
 
 
 @runtime_checkable
@@ -30,6 +30,20 @@ class Sink(Protocol):
 
     async def write(self, ctx: WorkerContext, job: Any, staged: Staged) -> Any:
         """Write ``staged`` (read-only; the runtime frees it afterwards); return a picklable result."""
+
+
+@runtime_checkable
+class CopyAwareSink(Sink, Protocol):
+    """A sink whose write may start while its snapshot is still being copied.
+
+    When no other write is running, the worker calls this instead of ``write`` as soon as the
+    slot is held. It must read the slot only up to what ``await progress.wait(end)`` released, and
+    leave the CPUs to the copy until ``progress.finished``: the trainer's snapshot wait must not
+    grow. The runtime awaits its result, times it out and frees the slot exactly as for ``write``.
+    """
+
+    async def write_while_copying(self, ctx: WorkerContext, job: Any, staged: Staged, progress: CopyProgress) -> Any:
+        """``write``, started before the copy ends."""
 
 
 @runtime_checkable

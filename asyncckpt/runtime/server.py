@@ -30,13 +30,16 @@ from ..errors import WorkerError
 from ..staging import Staged, take_snapshot
 from .context import WorkerConfig, WorkerContext, run_sink, set_current_context
 from .messages import Kind, decode_header, describe, encode_error, encode_header
-from .protocol import CallPayload, ControlPayload, SavePayload
+from .protocol import CallPayload, ControlPayload, CopyAwareSink, SavePayload
 
 __all__ = ["main"]
 
 log = logging.getLogger("asyncckpt.worker")
 
 _STOP = object()
+#: Snapshots smaller than this are copied before their write starts: the copy takes a few
+#: milliseconds at most, less than starting a write beside it saves.
+_OVERLAP_MIN = 32 << 20
 
 
 class CancelledRequest(WorkerError):
@@ -65,6 +68,7 @@ class _Server:
         self.cancelled: set[int] = set()
         self.verdicts: dict[int, asyncio.Event] = {}  # guarded saves: set on CONFIRM or CANCEL
         self.writing: dict[int, asyncio.Task[Any]] = {}
+        self.unwritten = 0  # requests acked and not yet through the write stage
 
     # -- frames ----------------------------------------------------------------------------------
     def send(self, kind: Kind, idx: int, payload: bytes = b"") -> None:
@@ -163,7 +167,7 @@ class _Server:
             log.debug("snapshot %d", idx)
             try:
                 if isinstance(body, SavePayload):
-                    staged: Any = await take_snapshot(self.ctx, body.snapshot)
+                    staged: Any = await take_snapshot(self.ctx, body.snapshot, self._early_writer(body))
                 elif isinstance(body, CallPayload):
                     staged = await self._preload(body)
                 else:
@@ -172,7 +176,17 @@ class _Server:
                 self.fail(idx, exc)
                 continue
             self.send(Kind.ACK, idx)
+            self.unwritten += 1
             await self.writes.put((idx, body, staged))
+
+    def _early_writer(self, body: SavePayload) -> Any:
+        """Start the write during the copy when the sink can and no other write is running: the
+        data stages stay in order, and the disk is busy while the copy still runs."""
+        sink = body.sink
+        if self.unwritten or body.snapshot.nbytes < _OVERLAP_MIN or not isinstance(sink, CopyAwareSink):
+            return None
+        return lambda staged, progress: asyncio.ensure_future(
+            sink.write_while_copying(self.ctx, body.job, staged, progress))
 
     async def _preload(self, call: CallPayload) -> Any:
         if call.preload_fn is None:
@@ -199,6 +213,7 @@ class _Server:
         try:
             await self._write_or_fail(idx, body, staged, t0)
         finally:
+            self.unwritten -= 1
             self.writing.pop(idx, None)
             self.verdicts.pop(idx, None)
 
@@ -206,7 +221,12 @@ class _Server:
         try:
             if idx in self.cancelled:
                 if isinstance(staged, Staged):
-                    await self.ctx.pool.release(staged.slot)  # never written from: safe to reuse
+                    if staged.writing is None:
+                        await self.ctx.pool.release(staged.slot)  # never written from: safe to reuse
+                    else:  # its write started during the copy; an I/O thread may still read the slot
+                        staged.writing.cancel()
+                        await asyncio.gather(staged.writing, return_exceptions=True)
+                        await self.ctx.pool.discard(staged.slot)
                 raise CancelledRequest(f"request {idx} was cancelled (torn snapshot); nothing was written")
             if isinstance(body, SavePayload):
                 result = await self._write_save(idx, body, staged)

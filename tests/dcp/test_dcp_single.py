@@ -381,3 +381,23 @@ def test_shared_registry_keys_storage_after_its_move() -> None:
     assert len(new1) == 1 and a.untyped_storage().is_shared()
     refs2, new2, release2 = reg.prepare({0: a})
     assert new2 == {} and release2 == [] and refs2[0].storage_id == next(iter(new1))
+
+
+def test_a_failure_that_arrives_before_the_save_is_done_here_names_the_save(tmp_path, queue, monkeypatch) -> None:
+    """After a peer died, the all-reduce fails this rank's finalize while its own save still looks
+    pending: the error still names the checkpoint (it once said "the DCP save of a DCP save")."""
+    from asyncckpt.dcp import finalize_async_saves
+
+    path = tmp_path / "ck"
+    h = async_save({"w": torch.ones(10)}, storage_writer=AsyncStorageWriter(str(path)), queue=queue)
+
+    def peer_died(blocking: bool = False, no_dist: bool = False) -> list[int]:
+        raise CheckpointError("rank 1 died before the commit")
+
+    monkeypatch.setattr(queue, "maybe_finalize_async_calls", peer_died)
+    monkeypatch.setattr(queue, "is_pending", lambda idx: True)
+    with pytest.raises(CheckpointException) as ei:
+        finalize_async_saves(blocking=True, queue=queue)
+    assert str(path) in str(ei.value) and "of a DCP save" not in str(ei.value)
+    monkeypatch.undo()
+    h.result()

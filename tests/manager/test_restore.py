@@ -265,3 +265,26 @@ def test_saving_over_an_earlier_run_without_restore_warns(tmp_path, caplog):
         mgr.maybe_save(2, _state())
     warned = [r.getMessage() for r in caplog.records if "did not call restore()" in r.getMessage()]
     assert len(warned) == 1 and "up to step 5" in warned[0]
+
+
+def test_a_state_checked_once_is_checked_again_when_an_entry_changes(tmp_path):
+    """maybe_save runs every step and skips the checks for the objects it checked last time; a value
+    replaced in place, a renamed key or a new key still gets checked."""
+    class Opaque:
+        pass
+
+    with asyncckpt.CheckpointManager(tmp_path, every_steps=1000, signals=()) as mgr:
+        state = _state()
+        mgr.maybe_save(1, state)
+        mgr.maybe_save(2, dict(state))  # another mapping with the same objects: fine
+        key = next(iter(state))
+        state[key] = Opaque()  # replaced in place
+        with pytest.raises(asyncckpt.BadInputError, match=rf"state\['{key}'\].*Opaque"):
+            mgr.maybe_save(3, state)
+        state = _state()
+        mgr.maybe_save(3, state)
+        renamed = {("__asyncckpt__" if k == key else k): v for k, v in state.items()}
+        with pytest.raises(asyncckpt.BadInputError, match="reserved"):
+            mgr.maybe_save(4, renamed)
+        with pytest.raises(asyncckpt.BadInputError, match="must be a str"):
+            mgr.maybe_save(4, {**state, 7: torch.ones(1)})
