@@ -20,6 +20,7 @@ import pickle
 import time
 import uuid
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -27,14 +28,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .checkpointer import check_when_full
+from .engine import write_parts
 from .errors import BadInputError, StorageError
 from .format import view_of_storage
+from .format.torchzip import TorchZip, plain_save, record
 from .plan import INLINE_MAX
 from .queue import AsyncCallsQueue, Job, Stage
 from .runtime.messages import Kind
 from .runtime.protocol import SavePayload
 from .snapshot import SnapshotMode, SnapshotPolicy
 from .staging import SharedRegistry, SnapshotGuard, SnapshotSpec
+from .storage import LocalStorage
 
 if TYPE_CHECKING:
     from .runtime.context import WorkerContext
@@ -44,6 +48,10 @@ __all__ = ["TorchAsyncCheckpoint", "TorchSaveSink"]
 
 _TAG = "asyncckpt.tensor"
 _ALIGN = 64
+_CHUNK = 32 << 20  # the native engine's chunk size and depth (SaveJob's defaults)
+_IO_DEPTH = 4
+_CRC_THREADS = 2
+_DIRECT_MIN = 64 << 10  # smaller tensor writes go out with the zip structures around them
 
 
 @dataclass
@@ -161,13 +169,28 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _storage_failure(path: str, cause: BaseException, exc: BaseException) -> BaseException:
+    """The StorageError to raise for an OSError ``cause`` (else ``exc`` itself)."""
+    if not isinstance(cause, OSError):
+        return exc
+    code = cause.errno or 0
+    hint = {errno_mod.ENOSPC: " (the disk is full)", errno_mod.EACCES: " (permission denied)",
+            errno_mod.EROFS: " (read-only file system)", errno_mod.EDQUOT: " (disk quota exceeded)"}.get(code, "")
+    what = cause.strerror or cause
+    err = StorageError(code, f"async torch.save to {path} failed: {what}{hint}; "
+                             "no file was left behind and an earlier file of that name is intact")
+    err.__cause__ = exc
+    return err
+
+
 def _save_to_path(obj: Any, path: str, kwargs: dict[str, Any]) -> int:
+    """The buffered path (a legacy, non-zip ``torch.save``): torch.save into a temp file, fsync, rename."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
     rec: _RecordingFile | None = None
     try:
         with open(tmp, "wb") as f:
             rec = _RecordingFile(f)
-            torch.save(obj, rec, **kwargs)  # type: ignore[arg-type]
+            plain_save(obj, rec, **kwargs)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -178,33 +201,92 @@ def _save_to_path(obj: Any, path: str, kwargs: dict[str, Any]) -> int:
             os.unlink(tmp)
         except OSError:
             pass
-        cause = rec.error if rec is not None and rec.error is not None else exc
-        if isinstance(cause, OSError):
-            code = cause.errno or 0
-            hint = {errno_mod.ENOSPC: " (the disk is full)", errno_mod.EACCES: " (permission denied)",
-                    errno_mod.EROFS: " (read-only file system)", errno_mod.EDQUOT: " (disk quota exceeded)"}.get(code, "")
-            raise StorageError(code, f"async torch.save to {path} failed: {cause.strerror or cause}{hint}; "
-                               "no file was left behind and an earlier file of that name is intact") from exc
-        raise
+        raise _storage_failure(path, rec.error if rec is not None and rec.error is not None else exc, exc) from exc
+
+
+async def _checksum(zf: TorchZip) -> None:
+    """Compute the archive's CRC-32s over ``_CRC_THREADS`` threads and patch them in."""
+    spans = zf.crc_spans()
+    crcs = [0] * len(spans)
+    sem = asyncio.Semaphore(_CRC_THREADS)
+
+    async def one(k: int) -> None:
+        async with sem:
+            crcs[k] = await asyncio.to_thread(zlib.crc32, spans[k][1])  # releases the GIL
+
+    await asyncio.gather(*(one(k) for k in range(len(spans))))
+    zf.patch(crcs)
+
+
+async def _write_archive(zf: TorchZip, slot: memoryview, path: str) -> None:
+    """Write ``zf`` to ``path`` the way the native engine writes its data file: tensor bytes in
+    chunks straight from the slot (O_DIRECT where aligned), several in flight, the CRC-32s computed
+    meanwhile; the small zip structures last; one fdatasync, rename, then the directory's fsync."""
+    parent, name = os.path.split(path)
+    storage = LocalStorage(parent)
+    try:
+        writer = await storage.open_writer(name, size_hint=zf.size)
+        direct = [(f + a, s + a, min(_CHUNK, n - a)) for f, s, n in zf.source_parts(_DIRECT_MIN)
+                  for a in range(0, n, _CHUNK)]
+        crcs = asyncio.ensure_future(_checksum(zf))
+        sem = asyncio.Semaphore(_IO_DEPTH)
+
+        async def part(i: int) -> None:
+            if i < len(direct):
+                f, s, n = direct[i]
+                async with sem:
+                    await writer.write_part(i, f, slot[s : s + n])
+                return
+            await crcs
+            for k, (f, data) in enumerate(zf.gathered_parts(_DIRECT_MIN, _CHUNK)):
+                await writer.write_part(i + k, f, memoryview(data))
+
+        try:
+            await write_parts(writer, len(direct) + 1, part)
+        finally:
+            if not crcs.done():
+                crcs.cancel()
+            await asyncio.gather(crcs, return_exceptions=True)
+        await asyncio.to_thread(_fsync_dir, parent)
+    finally:
+        await storage.close()
 
 
 class TorchSaveSink:
-    """Runs ``torch.save`` in the worker on the object rebuilt over the staged storages."""
+    """Writes the ``torch.save`` archive of the object rebuilt over the staged storages.
+
+    The archive is recorded (:func:`asyncckpt.format.torchzip.record`: the small zip structures
+    kept, the tensor bytes left in the slot) and written from the slot by the native chunked
+    writer; a legacy (non-zip) ``torch.save`` runs ``torch.save`` into a buffered file instead.
+    """
 
     async def write(self, ctx: WorkerContext, job: TorchSaveJob, staged: Staged) -> TorchSaveResult:
         t0 = time.perf_counter()
+        if job.save_kwargs.get("_use_new_zipfile_serialization", True) is False:
+            return await asyncio.to_thread(_write_buffered, job, staged, t0)
+        slot = staged.slot.view
+        zf = await asyncio.to_thread(lambda: record(_rebuild(job, staged), slot, **job.save_kwargs))
+        if job.path is None:
+            await _checksum(zf)
+            data = zf.getvalue()
+            return TorchSaveResult(None, len(data), time.perf_counter() - t0, data)
+        try:
+            await _write_archive(zf, slot, job.path)
+        except (OSError, StorageError) as exc:
+            cause = exc.__cause__ if isinstance(exc, StorageError) and isinstance(exc.__cause__, OSError) else exc
+            raise _storage_failure(job.path, cause, exc) from exc
+        return TorchSaveResult(job.path, zf.size, time.perf_counter() - t0)
 
-        def run() -> TorchSaveResult:
-            obj = _rebuild(job, staged)
-            if job.path is None:
-                buf = io.BytesIO()
-                torch.save(obj, buf, **job.save_kwargs)
-                data = buf.getvalue()
-                return TorchSaveResult(None, len(data), time.perf_counter() - t0, data)
-            n = _save_to_path(obj, job.path, job.save_kwargs)
-            return TorchSaveResult(job.path, n, time.perf_counter() - t0)
 
-        return await asyncio.to_thread(run)
+def _write_buffered(job: TorchSaveJob, staged: Staged, t0: float) -> TorchSaveResult:
+    obj = _rebuild(job, staged)
+    if job.path is None:
+        buf = io.BytesIO()
+        plain_save(obj, buf, **job.save_kwargs)
+        data = buf.getvalue()
+        return TorchSaveResult(None, len(data), time.perf_counter() - t0, data)
+    n = _save_to_path(obj, job.path, job.save_kwargs)
+    return TorchSaveResult(job.path, n, time.perf_counter() - t0)
 
 
 _SAVE_ARGS = ("f", "pickle_module", "pickle_protocol", "_use_new_zipfile_serialization", "_disable_byteorder_record")
