@@ -31,7 +31,7 @@ from .checkpointer import check_when_full
 from .engine import write_parts
 from .errors import BadInputError, StorageError
 from .format import view_of_storage
-from .format.torchzip import TorchZip, plain_save, record
+from .format.torchzip import TorchZip, data_offsets, plain_save, record
 from .plan import INLINE_MAX
 from .queue import AsyncCallsQueue, Job, Stage
 from .runtime.messages import Kind
@@ -52,6 +52,8 @@ _CHUNK = 32 << 20  # the native engine's chunk size and depth (SaveJob's default
 _IO_DEPTH = 4
 _CRC_THREADS = 2
 _DIRECT_MIN = 64 << 10  # smaller tensor writes go out with the zip structures around them
+_BLOCK = 4096  # O_DIRECT's alignment of file offsets, lengths and buffer addresses
+_DIRECT_FILE_MIN = 16 << 20  # files smaller than this are written buffered (LocalStorage's threshold)
 
 
 @dataclass
@@ -226,8 +228,7 @@ async def _write_archive(zf: TorchZip, slot: memoryview, path: str) -> None:
     storage = LocalStorage(parent)
     try:
         writer = await storage.open_writer(name, size_hint=zf.size)
-        direct = [(f + a, s + a, min(_CHUNK, n - a)) for f, s, n in zf.source_parts(_DIRECT_MIN)
-                  for a in range(0, n, _CHUNK)]
+        direct, gathered = zf.layout(_DIRECT_MIN, _BLOCK, _CHUNK)
         crcs = asyncio.ensure_future(_checksum(zf))
         sem = asyncio.Semaphore(_IO_DEPTH)
 
@@ -238,8 +239,8 @@ async def _write_archive(zf: TorchZip, slot: memoryview, path: str) -> None:
                     await writer.write_part(i, f, slot[s : s + n])
                 return
             await crcs
-            for k, (f, data) in enumerate(zf.gathered_parts(_DIRECT_MIN, _CHUNK)):
-                await writer.write_part(i + k, f, memoryview(data))
+            for k, (f, n) in enumerate(gathered):
+                await writer.write_part(i + k, f, memoryview(zf.read(f, n)))
 
         try:
             await write_parts(writer, len(direct) + 1, part)
@@ -405,7 +406,7 @@ class TorchAsyncCheckpoint:
         if not self._slot_free():
             self.skipped += 1
             return None
-        job, spec, shared = self._plan(path, buf.getvalue(), found, save_kwargs)
+        job, spec, shared = self._plan(path, buf.getvalue(), found, save_kwargs, state_dict)
         mode = self._policy.decide(t for _, t in shared)
         what = path or "a file object"
         fns = list(finalize_fns or [])
@@ -433,9 +434,13 @@ class TorchAsyncCheckpoint:
             self.finalize_async_save(blocking=False)
         return True
 
-    def _plan(self, path: str | None, skeleton: bytes, found: list[torch.Tensor], save_kwargs: dict[str, Any]
-              ) -> tuple[TorchSaveJob, SnapshotSpec, list[tuple[str, torch.Tensor]]]:
-        """Lay out every distinct storage of ``found`` in the slot; small ones are copied now."""
+    def _plan(self, path: str | None, skeleton: bytes, found: list[torch.Tensor], save_kwargs: dict[str, Any],
+              state: Any) -> tuple[TorchSaveJob, SnapshotSpec, list[tuple[str, torch.Tensor]]]:
+        """Lay out every distinct storage of ``found`` in the slot; small ones are copied now.
+
+        A storage is placed where its bytes sit in the file modulo the O_DIRECT block, so the
+        worker can write them straight from the slot with O_DIRECT (see :func:`_file_offsets`).
+        """
         self.queue.start_worker()
         if self._gen != self.queue.worker_generation:
             self._registry.reset()
@@ -457,9 +462,11 @@ class TorchAsyncCheckpoint:
         off = 0
         big: dict[int, torch.Tensor] = {}
         inline: list[tuple[int, bytes]] = []
+        in_file = _file_offsets(path, bases, state, save_kwargs)
         for si, b in enumerate(bases):
-            off = -(-off // _ALIGN) * _ALIGN
             n = b.numel()
+            f = in_file.get(si)
+            off += (f - off) % _BLOCK if f is not None else -off % _ALIGN
             layout.append((off, n))
             if b.device.type == "cpu" and n <= INLINE_MAX:
                 inline.append((off, b.numpy().tobytes() if n else b""))
@@ -500,6 +507,27 @@ class TorchAsyncCheckpoint:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _file_offsets(path: str | None, bases: list[torch.Tensor], state: Any, save_kwargs: dict[str, Any]
+                  ) -> dict[int, int]:
+    """Where each storage's bytes will start in the ``.pt`` file, by storage index ({} if unknown).
+
+    Found by a ``skip_data`` torch.save of the state (no tensor byte read), only for a file
+    large enough for O_DIRECT; the records must match the storages one to one (a tensor that
+    torch pickles by value, e.g. a quantized one, adds records of its own: then {}).
+    """
+    sizes = [b.numel() for b in bases]
+    if path is None or save_kwargs.get("_use_new_zipfile_serialization", True) is False or sum(sizes) < _DIRECT_FILE_MIN:
+        return {}
+    try:
+        records = data_offsets(state, **save_kwargs)
+    except Exception:  # noqa: BLE001 - a layout hint only: the worker's torch.save reports real errors
+        return {}
+    nonempty = [si for si, n in enumerate(sizes) if n]
+    if [n for _, n in records] != [sizes[si] for si in nonempty]:
+        return {}
+    return {si: f for si, (f, _) in zip(nonempty, records)}
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:

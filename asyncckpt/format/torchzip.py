@@ -16,6 +16,7 @@ no other save of this module ever sees the switch off.
 from __future__ import annotations
 
 import bisect
+import os
 import struct
 import threading
 import zlib
@@ -28,7 +29,7 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["CRC_SPAN", "TorchZip", "crc32_combine", "plain_save", "record"]
+__all__ = ["CRC_SPAN", "TorchZip", "crc32_combine", "data_offsets", "plain_save", "record"]
 
 CRC_SPAN = 32 << 20  # a record's CRC-32 is computed in spans of this size (one thread each), then combined
 
@@ -47,6 +48,41 @@ def plain_save(obj: Any, f: Any, **kwargs: Any) -> None:
     """``torch.save(obj, f, **kwargs)`` with torch's CRC-32 on, never while :func:`record` has it off."""
     with _SAVE_LOCK:
         torch.save(obj, f, **kwargs)
+
+
+class _Skipper:
+    """The file object a ``skip_data`` torch.save writes to: notes where each data record starts."""
+
+    def __init__(self) -> None:
+        self.pos = 0
+        self.skipped: list[tuple[int, int]] = []
+
+    def write(self, b: Any) -> int:
+        n = memoryview(b).nbytes
+        self.pos += n
+        return n
+
+    def seek(self, n: int, whence: int = os.SEEK_SET) -> int:
+        if whence != os.SEEK_CUR:
+            raise CheckpointError("torch.save (skip_data) asked for an absolute seek; only relative ones are expected")
+        self.skipped.append((self.pos, n))
+        self.pos += n
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def flush(self) -> None:
+        return None
+
+
+def data_offsets(obj: Any, **save_kwargs: Any) -> list[tuple[int, int]]:
+    """(file offset, size) of each non-empty data record ``torch.save(obj, f, **save_kwargs)`` writes,
+    in order, found without reading a tensor byte (``torch.serialization.skip_data``, thread-local)."""
+    rec = _Skipper()
+    with torch.serialization.skip_data():
+        torch.save(obj, cast(IO[bytes], rec), **save_kwargs)
+    return rec.skipped
 
 
 @dataclass
@@ -257,33 +293,38 @@ class TorchZip:
         self.patched = True
 
     # -- writing -----------------------------------------------------------------------------------
-    def source_parts(self, min_size: int) -> list[tuple[int, int, int]]:
-        """(file offset, source offset, length) of every source write of at least ``min_size`` bytes."""
-        return [(p.offset, p.src, p.length) for p in self.pieces if p.data is None and p.length >= min_size]
+    def layout(self, min_size: int, align: int, limit: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
+        """How to write the archive: ``direct`` (file offset, source offset, length) ranges to write
+        straight from the source, and the ``gathered`` (file offset, length) ranges between them.
 
-    def gathered_parts(self, min_size: int, limit: int) -> list[tuple[int, bytes]]:
-        """Everything :meth:`source_parts` leaves out, joined into runs of consecutive bytes (at most
-        ``limit`` long); call after :meth:`patch`."""
-        if not self.patched:
-            raise CheckpointError("torch.save archive: gathered_parts() before patch(); its CRC-32s would be 0")
-        out: list[tuple[int, bytes]] = []
-        run: list[memoryview] = []
-        start = n = 0
+        A source write of at least ``min_size`` bytes is direct, trimmed to whole ``align`` blocks
+        when its file and source offsets agree modulo ``align`` (what O_DIRECT needs) and cut in
+        pieces of at most ``limit``; everything else is gathered (read it with :meth:`read`).
+        """
+        direct: list[tuple[int, int, int]] = []
         for p in self.pieces:
-            if p.data is None and p.length >= min_size:
-                if run:
-                    out.append((start, b"".join(run)))
-                run, n = [], 0
+            if p.data is not None or p.length < min_size:
                 continue
-            if not run or n + p.length > limit:
-                if run:
-                    out.append((start, b"".join(run)))
-                run, start, n = [], p.offset, 0
-            run.extend(self._views(p.offset, p.length))
-            n += p.length
-        if run:
-            out.append((start, b"".join(run)))
-        return out
+            f, s, end = p.offset, p.src, p.offset + p.length
+            if (f - s) % align == 0:
+                head = -f % align
+                f, s = f + head, s + head
+                end = max(f, end - end % align)
+            for a in range(f, end, limit):
+                direct.append((a, s + a - f, min(limit, end - a)))
+        gathered: list[tuple[int, int]] = []
+        pos = 0
+        for f, _, n in [*direct, (self.size, 0, 0)]:
+            for a in range(pos, f, limit):
+                gathered.append((a, min(limit, f - a)))
+            pos = f + n
+        return direct, gathered
+
+    def read(self, offset: int, n: int) -> bytes:
+        """The archive's bytes ``[offset, offset + n)`` (after :meth:`patch`)."""
+        if not self.patched:
+            raise CheckpointError("torch.save archive: read before patch(); its CRC-32s would be 0")
+        return self._read(offset, n)
 
     def views(self) -> Iterator[memoryview]:
         """The whole archive, in order (after :meth:`patch`)."""
