@@ -458,27 +458,20 @@ class TorchAsyncCheckpoint:
                                    t.requires_grad, type(t) is torch.nn.Parameter))
         if any(b.is_cuda for b in bases):
             torch.cuda.current_stream().synchronize()
-        layout: list[tuple[int, int]] = []
-        off = 0
+        layout, nbytes = slot_layout(path, bases, state, save_kwargs)
         big: dict[int, torch.Tensor] = {}
         inline: list[tuple[int, bytes]] = []
-        in_file = _file_offsets(path, bases, state, save_kwargs)
-        for si, b in enumerate(bases):
-            n = b.numel()
-            f = in_file.get(si)
-            off += (f - off) % _BLOCK if f is not None else -off % _ALIGN
-            layout.append((off, n))
+        for si, (b, (off, n)) in enumerate(zip(bases, layout)):
             if b.device.type == "cpu" and n <= INLINE_MAX:
                 inline.append((off, b.numpy().tobytes() if n else b""))
             else:
                 big[si] = b
-            off += n
         # Decided before prepare(): moving a storage to shared memory changes its address.
         shared = [(f"tensor {i} {tuple(t.shape)}", t) for i, (t, r) in enumerate(zip(found, refs)) if r.storage in big]
         sref, new, release = self._registry.prepare(big)
         if new:
             self._policy.storages_moved()
-        spec = SnapshotSpec(nbytes=off, copies=[(layout[si][0], r) for si, r in sref.items()], inline=inline,
+        spec = SnapshotSpec(nbytes=nbytes, copies=[(layout[si][0], r) for si, r in sref.items()], inline=inline,
                             new_storages=new, release=release)
         return TorchSaveJob(path, skeleton, refs, layout, save_kwargs), spec, shared
 
@@ -507,6 +500,21 @@ class TorchAsyncCheckpoint:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def slot_layout(path: str | None, bases: list[torch.Tensor], state: Any, save_kwargs: dict[str, Any]
+                ) -> tuple[list[tuple[int, int]], int]:
+    """(slot offset, nbytes) of each storage, and the slot's size: each storage starts where its
+    bytes start in the file modulo O_DIRECT's block when that is known, else 64-aligned."""
+    in_file = _file_offsets(path, bases, state, save_kwargs)
+    layout: list[tuple[int, int]] = []
+    off = 0
+    for si, b in enumerate(bases):
+        f = in_file.get(si)
+        off += (f - off) % _BLOCK if f is not None else -off % _ALIGN
+        layout.append((off, b.numel()))
+        off += b.numel()
+    return layout, off
 
 
 def _file_offsets(path: str | None, bases: list[torch.Tensor], state: Any, save_kwargs: dict[str, Any]
