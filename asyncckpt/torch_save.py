@@ -20,7 +20,6 @@ import pickle
 import time
 import uuid
 import warnings
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -50,7 +49,6 @@ _TAG = "asyncckpt.tensor"
 _ALIGN = 64
 _CHUNK = 32 << 20  # the native engine's chunk size and depth (SaveJob's defaults)
 _IO_DEPTH = 4
-_CRC_THREADS = 2
 _DIRECT_MIN = 64 << 10  # smaller tensor writes go out with the zip structures around them
 _BLOCK = 4096  # O_DIRECT's alignment of file offsets, lengths and buffer addresses
 _DIRECT_FILE_MIN = 16 << 20  # files smaller than this are written buffered (LocalStorage's threshold)
@@ -206,20 +204,6 @@ def _save_to_path(obj: Any, path: str, kwargs: dict[str, Any]) -> int:
         raise _storage_failure(path, rec.error if rec is not None and rec.error is not None else exc, exc) from exc
 
 
-async def _checksum(zf: TorchZip) -> None:
-    """Compute the archive's CRC-32s over ``_CRC_THREADS`` threads and patch them in."""
-    spans = zf.crc_spans()
-    crcs = [0] * len(spans)
-    sem = asyncio.Semaphore(_CRC_THREADS)
-
-    async def one(k: int) -> None:
-        async with sem:
-            crcs[k] = await asyncio.to_thread(zlib.crc32, spans[k][1])  # releases the GIL
-
-    await asyncio.gather(*(one(k) for k in range(len(spans))))
-    zf.patch(crcs)
-
-
 async def _write_archive(zf: TorchZip, slot: memoryview, path: str) -> None:
     """Write ``zf`` to ``path`` the way the native engine writes its data file: tensor bytes in
     chunks straight from the slot (O_DIRECT where aligned), several in flight, the CRC-32s computed
@@ -229,7 +213,7 @@ async def _write_archive(zf: TorchZip, slot: memoryview, path: str) -> None:
     try:
         writer = await storage.open_writer(name, size_hint=zf.size)
         direct, gathered = zf.layout(_DIRECT_MIN, _BLOCK, _CHUNK)
-        crcs = asyncio.ensure_future(_checksum(zf))
+        crcs = asyncio.ensure_future(asyncio.to_thread(zf.checksum))
         sem = asyncio.Semaphore(_IO_DEPTH)
 
         async def part(i: int) -> None:
@@ -268,7 +252,7 @@ class TorchSaveSink:
         slot = staged.slot.view
         zf = await asyncio.to_thread(lambda: record(_rebuild(job, staged), slot, **job.save_kwargs))
         if job.path is None:
-            await _checksum(zf)
+            await asyncio.to_thread(zf.checksum)
             data = zf.getvalue()
             return TorchSaveResult(None, len(data), time.perf_counter() - t0, data)
         try:
