@@ -16,6 +16,7 @@ no other save of this module ever sees the switch off.
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 import struct
 import threading
@@ -367,16 +368,19 @@ for _ in range(63):
     _X_POW2.append(_mul(_X_POW2[-1], _X_POW2[-1]))
 
 
+@functools.lru_cache(maxsize=64)
+def _shift(nbytes: int) -> int:
+    """x^(8 * nbytes) modulo the polynomial (spans mostly share one length: cached)."""
+    p = 1 << 31  # x^0
+    k = 3  # x^(2^3) = x^8: one byte
+    while nbytes:
+        if nbytes & 1:
+            p = _mul(_X_POW2[k], p)
+        nbytes >>= 1
+        k += 1
+    return p
+
+
 def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     """CRC-32 of ``A + B`` from ``crc1 = crc32(A)``, ``crc2 = crc32(B)`` and ``len2 = len(B)``."""
-    if len2 == 0:
-        return crc1
-    p = 1 << 31  # x^0
-    k = 3  # x^(8 * len2): start at x^(2^3)
-    n = len2
-    while n:
-        if n & 1:
-            p = _mul(_X_POW2[k], p)
-        n >>= 1
-        k += 1
-    return _mul(p, crc1) ^ crc2
+    return _mul(_shift(len2), crc1) ^ crc2 if len2 else crc1
