@@ -28,7 +28,7 @@ import torch
 
 from .checkpointer import check_when_full
 from .engine import write_parts
-from .errors import BadInputError, StorageError
+from .errors import BadInputError, CheckpointError, StorageError
 from .format import view_of_storage
 from .format.torchzip import TorchZip, data_offsets, plain_save, record
 from .plan import INLINE_MAX
@@ -37,7 +37,7 @@ from .runtime.messages import Kind
 from .runtime.protocol import SavePayload
 from .snapshot import SnapshotMode, SnapshotPolicy
 from .staging import SharedRegistry, SnapshotGuard, SnapshotSpec
-from .storage import LocalStorage
+from .storage import LocalStorage, check_key
 
 if TYPE_CHECKING:
     from .runtime.context import WorkerContext
@@ -247,7 +247,8 @@ class TorchSaveSink:
 
     async def write(self, ctx: WorkerContext, job: TorchSaveJob, staged: Staged) -> TorchSaveResult:
         t0 = time.perf_counter()
-        if job.save_kwargs.get("_use_new_zipfile_serialization", True) is False:
+        legacy = job.save_kwargs.get("_use_new_zipfile_serialization", True) is False
+        if legacy or (job.path is not None and not _is_key(os.path.basename(job.path))):
             return await asyncio.to_thread(_write_buffered, job, staged, t0)
         slot = staged.slot.view
         zf = await asyncio.to_thread(lambda: record(_rebuild(job, staged), slot, **job.save_kwargs))
@@ -261,6 +262,15 @@ class TorchSaveSink:
             cause = exc.__cause__ if isinstance(exc, StorageError) and isinstance(exc.__cause__, OSError) else exc
             raise _storage_failure(job.path, cause, exc) from exc
         return TorchSaveResult(job.path, zf.size, time.perf_counter() - t0)
+
+
+def _is_key(name: str) -> bool:
+    """Whether the storage layer takes ``name`` as a key (it refuses backslashes, for one)."""
+    try:
+        check_key(name)
+    except CheckpointError:
+        return False
+    return True
 
 
 def _write_buffered(job: TorchSaveJob, staged: Staged, t0: float) -> TorchSaveResult:

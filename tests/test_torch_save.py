@@ -209,3 +209,13 @@ def test_worker_writes_tensor_bytes_from_the_slot_with_o_direct(tmp_path, monkey
     assert open(path, "rb").read() == want.getvalue()
     assert direct >= nbytes - 5 * 8192  # all but the partial blocks at each record's ends
     assert sorted(os.listdir(tmp_path)) == ["m.pt"]
+
+
+def test_a_name_the_storage_layer_refuses_is_still_saved(tmp_path):
+    state = {"w": torch.randn(5 << 20)}  # 20 MiB
+    with asyncckpt.TorchAsyncCheckpoint() as tac:
+        tac.async_save(state, tmp_path / "a\\b.pt")
+        tac.finalize_async_save(blocking=True)
+    want = io.BytesIO()
+    torch.save(state, want)
+    assert (tmp_path / "a\\b.pt").read_bytes() == want.getvalue()
