@@ -154,3 +154,12 @@ def test_layout_covers_the_archive_once_with_aligned_direct_ranges(case: tuple[d
             assert f % align == 0 and n % align == 0
     for f, n in gathered:
         assert zf.read(f, n) == data[f : f + n]
+
+
+def test_tensor_bytes_that_start_like_a_data_descriptor_count_as_torch_counts_them() -> None:
+    """torch folds any write starting with the descriptor signature into the serialization id."""
+    source = torch.zeros(4096, dtype=torch.uint8)
+    source[:12] = torch.tensor(list(b"PK\x07\x08\x12\x34\x56\x78abcd"), dtype=torch.uint8)
+    src = memoryview(source.numpy()).cast("B")
+    state = {"t": torch.frombuffer(src[:64], dtype=torch.uint8), "u": torch.frombuffer(src[64:200], dtype=torch.uint8)}
+    assert _finish(record(state, src, min_ref=1)) == _plain(state)

@@ -277,7 +277,7 @@ class TorchZip:
         for (i, v), c in zip(self.crc_spans(span), span_crcs, strict=True):
             crcs[i] = crc32_combine(crcs[i], c, len(v))
         ident = next((i for i, r in enumerate(self.records) if r.name.endswith(_ID_RECORD)), None)
-        by_descriptor = {r.descriptor_crc - 4: crcs[i] for i, r in enumerate(self.records)}
+        by_descriptor = {r.descriptor_crc - 4: crcs[i] for i, r in enumerate(self.records) if r.descriptor_crc >= 0}
         if ident is not None:
             rid = self.records[ident]
             combined = 0
@@ -285,10 +285,10 @@ class TorchZip:
                 if p.offset >= rid.local:  # torch computed the id before writing its record
                     break
                 if p.length >= 8 and self._read(p.offset, 4) == _DESCRIPTOR:
-                    value = by_descriptor.get(p.offset)
-                    if value is None:
-                        value = int(struct.unpack("<I", self._read(p.offset + 4, 4))[0])
-                    combined = _hash_combine(combined, value)
+                    crc = by_descriptor.get(p.offset)
+                    if crc is None:  # tensor bytes that happen to start with the signature
+                        crc = int(struct.unpack("<I", self._read(p.offset + 4, 4))[0])
+                    combined = _hash_combine(combined, crc)
             old = self._read(rid.data_offset, rid.size)
             if rid.size != 40 or not old.isdigit():
                 raise CheckpointError(f"torch.save archive: {rid.name!r} is not the 40 digits torch writes")
@@ -296,10 +296,10 @@ class TorchZip:
             self._put(rid.data_offset, new)
             crcs[ident] = zlib.crc32(new)
         for r, c in zip(self.records, crcs):
-            value = struct.pack("<I", c)
+            field = struct.pack("<I", c)
             if r.descriptor_crc >= 0:
-                self._put(r.descriptor_crc, value)
-            self._put(r.central_crc, value)
+                self._put(r.descriptor_crc, field)
+            self._put(r.central_crc, field)
         self.patched = True
 
     # -- writing -----------------------------------------------------------------------------------
