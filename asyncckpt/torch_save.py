@@ -27,14 +27,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .checkpointer import check_when_full
-from .errors import BadInputError, StorageError
+from .engine import write_parts
+from .errors import BadInputError, CheckpointError, StorageError
 from .format import view_of_storage
+from .format.torchzip import TorchZip, data_offsets, plain_save, record
 from .plan import INLINE_MAX
 from .queue import AsyncCallsQueue, Job, Stage
 from .runtime.messages import Kind
 from .runtime.protocol import SavePayload
 from .snapshot import SnapshotMode, SnapshotPolicy
 from .staging import SharedRegistry, SnapshotGuard, SnapshotSpec
+from .storage import LocalStorage, check_key
 
 if TYPE_CHECKING:
     from .runtime.context import WorkerContext
@@ -44,6 +47,11 @@ __all__ = ["TorchAsyncCheckpoint", "TorchSaveSink"]
 
 _TAG = "asyncckpt.tensor"
 _ALIGN = 64
+_CHUNK = 32 << 20  # the native engine's chunk size and depth (SaveJob's defaults)
+_IO_DEPTH = 4
+_DIRECT_MIN = 64 << 10  # smaller tensor writes go out with the zip structures around them
+_BLOCK = 4096  # O_DIRECT's alignment of file offsets, lengths and buffer addresses
+_DIRECT_FILE_MIN = 16 << 20  # files smaller than this are written buffered (LocalStorage's threshold)
 
 
 @dataclass
@@ -161,13 +169,28 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _storage_failure(path: str, cause: BaseException, exc: BaseException) -> BaseException:
+    """The StorageError to raise for an OSError ``cause`` (else ``exc`` itself)."""
+    if not isinstance(cause, OSError):
+        return exc
+    code = cause.errno or 0
+    hint = {errno_mod.ENOSPC: " (the disk is full)", errno_mod.EACCES: " (permission denied)",
+            errno_mod.EROFS: " (read-only file system)", errno_mod.EDQUOT: " (disk quota exceeded)"}.get(code, "")
+    what = cause.strerror or cause
+    err = StorageError(code, f"async torch.save to {path} failed: {what}{hint}; "
+                             "no file was left behind and an earlier file of that name is intact")
+    err.__cause__ = exc
+    return err
+
+
 def _save_to_path(obj: Any, path: str, kwargs: dict[str, Any]) -> int:
+    """The buffered path (a legacy, non-zip ``torch.save``): torch.save into a temp file, fsync, rename."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
     rec: _RecordingFile | None = None
     try:
         with open(tmp, "wb") as f:
             rec = _RecordingFile(f)
-            torch.save(obj, rec, **kwargs)  # type: ignore[arg-type]
+            plain_save(obj, rec, **kwargs)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -178,33 +201,87 @@ def _save_to_path(obj: Any, path: str, kwargs: dict[str, Any]) -> int:
             os.unlink(tmp)
         except OSError:
             pass
-        cause = rec.error if rec is not None and rec.error is not None else exc
-        if isinstance(cause, OSError):
-            code = cause.errno or 0
-            hint = {errno_mod.ENOSPC: " (the disk is full)", errno_mod.EACCES: " (permission denied)",
-                    errno_mod.EROFS: " (read-only file system)", errno_mod.EDQUOT: " (disk quota exceeded)"}.get(code, "")
-            raise StorageError(code, f"async torch.save to {path} failed: {cause.strerror or cause}{hint}; "
-                               "no file was left behind and an earlier file of that name is intact") from exc
-        raise
+        raise _storage_failure(path, rec.error if rec is not None and rec.error is not None else exc, exc) from exc
+
+
+async def _write_archive(zf: TorchZip, slot: memoryview, path: str) -> None:
+    """Write ``zf`` to ``path`` the way the native engine writes its data file: tensor bytes in
+    chunks straight from the slot (O_DIRECT where aligned), several in flight, the CRC-32s computed
+    meanwhile; the small zip structures last; one fdatasync, rename, then the directory's fsync."""
+    parent, name = os.path.split(path)
+    storage = LocalStorage(parent)
+    try:
+        writer = await storage.open_writer(name, size_hint=zf.size)
+        direct, gathered = zf.layout(_DIRECT_MIN, _BLOCK, _CHUNK)
+        crcs = asyncio.ensure_future(asyncio.to_thread(zf.checksum))
+        sem = asyncio.Semaphore(_IO_DEPTH)
+
+        async def part(i: int) -> None:
+            if i < len(direct):
+                f, s, n = direct[i]
+                async with sem:
+                    await writer.write_part(i, f, slot[s : s + n])
+                return
+            await crcs
+            for k, (f, n) in enumerate(gathered):
+                await writer.write_part(i + k, f, memoryview(zf.read(f, n)))
+
+        try:
+            await write_parts(writer, len(direct) + 1, part)
+        finally:
+            if not crcs.done():
+                crcs.cancel()
+            await asyncio.gather(crcs, return_exceptions=True)
+        await asyncio.to_thread(_fsync_dir, parent)
+    finally:
+        await storage.close()
 
 
 class TorchSaveSink:
-    """Runs ``torch.save`` in the worker on the object rebuilt over the staged storages."""
+    """Writes the ``torch.save`` archive of the object rebuilt over the staged storages.
+
+    The archive is recorded (:func:`asyncckpt.format.torchzip.record`: the small zip structures
+    kept, the tensor bytes left in the slot) and written from the slot by the native chunked
+    writer; a legacy (non-zip) ``torch.save`` runs ``torch.save`` into a buffered file instead.
+    """
 
     async def write(self, ctx: WorkerContext, job: TorchSaveJob, staged: Staged) -> TorchSaveResult:
         t0 = time.perf_counter()
+        legacy = job.save_kwargs.get("_use_new_zipfile_serialization", True) is False
+        if legacy or (job.path is not None and not _is_key(os.path.basename(job.path))):
+            return await asyncio.to_thread(_write_buffered, job, staged, t0)
+        slot = staged.slot.view
+        zf = await asyncio.to_thread(lambda: record(_rebuild(job, staged), slot, **job.save_kwargs))
+        if job.path is None:
+            await asyncio.to_thread(zf.checksum)
+            data = zf.getvalue()
+            return TorchSaveResult(None, len(data), time.perf_counter() - t0, data)
+        try:
+            await _write_archive(zf, slot, job.path)
+        except (OSError, StorageError) as exc:
+            cause = exc.__cause__ if isinstance(exc, StorageError) and isinstance(exc.__cause__, OSError) else exc
+            raise _storage_failure(job.path, cause, exc) from exc
+        return TorchSaveResult(job.path, zf.size, time.perf_counter() - t0)
 
-        def run() -> TorchSaveResult:
-            obj = _rebuild(job, staged)
-            if job.path is None:
-                buf = io.BytesIO()
-                torch.save(obj, buf, **job.save_kwargs)
-                data = buf.getvalue()
-                return TorchSaveResult(None, len(data), time.perf_counter() - t0, data)
-            n = _save_to_path(obj, job.path, job.save_kwargs)
-            return TorchSaveResult(job.path, n, time.perf_counter() - t0)
 
-        return await asyncio.to_thread(run)
+def _is_key(name: str) -> bool:
+    """Whether the storage layer takes ``name`` as a key (it refuses backslashes, for one)."""
+    try:
+        check_key(name)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _write_buffered(job: TorchSaveJob, staged: Staged, t0: float) -> TorchSaveResult:
+    obj = _rebuild(job, staged)
+    if job.path is None:
+        buf = io.BytesIO()
+        plain_save(obj, buf, **job.save_kwargs)
+        data = buf.getvalue()
+        return TorchSaveResult(None, len(data), time.perf_counter() - t0, data)
+    n = _save_to_path(obj, job.path, job.save_kwargs)
+    return TorchSaveResult(job.path, n, time.perf_counter() - t0)
 
 
 _SAVE_ARGS = ("f", "pickle_module", "pickle_protocol", "_use_new_zipfile_serialization", "_disable_byteorder_record")
@@ -323,7 +400,7 @@ class TorchAsyncCheckpoint:
         if not self._slot_free():
             self.skipped += 1
             return None
-        job, spec, shared = self._plan(path, buf.getvalue(), found, save_kwargs)
+        job, spec, shared = self._plan(path, buf.getvalue(), found, save_kwargs, state_dict)
         mode = self._policy.decide(t for _, t in shared)
         what = path or "a file object"
         fns = list(finalize_fns or [])
@@ -351,9 +428,13 @@ class TorchAsyncCheckpoint:
             self.finalize_async_save(blocking=False)
         return True
 
-    def _plan(self, path: str | None, skeleton: bytes, found: list[torch.Tensor], save_kwargs: dict[str, Any]
-              ) -> tuple[TorchSaveJob, SnapshotSpec, list[tuple[str, torch.Tensor]]]:
-        """Lay out every distinct storage of ``found`` in the slot; small ones are copied now."""
+    def _plan(self, path: str | None, skeleton: bytes, found: list[torch.Tensor], save_kwargs: dict[str, Any],
+              state: Any) -> tuple[TorchSaveJob, SnapshotSpec, list[tuple[str, torch.Tensor]]]:
+        """Lay out every distinct storage of ``found`` in the slot; small ones are copied now.
+
+        A storage is placed where its bytes sit in the file modulo the O_DIRECT block, so the
+        worker can write them straight from the slot with O_DIRECT (see :func:`_file_offsets`).
+        """
         self.queue.start_worker()
         if self._gen != self.queue.worker_generation:
             self._registry.reset()
@@ -371,25 +452,20 @@ class TorchAsyncCheckpoint:
                                    t.requires_grad, type(t) is torch.nn.Parameter))
         if any(b.is_cuda for b in bases):
             torch.cuda.current_stream().synchronize()
-        layout: list[tuple[int, int]] = []
-        off = 0
+        layout, nbytes = slot_layout(path, bases, state, save_kwargs)
         big: dict[int, torch.Tensor] = {}
         inline: list[tuple[int, bytes]] = []
-        for si, b in enumerate(bases):
-            off = -(-off // _ALIGN) * _ALIGN
-            n = b.numel()
-            layout.append((off, n))
+        for si, (b, (off, n)) in enumerate(zip(bases, layout)):
             if b.device.type == "cpu" and n <= INLINE_MAX:
                 inline.append((off, b.numpy().tobytes() if n else b""))
             else:
                 big[si] = b
-            off += n
         # Decided before prepare(): moving a storage to shared memory changes its address.
         shared = [(f"tensor {i} {tuple(t.shape)}", t) for i, (t, r) in enumerate(zip(found, refs)) if r.storage in big]
         sref, new, release = self._registry.prepare(big)
         if new:
             self._policy.storages_moved()
-        spec = SnapshotSpec(nbytes=off, copies=[(layout[si][0], r) for si, r in sref.items()], inline=inline,
+        spec = SnapshotSpec(nbytes=nbytes, copies=[(layout[si][0], r) for si, r in sref.items()], inline=inline,
                             new_storages=new, release=release)
         return TorchSaveJob(path, skeleton, refs, layout, save_kwargs), spec, shared
 
@@ -418,6 +494,42 @@ class TorchAsyncCheckpoint:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def slot_layout(path: str | None, bases: list[torch.Tensor], state: Any, save_kwargs: dict[str, Any]
+                ) -> tuple[list[tuple[int, int]], int]:
+    """(slot offset, nbytes) of each storage, and the slot's size: each storage starts where its
+    bytes start in the file modulo O_DIRECT's block when that is known, else 64-aligned."""
+    in_file = _file_offsets(path, bases, state, save_kwargs)
+    layout: list[tuple[int, int]] = []
+    off = 0
+    for si, b in enumerate(bases):
+        f = in_file.get(si)
+        off += (f - off) % _BLOCK if f is not None else -off % _ALIGN
+        layout.append((off, b.numel()))
+        off += b.numel()
+    return layout, off
+
+
+def _file_offsets(path: str | None, bases: list[torch.Tensor], state: Any, save_kwargs: dict[str, Any]
+                  ) -> dict[int, int]:
+    """Where each storage's bytes will start in the ``.pt`` file, by storage index ({} if unknown).
+
+    Found by a ``skip_data`` torch.save of the state (no tensor byte read), only for a file
+    large enough for O_DIRECT; the records must match the storages one to one (a tensor that
+    torch pickles by value, e.g. a quantized one, adds records of its own: then {}).
+    """
+    sizes = [b.numel() for b in bases]
+    if path is None or save_kwargs.get("_use_new_zipfile_serialization", True) is False or sum(sizes) < _DIRECT_FILE_MIN:
+        return {}
+    try:
+        records = data_offsets(state, **save_kwargs)
+    except Exception:  # noqa: BLE001 - a layout hint only: the worker's torch.save reports real errors
+        return {}
+    nonempty = [si for si, n in enumerate(sizes) if n]
+    if [n for _, n in records] != [sizes[si] for si in nonempty]:
+        return {}
+    return {si: f for si, (f, _) in zip(nonempty, records)}
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:

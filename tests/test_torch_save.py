@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import fcntl
+import io
+import mmap
+import os
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import asyncckpt
+from asyncckpt import torch_save
+from asyncckpt.format.torchzip import record
 
 
 def test_async_torch_save_is_read_by_torch_load(tmp_path):
@@ -133,3 +142,80 @@ def test_async_torch_save_to_missing_dir_is_refused(tmp_path):
             tac.async_save({"w": torch.ones(1)}, tmp_path / "nope" / "m.pt")
     finally:
         tac.close()
+
+
+def _o_direct_works(d: Path) -> bool:
+    try:
+        fd = os.open(d / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(d / "probe")
+    return True
+
+
+def test_large_file_is_torch_saves_bytes_and_loads_every_way(tmp_path):
+    base = torch.randn(3 << 20)
+    state = {"a": base, "a.t": base[: 1 << 20].view(1024, 1024).t(), "b": torch.randn(5 << 20).to(torch.bfloat16),
+             "c": torch.arange(1 << 21), "e": torch.zeros(0), "p": torch.nn.Parameter(torch.ones(3)), "step": 7}
+    with asyncckpt.TorchAsyncCheckpoint() as tac:
+        tac.async_save(state, tmp_path / "big.pt")
+        tac.async_save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+        buf = io.BytesIO()
+        tac.async_save(state, buf)
+        tac.finalize_async_save(blocking=True)
+    want = io.BytesIO()
+    torch.save(state, want)
+    assert (tmp_path / "big.pt").read_bytes() == want.getvalue() == buf.getvalue()
+    legacy = torch.load(tmp_path / "legacy.pt", weights_only=True)  # the legacy format names storages by address
+    assert all(torch.equal(legacy[k], state[k]) for k in ("a", "a.t", "b", "c", "e", "p"))
+    for kw in ({"weights_only": True}, {"weights_only": True, "mmap": True}):
+        out = torch.load(tmp_path / "big.pt", **kw)
+        assert out["a.t"].untyped_storage().data_ptr() == out["a"].untyped_storage().data_ptr()  # still shared
+        assert torch.equal(out["a.t"], state["a.t"])
+        assert all(torch.equal(out[k], state[k]) for k in ("a", "b", "c", "e", "p"))
+
+
+def test_worker_writes_tensor_bytes_from_the_slot_with_o_direct(tmp_path, monkeypatch):
+    """The .pt path's data path, in process: no copy of tensor bytes in Python, O_DIRECT from the slot."""
+    if not _o_direct_works(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    state = {f"w{i}": torch.randn((1 << 20) + 17 * i) for i in range(5)}  # 20 MiB: a file written with O_DIRECT
+    path = str(tmp_path / "m.pt")
+    bases = [torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage()) for t in state.values()]
+    layout, nbytes = torch_save.slot_layout(path, bases, state, {})
+    slot = mmap.mmap(-1, nbytes)
+    view = memoryview(slot)
+    rebuilt = {}
+    for (k, t), (off, n) in zip(state.items(), layout):
+        view[off : off + n] = t.numpy().tobytes()
+        rebuilt[k] = torch.frombuffer(view[off : off + n], dtype=t.dtype)
+    zf = record(rebuilt, view)
+    assert sum(p.length for p in zf.pieces if p.data is not None) < 64 << 10  # tensor bytes noted, not copied
+    direct = 0
+    real = os.pwrite
+
+    def spy(fd: int, data: Any, offset: int) -> int:
+        nonlocal direct
+        n = real(fd, data, offset)
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            direct += n
+        return n
+
+    monkeypatch.setattr(os, "pwrite", spy)
+    asyncio.run(torch_save._write_archive(zf, view, path))
+    want = io.BytesIO()
+    torch.save(state, want)
+    assert open(path, "rb").read() == want.getvalue()
+    assert direct >= nbytes - 5 * 8192  # all but the partial blocks at each record's ends
+    assert sorted(os.listdir(tmp_path)) == ["m.pt"]
+
+
+def test_a_name_the_storage_layer_refuses_is_still_saved(tmp_path):
+    state = {"w": torch.randn(5 << 20)}  # 20 MiB
+    with asyncckpt.TorchAsyncCheckpoint() as tac:
+        tac.async_save(state, tmp_path / "a\\b.pt")
+        tac.finalize_async_save(blocking=True)
+    want = io.BytesIO()
+    torch.save(state, want)
+    assert (tmp_path / "a\\b.pt").read_bytes() == want.getvalue()

@@ -7,6 +7,8 @@
 * :mod:`.refs`: references between checkpoints (feature ``refs``, incremental saves);
 * :mod:`.tree`: the value-tree walker;
 * :mod:`.codec`: entry bytes to values (tensor, NumPy array, pickle) and foreign dtype names.
+* :mod:`.torchzip`: ``torch.save`` archives whose data records are written from memory we hold
+  (the ``.pt`` path and DCP tensor items); imported as a module, not re-exported here.
 
 The handler per checkpoint kind (native, DCP, ``torch.save`` file) is :mod:`asyncckpt.kinds`: it
 builds on the catalog, which builds on this package.
