@@ -334,6 +334,7 @@ class TorchAsyncCheckpoint:
         self._policy = SnapshotPolicy(snapshot, self, TorchAsyncCheckpoint.wait_snapshot)
         self._registry = SharedRegistry()
         self._gen = -1
+        self._offsets: tuple[Any, dict[int, int]] | None = None  # (structure, file_offsets) of the last save
         self._pending_files: dict[int, Any] = {}
         self.skipped = 0
         if optimizers is not None or modules is not None:
@@ -433,7 +434,7 @@ class TorchAsyncCheckpoint:
         """Lay out every distinct storage of ``found`` in the slot; small ones are copied now.
 
         A storage is placed where its bytes sit in the file modulo the O_DIRECT block, so the
-        worker can write them straight from the slot with O_DIRECT (see :func:`_file_offsets`).
+        worker can write them straight from the slot with O_DIRECT (see :func:`file_offsets`).
         """
         self.queue.start_worker()
         if self._gen != self.queue.worker_generation:
@@ -452,7 +453,13 @@ class TorchAsyncCheckpoint:
                                    t.requires_grad, type(t) is torch.nn.Parameter))
         if any(b.is_cuda for b in bases):
             torch.cuda.current_stream().synchronize()
-        layout, nbytes = slot_layout(path, bases, state, save_kwargs)
+        # Where the records sit in the file depends on the pickled structure alone (tensor bytes
+        # are not pickled): a state saved again with the same skeleton reuses them. A stale guess
+        # would only cost O_DIRECT, never correctness: the worker lays out the real archive.
+        key = (skeleton, tuple(b.numel() for b in bases), repr(sorted(save_kwargs.items())))
+        if self._offsets is None or self._offsets[0] != key:
+            self._offsets = (key, file_offsets(path, bases, state, save_kwargs))
+        layout, nbytes = slot_layout(bases, self._offsets[1])
         big: dict[int, torch.Tensor] = {}
         inline: list[tuple[int, bytes]] = []
         for si, (b, (off, n)) in enumerate(zip(bases, layout)):
@@ -496,11 +503,10 @@ class TorchAsyncCheckpoint:
         self.close()
 
 
-def slot_layout(path: str | None, bases: list[torch.Tensor], state: Any, save_kwargs: dict[str, Any]
-                ) -> tuple[list[tuple[int, int]], int]:
+def slot_layout(bases: list[torch.Tensor], in_file: dict[int, int]) -> tuple[list[tuple[int, int]], int]:
     """(slot offset, nbytes) of each storage, and the slot's size: each storage starts where its
-    bytes start in the file modulo O_DIRECT's block when that is known, else 64-aligned."""
-    in_file = _file_offsets(path, bases, state, save_kwargs)
+    bytes start in the file (``in_file``, from :func:`file_offsets`) modulo O_DIRECT's block when
+    that is known, else 64-aligned."""
     layout: list[tuple[int, int]] = []
     off = 0
     for si, b in enumerate(bases):
@@ -511,7 +517,7 @@ def slot_layout(path: str | None, bases: list[torch.Tensor], state: Any, save_kw
     return layout, off
 
 
-def _file_offsets(path: str | None, bases: list[torch.Tensor], state: Any, save_kwargs: dict[str, Any]
+def file_offsets(path: str | None, bases: list[torch.Tensor], state: Any, save_kwargs: dict[str, Any]
                   ) -> dict[int, int]:
     """Where each storage's bytes will start in the ``.pt`` file, by storage index ({} if unknown).
 

@@ -183,7 +183,7 @@ def test_worker_writes_tensor_bytes_from_the_slot_with_o_direct(tmp_path, monkey
     state = {f"w{i}": torch.randn((1 << 20) + 17 * i) for i in range(5)}  # 20 MiB: a file written with O_DIRECT
     path = str(tmp_path / "m.pt")
     bases = [torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage()) for t in state.values()]
-    layout, nbytes = torch_save.slot_layout(path, bases, state, {})
+    layout, nbytes = torch_save.slot_layout(bases, torch_save.file_offsets(path, bases, state, {}))
     slot = mmap.mmap(-1, nbytes)
     view = memoryview(slot)
     rebuilt = {}
@@ -219,3 +219,30 @@ def test_a_name_the_storage_layer_refuses_is_still_saved(tmp_path):
     want = io.BytesIO()
     torch.save(state, want)
     assert (tmp_path / "a\\b.pt").read_bytes() == want.getvalue()
+
+
+def test_the_file_layout_is_found_once_per_structure(tmp_path, monkeypatch):
+    """The trainer's skip_data pass (where each storage sits in the file) runs again only when the
+    pickled structure changes, not at every save of the same state."""
+    calls = []
+    real = torch_save.file_offsets
+
+    def counted(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch_save, "file_offsets", counted)
+    state = {"w": torch.zeros(5 << 20), "step": 1}
+    with torch_save.TorchAsyncCheckpoint() as ck:
+        for i in range(3):
+            state["w"].add_(1)
+            ck.async_save(state, str(tmp_path / f"m{i}.pt"))
+            ck.finalize_async_save(blocking=True)
+        assert len(calls) == 1
+        state["step"] = 10**12  # another pickle: the records move
+        ck.async_save(state, str(tmp_path / "m3.pt"))
+        ck.finalize_async_save(blocking=True)
+        assert len(calls) == 2
+    for i in range(3):
+        assert torch.equal(torch.load(tmp_path / f"m{i}.pt")["w"], torch.full((5 << 20,), float(i + 1)))
+    assert torch.load(tmp_path / "m3.pt")["step"] == 10**12

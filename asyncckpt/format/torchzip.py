@@ -154,6 +154,9 @@ def record(obj: Any, source: memoryview | None = None, *, min_ref: int = 4096, *
     """
     rec = _Recorder(source, min_ref)
     with _SAVE_LOCK:
+        if not hasattr(torch.serialization, "set_crc32_options"):  # torch < 2.5: torch computes them too
+            torch.save(obj, cast(IO[bytes], rec), **save_kwargs)
+            return TorchZip(rec.pieces, rec.pos, source)
         was = torch.serialization.get_crc32_options()
         torch.serialization.set_crc32_options(False)
         try:
