@@ -116,7 +116,8 @@ class _Known:
         self.manifests: OrderedDict[str, bytes] = OrderedDict()  # key -> bytes, oldest first
         self.nbytes = 0
         self.commits: OrderedDict[str, CommitRecord] = OrderedDict()  # name -> its COMMIT as last seen
-        self.generations: OrderedDict[tuple[str, bool], tuple[int, CommitRecord | None, bool]] = OrderedDict()
+        # name -> (generation, replaced record, fresh, a COMMIT was there) as the last save of it here found
+        self.generations: OrderedDict[str, tuple[int, CommitRecord | None, bool, bool]] = OrderedDict()
         self.latest: LatestRecord | None = None  # `latest` as this process last wrote or read it
         self.written: OrderedDict[str, tuple[bytes, int]] = OrderedDict()  # manifest key -> (bytes, data size)
 
@@ -137,7 +138,7 @@ class _Known:
             while len(self.commits) > _MEMO_NAMES:
                 self.commits.popitem(last=False)
 
-    def add_generation(self, key: tuple[str, bool], seen: tuple[int, CommitRecord | None, bool]) -> None:
+    def add_generation(self, key: str, seen: tuple[int, CommitRecord | None, bool, bool]) -> None:
         with self.lock:
             self.generations.pop(key, None)
             self.generations[key] = seen
@@ -231,8 +232,7 @@ def forget_checkpoint(storage: Storage, name: str) -> None:
             k.latest = None
         for key in [key for key in k.manifests if key.startswith(f"{name}/")]:
             k.nbytes -= len(k.manifests.pop(key))
-        for g in [g for g in k.generations if g[0] == name]:
-            del k.generations[g]
+        k.generations.pop(name, None)
         for key in [key for key in k.written if key.startswith(f"{name}/")]:
             del k.written[key]
 
@@ -499,10 +499,10 @@ async def _generation(storage: Storage, name: str, overwrite: bool) -> tuple[int
         blob = await storage.read(key)
     except CheckpointNotFoundError:
         retired = await retired_generation(storage, name)
-        seen: tuple[int, CommitRecord | None, bool] = ((0, None, True) if retired is None
-                                                      else (retired + 1, None, False))
-        _known_of(storage).add_generation((name, overwrite), seen)
-        return seen
+        seen: tuple[int, CommitRecord | None, bool, bool] = ((0, None, True, False) if retired is None
+                                                            else (retired + 1, None, False, False))
+        _known_of(storage).add_generation(name, seen)
+        return seen[:3]
     if not overwrite:
         raise CheckpointExistsError(
             f"{storage.uri}/{name} already holds a committed checkpoint; nothing was written. "
@@ -512,11 +512,11 @@ async def _generation(storage: Storage, name: str, overwrite: bool) -> tuple[int
         rec = decode_commit(blob, f"{storage.uri}/{key}")
     except (FormatError, IntegrityError) as exc:
         log.warning("overwriting %s/%s, whose commit record is damaged: %s", storage.uri, name, exc)
-        seen = (0, None, False)
+        seen = (0, None, False, True)
     else:
-        seen = (rec.generation + 1, rec, False)
-    _known_of(storage).add_generation((name, overwrite), seen)
-    return seen
+        seen = (rec.generation + 1, rec, False, True)
+    _known_of(storage).add_generation(name, seen)
+    return seen[:3]
 
 
 async def _generation_for_commit(storage: Storage, name: str, overwrite: bool) -> tuple[int, CommitRecord | None, bool]:
@@ -524,9 +524,14 @@ async def _generation_for_commit(storage: Storage, name: str, overwrite: bool) -
     if _REMEMBER.get():
         k = _known_of(storage)
         with k.lock:
-            seen = k.generations.pop((name, overwrite), None)
+            seen = k.generations.pop(name, None)
         if seen is not None:
-            return seen
+            if seen[3] and not overwrite:  # what reading COMMIT again would say (a drain writes with overwrite)
+                raise CheckpointExistsError(
+                    f"{storage.uri}/{name} already holds a committed checkpoint; nothing was written. "
+                    "Pass overwrite=True to replace it, or choose another name"
+                )
+            return seen[:3]
     return await _generation(storage, name, overwrite)
 
 

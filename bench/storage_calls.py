@@ -81,9 +81,9 @@ def _wrap_syscall(name: str) -> None:
 
 
 def _on_s3_call(model: Any, params: dict[str, Any], **_: Any) -> None:
-    body = params.get("body") if isinstance(params.get("body"), dict) else {}
-    url = str(params.get("url_path", ""))
-    _note(_S3_KINDS.get(model.name, model.name), f"{model.name} {url}{'?' + str(body) if body else ''}")
+    query = params.get("query_string") or {}
+    prefix = f" prefix={query['prefix']!r}" if isinstance(query, dict) and "prefix" in query else ""
+    _note(_S3_KINDS.get(model.name, model.name), f"{model.name} {params.get('url_path', '')}{prefix}")
 
 
 def install() -> None:
@@ -93,7 +93,8 @@ def install() -> None:
     from asyncckpt.storage.local import LocalStorage
 
     for name in _LOCAL_KINDS:
-        _wrap_method(LocalStorage, name)
+        if hasattr(LocalStorage, name):  # an older tree may lack some (delete_many)
+            _wrap_method(LocalStorage, name)
     for name in ("fsync", "fdatasync"):
         _wrap_syscall(name)
     real_init = AioSession.__init__

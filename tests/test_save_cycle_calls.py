@@ -298,3 +298,23 @@ def test_s3_delete_many_falls_back_to_one_request_per_key(moto_server: Any, s3_b
         await st.close()
 
     asyncio.run(run())
+
+
+def test_a_remembered_generation_still_refuses_a_committed_name(tmp_path: Path) -> None:
+    """A drain decides its generation with overwrite=True; a commit without overwrite is still refused
+    when COMMIT was there, without reading it again, as reading it again would."""
+    from asyncckpt.errors import CheckpointExistsError
+
+    async def run() -> None:
+        st = LocalStorage(tmp_path)
+        await _save(st, "a", 1)
+        with remembered_records():
+            await commit_checkpoint(st, "a", world_size=1, step=1)
+        assert (await next_generation(st, "a", overwrite=True))[0] == 1
+        calls = Calls(st)
+        with remembered_records(), pytest.raises(CheckpointExistsError):
+            await commit_checkpoint(st, "a", world_size=1, step=1)
+        assert calls.take() == []
+        await st.close()
+
+    asyncio.run(run())
