@@ -495,10 +495,9 @@ async def next_generation(storage: Storage, name: str, *, overwrite: bool) -> tu
 async def _generation(storage: Storage, name: str, overwrite: bool) -> tuple[int, CommitRecord | None, bool]:
     """:func:`next_generation` and whether the name was fresh (neither ``COMMIT`` nor ``RETIRED``)."""
     key = join_key(name, COMMIT_FILE)
-    try:
-        blob = await storage.read(key)
-    except CheckpointNotFoundError:
-        retired = await retired_generation(storage, name)
+    # both at once (one round trip for a new name); RETIRED matters only when COMMIT is absent
+    blob, retired = await asyncio.gather(_read_or_none(storage, key), retired_generation(storage, name))
+    if blob is None:
         seen: tuple[int, CommitRecord | None, bool, bool] = ((0, None, True, False) if retired is None
                                                             else (retired + 1, None, False, False))
         _known_of(storage).add_generation(name, seen)
@@ -517,6 +516,13 @@ async def _generation(storage: Storage, name: str, overwrite: bool) -> tuple[int
         seen = (rec.generation + 1, rec, False, True)
     _known_of(storage).add_generation(name, seen)
     return seen[:3]
+
+
+async def _read_or_none(storage: Storage, key: str) -> bytes | None:
+    try:
+        return await storage.read(key)
+    except CheckpointNotFoundError:
+        return None
 
 
 async def _generation_for_commit(storage: Storage, name: str, overwrite: bool) -> tuple[int, CommitRecord | None, bool]:
@@ -606,14 +612,19 @@ async def commit_checkpoint(
     if not await storage.put_record(join_key(name, COMMIT_FILE), encode_commit(record), if_absent=not overwrite):
         raise CheckpointExistsError(f"{storage.uri}/{name} was committed by someone else meanwhile; nothing was changed")
     _remember_commit(storage, name, record)
-    if update_latest:
-        await set_latest(storage, name, step)
-    if not (fresh and layout == "flat"):
-        # A fresh flat name (no COMMIT, no RETIRED when its save began) replaced nothing; rank files of
-        # other generations under it can only be what an interrupted deletion left, and they go with
-        # this checkpoint's own deletion (which removes every rank file directly under NAME/).
-        await drop_other_generations(storage, name, record, old)
-    await drop_stale_writes(storage, [name, *data_keys])
+
+    async def tidy() -> None:  # best effort, after COMMIT; independent of `latest`, so beside it
+        if not (fresh and layout == "flat"):
+            # A fresh flat name (no COMMIT, no RETIRED when its save began) replaced nothing; rank files
+            # of other generations under it can only be what an interrupted deletion left, and they go
+            # with this checkpoint's own deletion (which removes every rank file directly under NAME/).
+            await drop_other_generations(storage, name, record, old)
+        await drop_stale_writes(storage, [name, *data_keys])
+
+    moved = set_latest(storage, name, step) if update_latest else asyncio.sleep(0)
+    for got in await asyncio.gather(moved, tidy(), return_exceptions=True):
+        if isinstance(got, BaseException):
+            raise got
     log.info(
         "committed",
         extra={"rank": 0, "step": step, "op": "commit", "bytes": total, "seconds": time.perf_counter() - t0},

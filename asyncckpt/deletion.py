@@ -26,6 +26,7 @@ docs/reliability.md, "The save cycle's storage requests".
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -408,18 +409,20 @@ async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False,
     if "/" in name or not name:
         raise BadInputError(f"{where}: a checkpoint name is one path component")
     token = pins.token(name) if pins is not None else (False, 0)
-    found = await _examine(storage, name)
+    # `latest` is read beside the examination (one round trip less), still from storage and before any delete
+    found, latest = await asyncio.gather(_examine(storage, name), read_latest(storage), return_exceptions=True)
+    if isinstance(found, BaseException):
+        raise found
     if isinstance(found, str):
         if not found or not await _exists_at(storage, name):
             raise CheckpointNotFoundError(f"{where}: no checkpoint there (nothing at that path); nothing was deleted")
         raise NotACheckpointError(f"{where} is not a checkpoint: {found}; nothing was deleted")
-    try:
-        latest = await read_latest(storage)
-        target = latest.name if latest is not None else None
-    except (FormatError, IntegrityError) as exc:  # cannot tell where it points: as if it pointed here
-        damaged, target = str(exc), name
+    if isinstance(latest, (FormatError, IntegrityError)):  # cannot tell where it points: as if it pointed here
+        damaged, target = str(latest), name
+    elif isinstance(latest, BaseException):
+        raise latest
     else:
-        damaged = ""
+        damaged, target = "", latest.name if latest is not None else None
     report = DeleteReport(path=where, kind=found.kind, complete=found.complete, kept=found.kept)
     if target == name:
         if not force:
