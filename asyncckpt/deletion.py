@@ -417,6 +417,7 @@ async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False,
         if not found or not await _exists_at(storage, name):
             raise CheckpointNotFoundError(f"{where}: no checkpoint there (nothing at that path); nothing was deleted")
         raise NotACheckpointError(f"{where} is not a checkpoint: {found}; nothing was deleted")
+    target: str | None
     if isinstance(latest, (FormatError, IntegrityError)):  # cannot tell where it points: as if it pointed here
         damaged, target = str(latest), name
     elif isinstance(latest, BaseException):
