@@ -7,11 +7,15 @@ COMMIT is written only after every rank's data and manifest are durable.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,8 +61,11 @@ __all__ = [
     "delete_checkpoint",
     "drop_other_generations",
     "drop_stale_writes",
+    "forget_checkpoint",
+    "known_manifest",
     "list_all",
     "next_generation",
+    "note_manifest_written",
     "read_commit",
     "read_latest",
     "read_manifest",
@@ -66,6 +73,7 @@ __all__ = [
     "read_target",
     "referenced_by",
     "referenced_nbytes",
+    "remembered_records",
     "resolve_name",
     "set_latest",
     "verify_references",
@@ -95,6 +103,150 @@ class CheckpointInfo:
         self.logical_nbytes = self.logical_nbytes or self.nbytes
 
 
+_REMEMBER: contextvars.ContextVar[bool] = contextvars.ContextVar("asyncckpt_remembered_records", default=False)
+_MEMO_BYTES = 16 << 20  # manifest bytes kept per storage session
+_MEMO_NAMES = 256  # COMMIT records and generations kept per storage session
+
+
+class _Known:
+    """What this process wrote or read under one storage session (see :func:`remembered_records`)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # saves run on the worker's loop, commits on its control thread
+        self.manifests: OrderedDict[str, bytes] = OrderedDict()  # key -> bytes, oldest first
+        self.nbytes = 0
+        self.commits: OrderedDict[str, CommitRecord] = OrderedDict()  # name -> its COMMIT as last seen
+        # name -> (generation, replaced record, fresh, a COMMIT was there) as the last save of it here found
+        self.generations: OrderedDict[str, tuple[int, CommitRecord | None, bool, bool]] = OrderedDict()
+        self.latest: LatestRecord | None = None  # `latest` as this process last wrote or read it
+        self.written: OrderedDict[str, tuple[bytes, int]] = OrderedDict()  # manifest key -> (bytes, data size)
+
+    def add_manifest(self, key: str, blob: bytes) -> None:
+        if len(blob) > _MEMO_BYTES // 4:
+            return
+        with self.lock:
+            old = self.manifests.pop(key, None)
+            self.nbytes += len(blob) - (len(old) if old is not None else 0)
+            self.manifests[key] = blob
+            while self.nbytes > _MEMO_BYTES:
+                self.nbytes -= len(self.manifests.popitem(last=False)[1])
+
+    def add_commit(self, name: str, rec: CommitRecord) -> None:
+        with self.lock:
+            self.commits.pop(name, None)
+            self.commits[name] = rec
+            while len(self.commits) > _MEMO_NAMES:
+                self.commits.popitem(last=False)
+
+    def add_generation(self, key: str, seen: tuple[int, CommitRecord | None, bool, bool]) -> None:
+        with self.lock:
+            self.generations.pop(key, None)
+            self.generations[key] = seen
+            while len(self.generations) > _MEMO_NAMES:
+                self.generations.popitem(last=False)
+
+
+_known: weakref.WeakKeyDictionary[Storage, _Known] = weakref.WeakKeyDictionary()
+_known_lock = threading.Lock()
+
+
+def _known_of(storage: Storage) -> _Known:
+    with _known_lock:
+        k = _known.get(storage)
+        if k is None:
+            k = _known[storage] = _Known()
+        return k
+
+
+@contextmanager
+def remembered_records() -> Iterator[None]:
+    """Within this block (this task and those it starts) the catalog answers from what this process
+    already wrote or read under the same storage session instead of asking storage again.
+
+    The worker's control steps (commit, retention, cleanup) run in it; read-side calls (load,
+    verify, listing for users) never do, so they always read storage. What is answered from memory:
+
+    * a manifest whose bytes this process read in such a block, when the caller holds the COMMIT
+      reference it must match (size, CRC32C, save id; :func:`known_manifest`, and
+      :func:`read_manifest` with ``ref``): the same bytes storage would return, as COMMIT certifies;
+    * the generation a commit writes, as the save of the same name in this process decided it
+      (:func:`next_generation`, one reading of ``COMMIT``/``RETIRED`` per save instead of two);
+    * in :func:`list_all`, the COMMIT record of a name that is listed with a COMMIT and whose record
+      this process wrote or read in such a block, and ``latest`` as this process last wrote or read
+      it (retention judges by step and age and skips the ``latest`` target; the deletion itself
+      reads COMMIT and ``latest`` again, as its proof). Deleting a checkpoint here forgets it;
+    * in :func:`commit_checkpoint`, a manifest and its data file's size that the save in this process
+      handed over with :func:`note_manifest_written`.
+    """
+    token = _REMEMBER.set(True)
+    try:
+        yield
+    finally:
+        _REMEMBER.reset(token)
+
+
+def known_manifest(storage: Storage, name: str, ref: ManifestRef) -> RankManifest | None:
+    """Rank ``ref.rank``'s manifest of ``name`` from memory when ``ref`` certifies the remembered bytes
+    (inside :func:`remembered_records` only), else None (read it from storage)."""
+    if not _REMEMBER.get():
+        return None
+    key = join_key(name, ref.file)
+    blob = _known_of(storage).manifests.get(key)
+    if blob is None or len(blob) != ref.nbytes or checksum(blob) != ref.checksum:
+        return None
+    where = f"{storage.uri}/{key}"
+    m = decode_manifest(blob, where)
+    if m.rank != ref.rank or (ref.save_id and m.save_id != ref.save_id):
+        return None
+    return msgspec.structs.replace(m, data_file=_data_key(m, name, where))
+
+
+def note_manifest_written(storage: Storage, key: str, blob: bytes, data_nbytes: int) -> None:
+    """Tell the commit of this process that it wrote manifest ``key`` (``blob``, durable: its
+    ``put_record`` returned) after the data file it names, of ``data_nbytes`` bytes, was committed.
+
+    The commit in this process then takes both from here instead of reading the manifest and the
+    data file's size back (once: a later commit of the same key reads storage again)."""
+    k = _known_of(storage)
+    with k.lock:
+        k.written.pop(key, None)
+        k.written[key] = (blob, data_nbytes)
+        while len(k.written) > _MEMO_NAMES:
+            k.written.popitem(last=False)
+
+
+def _written_by_me(storage: Storage, key: str) -> tuple[bytes, int] | None:
+    if not _REMEMBER.get():
+        return None
+    k = _known_of(storage)
+    with k.lock:
+        return k.written.pop(key, None)
+
+
+def forget_checkpoint(storage: Storage, name: str) -> None:
+    """Drop what this process remembers of checkpoint ``name`` (it was deleted)."""
+    k = _known_of(storage)
+    with k.lock:
+        k.commits.pop(name, None)
+        if k.latest is not None and k.latest.name == name:
+            k.latest = None
+        for key in [key for key in k.manifests if key.startswith(f"{name}/")]:
+            k.nbytes -= len(k.manifests.pop(key))
+        k.generations.pop(name, None)
+        for key in [key for key in k.written if key.startswith(f"{name}/")]:
+            del k.written[key]
+
+
+def _remember_manifest(storage: Storage, key: str, blob: bytes) -> None:
+    if _REMEMBER.get():
+        _known_of(storage).add_manifest(key, blob)
+
+
+def _remember_commit(storage: Storage, name: str, rec: CommitRecord) -> None:
+    if _REMEMBER.get():
+        _known_of(storage).add_commit(name, rec)
+
+
 async def read_manifest(
     storage: Storage, name: str, rank: int, ref: ManifestRef | None = None, *, file: str | None = None
 ) -> RankManifest:
@@ -111,10 +263,13 @@ async def read_manifest(
     got = manifest_file_rank(fname)
     if got is None or got[0] != rank:
         raise FormatError(f"{storage.uri}/{join_key(name, COMMIT_FILE)}: {fname!r} is not a manifest name of rank {rank}")
+    if ref is not None and (known := known_manifest(storage, name, ref)) is not None:
+        return known
     try:
         blob = await storage.read(key)
     except CheckpointNotFoundError as exc:
         raise IntegrityError(f"{where}: manifest of rank {rank} is missing") from exc
+    _remember_manifest(storage, key, blob)
     if ref is not None and (len(blob) != ref.nbytes or checksum(blob) != ref.checksum):
         raise IntegrityError(
             f"{where}: manifest of rank {rank} does not match its commit record ({COMMIT_FILE}) "
@@ -330,14 +485,23 @@ async def next_generation(storage: Storage, name: str, *, overwrite: bool) -> tu
     replaces. Every rank and the commit compute it from the same COMMIT, which only this save's
     commit changes. Without ``overwrite`` a committed checkpoint raises CheckpointExistsError.
     A deleted name whose files others still reference (a ``RETIRED`` marker) is written past
-    the retired generation, so those files are never overwritten.
+    the retired generation, so those files are never overwritten. What it found is remembered
+    for this save's commit in this process (:func:`remembered_records`).
     """
+    generation, old, _fresh = await _generation(storage, name, overwrite)
+    return generation, old
+
+
+async def _generation(storage: Storage, name: str, overwrite: bool) -> tuple[int, CommitRecord | None, bool]:
+    """:func:`next_generation` and whether the name was fresh (neither ``COMMIT`` nor ``RETIRED``)."""
     key = join_key(name, COMMIT_FILE)
-    try:
-        blob = await storage.read(key)
-    except CheckpointNotFoundError:
-        retired = await retired_generation(storage, name)
-        return (0 if retired is None else retired + 1), None
+    # both at once (one round trip for a new name); RETIRED matters only when COMMIT is absent
+    blob, retired = await asyncio.gather(_read_or_none(storage, key), retired_generation(storage, name))
+    if blob is None:
+        seen: tuple[int, CommitRecord | None, bool, bool] = ((0, None, True, False) if retired is None
+                                                            else (retired + 1, None, False, False))
+        _known_of(storage).add_generation(name, seen)
+        return seen[:3]
     if not overwrite:
         raise CheckpointExistsError(
             f"{storage.uri}/{name} already holds a committed checkpoint; nothing was written. "
@@ -347,8 +511,34 @@ async def next_generation(storage: Storage, name: str, *, overwrite: bool) -> tu
         rec = decode_commit(blob, f"{storage.uri}/{key}")
     except (FormatError, IntegrityError) as exc:
         log.warning("overwriting %s/%s, whose commit record is damaged: %s", storage.uri, name, exc)
-        return 0, None
-    return rec.generation + 1, rec
+        seen = (0, None, False, True)
+    else:
+        seen = (rec.generation + 1, rec, False, True)
+    _known_of(storage).add_generation(name, seen)
+    return seen[:3]
+
+
+async def _read_or_none(storage: Storage, key: str) -> bytes | None:
+    try:
+        return await storage.read(key)
+    except CheckpointNotFoundError:
+        return None
+
+
+async def _generation_for_commit(storage: Storage, name: str, overwrite: bool) -> tuple[int, CommitRecord | None, bool]:
+    """What the save of ``name`` in this process found (taken once), else read again."""
+    if _REMEMBER.get():
+        k = _known_of(storage)
+        with k.lock:
+            seen = k.generations.pop(name, None)
+        if seen is not None:
+            if seen[3] and not overwrite:  # what reading COMMIT again would say (a drain writes with overwrite)
+                raise CheckpointExistsError(
+                    f"{storage.uri}/{name} already holds a committed checkpoint; nothing was written. "
+                    "Pass overwrite=True to replace it, or choose another name"
+                )
+            return seen[:3]
+    return await _generation(storage, name, overwrite)
 
 
 async def commit_checkpoint(
@@ -369,7 +559,7 @@ async def commit_checkpoint(
     The replaced generation's files (and leftovers of torn earlier overwrites) go afterwards.
     """
     t0 = time.perf_counter()
-    generation, old = await next_generation(storage, name, overwrite=overwrite)
+    generation, old, fresh = await _generation_for_commit(storage, name, overwrite)
     refs: list[ManifestRef] = []
     data_keys: list[str] = []
     total = referenced = 0
@@ -377,13 +567,20 @@ async def commit_checkpoint(
     for rank in range(world_size):
         fname = manifest_file(rank, generation)
         key = join_key(name, fname)
-        try:
-            blob = await storage.read(key)
-        except CheckpointNotFoundError as exc:
-            raise IntegrityError(f"{storage.uri}/{key}: manifest of rank {rank} is missing; nothing was committed") from exc
+        wrote = _written_by_me(storage, key)
+        if wrote is not None:  # this process wrote it, after its data file's commit returned
+            blob, size = wrote
+        else:
+            try:
+                blob = await storage.read(key)
+            except CheckpointNotFoundError as exc:
+                raise IntegrityError(f"{storage.uri}/{key}: manifest of rank {rank} is missing; nothing was committed") from exc
         m = decode_manifest(blob, f"{storage.uri}/{key}")
+        _remember_manifest(storage, key, blob)
         data_keys.append(m.data_file)
-        size, want = await storage.size(m.data_file), ChunkGeometry.of(m).stored_nbytes
+        if wrote is None:
+            size = await storage.size(m.data_file)
+        want = ChunkGeometry.of(m).stored_nbytes
         if size != want:
             raise IntegrityError(f"{storage.uri}/{m.data_file}: rank {rank} data is {size} bytes, its manifest says {want}")
         for t in m.refs:  # what it references must still be there (retention may have run meanwhile)
@@ -414,10 +611,20 @@ async def commit_checkpoint(
     )
     if not await storage.put_record(join_key(name, COMMIT_FILE), encode_commit(record), if_absent=not overwrite):
         raise CheckpointExistsError(f"{storage.uri}/{name} was committed by someone else meanwhile; nothing was changed")
-    if update_latest:
-        await set_latest(storage, name, step)
-    await drop_other_generations(storage, name, record, old)
-    await drop_stale_writes(storage, [name, *data_keys])
+    _remember_commit(storage, name, record)
+
+    async def tidy() -> None:  # best effort, after COMMIT; independent of `latest`, so beside it
+        if not (fresh and layout == "flat"):
+            # A fresh flat name (no COMMIT, no RETIRED when its save began) replaced nothing; rank files
+            # of other generations under it can only be what an interrupted deletion left, and they go
+            # with this checkpoint's own deletion (which removes every rank file directly under NAME/).
+            await drop_other_generations(storage, name, record, old)
+        await drop_stale_writes(storage, [name, *data_keys])
+
+    moved = set_latest(storage, name, step) if update_latest else asyncio.sleep(0)
+    for got in await asyncio.gather(moved, tidy(), return_exceptions=True):
+        if isinstance(got, BaseException):
+            raise got
     log.info(
         "committed",
         extra={"rank": 0, "step": step, "op": "commit", "bytes": total, "seconds": time.perf_counter() - t0},
@@ -495,14 +702,23 @@ async def drop_stale_writes(storage: Storage, prefixes: list[str]) -> None:
         if caps.cleanup_temp and isinstance(storage, CleansTempFiles):  # local: the checkpoint's own directory
             await storage.cleanup_temp(prefixes[0])
         if caps.abort_incomplete and isinstance(storage, AbortsIncompleteUploads):  # object stores: these prefixes
-            for prefix in dict.fromkeys(prefixes):
+            for prefix in _outermost(prefixes):
                 await storage.abort_incomplete_uploads(prefix)
     except CheckpointError as exc:
         log.warning("could not remove what earlier torn saves left under %s: %s", storage.uri, exc)
 
 
+def _outermost(prefixes: list[str]) -> list[str]:
+    """``prefixes`` without those another one covers (``NAME`` covers ``NAME/rank-00000.data``)."""
+    out = list(dict.fromkeys(prefixes))
+    return [p for p in out if not any(q != p and p.startswith(q + "/") for q in out)]
+
+
 async def set_latest(storage: Storage, name: str, step: int | None) -> None:
-    await storage.put_record(LATEST_FILE, encode_latest(LatestRecord(name=name, step=step, created=time.time())))
+    rec = LatestRecord(name=name, step=step, created=time.time())
+    await storage.put_record(LATEST_FILE, encode_latest(rec))
+    if _REMEMBER.get():
+        _known_of(storage).latest = rec
 
 
 async def read_latest(storage: Storage) -> LatestRecord | None:
@@ -510,7 +726,10 @@ async def read_latest(storage: Storage) -> LatestRecord | None:
         blob = await storage.read(LATEST_FILE)
     except CheckpointNotFoundError:
         return None
-    return decode_latest(blob, f"{storage.uri}/{LATEST_FILE}")
+    rec = decode_latest(blob, f"{storage.uri}/{LATEST_FILE}")
+    if _REMEMBER.get():
+        _known_of(storage).latest = rec
+    return rec
 
 
 async def read_commit(storage: Storage, name: str) -> CommitRecord:
@@ -524,7 +743,9 @@ async def read_commit(storage: Storage, name: str) -> CommitRecord:
         ) from exc
     # The record's own name is not checked: a renamed or symlinked checkpoint keeps its COMMIT.
     # A COMMIT from another checkpoint is caught by its manifests' sizes, CRC32Cs and save ids.
-    return decode_commit(blob, f"{storage.uri}/{key}")
+    rec = decode_commit(blob, f"{storage.uri}/{key}")
+    _remember_commit(storage, name, rec)
+    return rec
 
 
 async def resolve_name(storage: Storage, name: str | None) -> str:
@@ -550,11 +771,12 @@ async def list_all(storage: Storage, *, check: bool = False) -> list[CheckpointI
         if "/" in k:
             head, _, rest = k.partition("/")
             names.setdefault(head, []).append(rest)
-    latest = None
-    try:
-        latest = await read_latest(storage)
-    except CheckpointError:
-        pass
+    latest = _known_of(storage).latest if _REMEMBER.get() else None
+    if latest is None:
+        try:
+            latest = await read_latest(storage)
+        except CheckpointError:
+            pass
     out: list[CheckpointInfo] = []
     for name, files in names.items():
         path = f"{storage.uri.rstrip('/')}/{name}"
@@ -572,11 +794,13 @@ async def list_all(storage: Storage, *, check: bool = False) -> list[CheckpointI
                     "no commit record and no manifest, only data files (a save torn before its manifest was "
                     "written?); nothing proves they are a checkpoint's, so `asyncckpt rm` refuses: delete by hand")))
             continue
-        try:
-            rec = await read_commit(storage, name)
-        except CheckpointError as exc:
-            out.append(CheckpointInfo(name, path, None, 0.0, 0, False, problem=str(exc)))
-            continue
+        rec = _known_of(storage).commits.get(name) if _REMEMBER.get() else None
+        if rec is None:
+            try:
+                rec = await read_commit(storage, name)
+            except CheckpointError as exc:
+                out.append(CheckpointInfo(name, path, None, 0.0, 0, False, problem=str(exc)))
+                continue
         try:
             kind_of(rec, path)
             problem = ""

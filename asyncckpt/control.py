@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .catalog import BasePins, commit_checkpoint, drop_stale_writes
+from .catalog import BasePins, commit_checkpoint, drop_stale_writes, remembered_records
 from .retention import RetentionPolicy, apply_retention
 
 if TYPE_CHECKING:
@@ -44,8 +44,9 @@ class RetentionOp:
     async def run(self, ctx: WorkerContext, prior: Any) -> Any:
         storage = ctx.storage(self.root, self.storage_options)
         # the bases of incremental saves still being written here stay (their references are not on storage yet)
-        await apply_retention(storage, self.policy, now=self.now, upto_step=self.upto_step, rank=self.rank,
-                              protect=self.protect, pins=ctx.pins.setdefault(self.root, BasePins()))
+        with remembered_records():  # what this worker committed is not read back (see catalog.remembered_records)
+            await apply_retention(storage, self.policy, now=self.now, upto_step=self.upto_step, rank=self.rank,
+                                  protect=self.protect, pins=ctx.pins.setdefault(self.root, BasePins()))
         return prior
 
 
@@ -70,10 +71,11 @@ class CommitOp:
 
     async def run(self, ctx: WorkerContext, prior: Any) -> Any:
         storage = ctx.storage(self.root, self.storage_options)
-        await commit_checkpoint(
-            storage, self.name, world_size=self.world_size, step=self.step, overwrite=self.overwrite,
-            update_latest=self.update_latest, metadata=self.metadata, layout=self.layout,
-        )
+        with remembered_records():  # the generation its save found, the manifests it reads once
+            await commit_checkpoint(
+                storage, self.name, world_size=self.world_size, step=self.step, overwrite=self.overwrite,
+                update_latest=self.update_latest, metadata=self.metadata, layout=self.layout,
+            )
         for r in self.retention:
             try:
                 await r.run(ctx, None)

@@ -19,11 +19,14 @@ Anything else under ``NAME/`` (a user's ``notes.txt``) stays. A ``NAME`` that is
 (inside the root) to a checkpoint is an alias: only the link is removed. Order: ``COMMIT`` first, then
 DCP's ``.metadata`` (both commit points: the checkpoint is never seen complete and half
 deleted), data, then the records that prove ownership last, so an interrupted delete can be
-finished by running it again.
+finished by running it again. Where the storage declares ``delete_many``, the commit points go (durably)
+first and the rest in one batch (one request, or one directory fsync per directory): see
+docs/reliability.md, "The save cycle's storage requests".
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -37,6 +40,8 @@ from .catalog import (
     RETIRED_FILE,
     BasePins,
     encode_retired,
+    forget_checkpoint,
+    known_manifest,
     list_all,
     read_commit,
     read_latest,
@@ -67,7 +72,7 @@ from .format import (
 )
 from .kinds.base import CheckpointKind, kind_of
 from .locate import describe_local, is_missing_bucket, local_path
-from .storage import AbortsIncompleteUploads, LocalStorage, Storage, join_key, open_storage, split_uri
+from .storage import AbortsIncompleteUploads, DeletesMany, LocalStorage, Storage, join_key, open_storage, split_uri
 from .storage.layouts import data_prefix
 from .tiers import TieredPath, Tiers
 
@@ -185,24 +190,26 @@ async def _dcp_evidence(storage: Storage, name: str, direct: set[str], plan_note
     return ours, stock
 
 
-async def _direct_files(storage: Storage, name: str) -> set[str]:
-    """Names of the files directly under ``NAME/`` (a local directory is not walked: it may be anything)."""
+async def _direct_files(storage: Storage, name: str) -> tuple[set[str], list[str] | None]:
+    """Names of the files directly under ``NAME/`` (a local directory is not walked: it may be anything),
+    and, for an object store, every key under ``NAME/`` (the one listing it took)."""
     if isinstance(storage, LocalStorage):
         d = storage.path(name)
         if d.is_symlink():
             await storage.list(name)  # refuses a link leading outside the root
         if not d.is_dir():
-            return set()
+            return set(), None
         try:
-            return {n for n in os.listdir(d) if (d / n).is_file()}
+            return {n for n in os.listdir(d) if (d / n).is_file()}, None
         except OSError as exc:
             raise StorageError(exc.errno or 0, f"cannot list {d}: {exc.strerror or exc}") from exc
-    return {k[len(name) + 1 :] for k in await storage.list(name) if "/" not in k[len(name) + 1 :]}
+    listed = await storage.list(name)
+    return {k[len(name) + 1 :] for k in listed if "/" not in k[len(name) + 1 :]}, listed
 
 
 async def _examine(storage: Storage, name: str) -> _Plan | str:
     """The keys of checkpoint ``name`` as its records name them, or (a str) what the name holds instead."""
-    direct = await _direct_files(storage, name)
+    direct, listed = await _direct_files(storage, name)
     temps = _local_temps(storage, name)
     problems: list[str] = []
     rec: CommitRecord | None = None
@@ -219,9 +226,15 @@ async def _examine(storage: Storage, name: str) -> _Plan | str:
             raise DeleteRefusedError(f"{exc}. Nothing was deleted: this asyncckpt cannot tell which files a "
                                      f"{rec.kind!r} checkpoint owns") from exc
     manifests: dict[str, RankManifest] = {}  # by file name: a rank may have several generations
+    committed = {ref.file: ref for ref in rec.manifests} if rec is not None and kind is not None else {}
     for fname in sorted(direct):
         got = manifest_file_rank(fname)
         if got is None:
+            continue
+        ref = committed.get(fname)
+        known = known_manifest(storage, name, ref) if ref is not None and ref.rank == got[0] else None
+        if known is not None:  # the bytes its COMMIT certifies, read or committed by this process before
+            manifests[fname] = known
             continue
         try:
             manifests[fname] = await read_manifest(storage, name, got[0], file=fname)
@@ -302,7 +315,7 @@ async def _examine(storage: Storage, name: str) -> _Plan | str:
     mine = set(plan.order()) | {k for m in plan.referenced for k in (m, plan.data_of.get(m, m))}
     if plan.referenced or plan.retired:
         mine.add(join_key(name, RETIRED_FILE))
-    plan.kept = [k for k in await storage.list(name) if k not in mine]
+    plan.kept = [k for k in (listed if listed is not None else await storage.list(name)) if k not in mine]
     return plan
 
 
@@ -331,9 +344,17 @@ async def _remove(storage: Storage, name: str, plan: _Plan) -> list[str]:
         for m, who in sorted(plan.referenced.items()):
             plan.notes.append(f"kept {m} and its data: referenced by {', '.join(sorted(who))}; they go once "
                               "nothing references them")
-    for key in plan.order():
-        await storage.delete(key)
-        done.append(key)
+    order = plan.order()
+    if storage.capabilities.delete_many and isinstance(storage, DeletesMany):
+        # COMMIT (and DCP's .metadata) gone, durably, before the rest; the rest in one request / one
+        # directory fsync per directory (see docs/reliability.md, "deletion")
+        await storage.delete_many(order, first=sum(1 for k in order if k in plan.commit))
+        done += order
+    else:
+        for key in order:
+            await storage.delete(key)
+            done.append(key)
+    forget_checkpoint(storage, name)
     if storage.capabilities.abort_incomplete and isinstance(storage, AbortsIncompleteUploads):
         for key in dict.fromkeys(plan.uploads):  # object stores: unfinished uploads of exactly these keys
             try:
@@ -388,18 +409,21 @@ async def delete_checkpoint(storage: Storage, name: str, *, force: bool = False,
     if "/" in name or not name:
         raise BadInputError(f"{where}: a checkpoint name is one path component")
     token = pins.token(name) if pins is not None else (False, 0)
-    found = await _examine(storage, name)
+    # `latest` is read beside the examination (one round trip less), still from storage and before any delete
+    found, latest = await asyncio.gather(_examine(storage, name), read_latest(storage), return_exceptions=True)
+    if isinstance(found, BaseException):
+        raise found
     if isinstance(found, str):
         if not found or not await _exists_at(storage, name):
             raise CheckpointNotFoundError(f"{where}: no checkpoint there (nothing at that path); nothing was deleted")
         raise NotACheckpointError(f"{where} is not a checkpoint: {found}; nothing was deleted")
-    try:
-        latest = await read_latest(storage)
-        target = latest.name if latest is not None else None
-    except (FormatError, IntegrityError) as exc:  # cannot tell where it points: as if it pointed here
-        damaged, target = str(exc), name
+    target: str | None
+    if isinstance(latest, (FormatError, IntegrityError)):  # cannot tell where it points: as if it pointed here
+        damaged, target = str(latest), name
+    elif isinstance(latest, BaseException):
+        raise latest
     else:
-        damaged = ""
+        damaged, target = "", latest.name if latest is not None else None
     report = DeleteReport(path=where, kind=found.kind, complete=found.complete, kept=found.kept)
     if target == name:
         if not force:

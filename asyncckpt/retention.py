@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._loop import run_sync
-from .catalog import BasePins, CheckpointInfo, delete_checkpoint, list_all, read_latest
+from .catalog import BasePins, CheckpointInfo, delete_checkpoint, list_all
 from .errors import BadInputError, CheckpointError, CheckpointNotFoundError, NotACheckpointError, StorageError
 from .locate import describe_local, is_missing_bucket, local_path
 from .logs import log_event
@@ -100,14 +100,8 @@ async def apply_retention(
     ``pins``: bases of incremental saves being written in this process; they are kept this time."""
     if not policy.active:
         return []
-    infos = await list_all(storage)
-    try:
-        latest_rec = await read_latest(storage)
-    except CheckpointError:
-        latest_rec = None
-    doomed = select_deletions(
-        infos, policy, now=now, latest=latest_rec.name if latest_rec else None, upto_step=upto_step, protect=protect
-    )
+    infos = await list_all(storage)  # marks the `latest` target (is_latest): no second reading of it here
+    doomed = select_deletions(infos, policy, now=now, upto_step=upto_step, protect=protect)
     if dry_run:
         return doomed
     deleted: list[CheckpointInfo] = []

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -341,6 +342,11 @@ class CrashingStorage(LocalStorage):
     async def delete(self, key: str) -> None:
         self.tick(key)
         await super().delete(key)
+
+    async def delete_many(self, keys: Sequence[str], *, first: int = 1) -> None:
+        for key in keys:  # a crash point before every key of the batch, as with one delete each
+            self.tick(key)
+            await super().delete_many([key])
 
     async def put_record(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         self.tick(key)

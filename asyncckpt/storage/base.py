@@ -4,7 +4,7 @@ A backend moves bytes for keys (``/``-separated, relative to the backend's root)
 Chunking, checksums and concurrency live above it, in the engine, written once.
 Optional behaviour is *declared* in ``Storage.capabilities`` (a `Capabilities`), never probed:
 a caller checks the flag, then calls the matching method of `AbortsIncompleteUploads` or
-`CleansTempFiles`.
+`CleansTempFiles` (or `DeletesMany`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 __all__ = [
-    "AbortsIncompleteUploads", "Capabilities", "CleansTempFiles", "ObjectWriter", "ReadsScattered", "Storage",
+    "AbortsIncompleteUploads", "Capabilities", "CleansTempFiles", "DeletesMany", "ObjectWriter", "ReadsScattered",
+    "Storage",
     "blocking_calls_here", "blocking_calls_welcome",
 ]
 
@@ -36,6 +37,9 @@ class Capabilities:
     - ``scatter_read``: the backend has ``read_into_scattered(key, offset, bufs)``
       (`ReadsScattered`) that fills several buffers from one byte range in one pass (local: preadv),
       so a chunk spanning several tensors lands in them without a staging copy.
+    - ``delete_many``: the backend has ``delete_many(keys, first=)`` (`DeletesMany`) that deletes
+      several keys in fewer requests and flushes than one ``delete`` each (local: one directory
+      fsync per directory instead of one per file; S3: one DeleteObjects request).
     - ``min_part_size``: the smallest part, other than an object's last, that ``write_part``
       takes (5 MiB: S3's multipart minimum; a local file takes parts of any size).
     - ``any_loop``: a session holds nothing bound to the event loop it was opened on, so it may be
@@ -50,6 +54,7 @@ class Capabilities:
     server_checksum: str | None = None
     cleanup_temp: bool = False
     scatter_read: bool = False
+    delete_many: bool = False
     min_part_size: int = 5 << 20
     any_loop: bool = False
 
@@ -152,6 +157,21 @@ class CleansTempFiles(Protocol):
 
     async def cleanup_temp(self, prefix: str = "") -> int:
         """Remove temporary files of torn writes under ``prefix``; return how many."""
+
+
+@runtime_checkable
+class DeletesMany(Protocol):
+    """Offered where ``capabilities.delete_many`` is True."""
+
+    async def delete_many(self, keys: Sequence[str], *, first: int = 1) -> None:
+        """Delete ``keys`` (absent ones are ignored), as ``delete`` of each would, with fewer requests.
+
+        The removal of ``keys[:first]`` is durable before any of the others is touched (a commit
+        record goes before the files it names); the others are removed in order, and all of it is
+        durable when the call returns, but their removals may become durable in any order among
+        themselves (local: one directory fsync per directory at the end). A failure raises after
+        ``keys[:first]`` are gone or before any key was touched, never with a later key gone and an
+        earlier one of ``keys[:first]`` left."""
 
 
 @runtime_checkable

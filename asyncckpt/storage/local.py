@@ -174,7 +174,7 @@ class LocalStorage:
     """A directory on a local (or network-mounted POSIX) filesystem."""
 
     capabilities = Capabilities(conditional_put=True, cleanup_temp=True, scatter_read=True, min_part_size=1,
-                                any_loop=True)
+                                any_loop=True, delete_many=True)
 
     def __init__(self, root: str | os.PathLike[str], *, threads: int = 8, direct_io: bool = True) -> None:
         self.root = Path(root).absolute()
@@ -356,26 +356,42 @@ class LocalStorage:
         await self._run(self._delete_sync, key)
 
     def _delete_sync(self, key: str) -> None:
-        p = self.path(key)
-        self._check_inside(p.parent, "delete from")
-        try:
-            os.unlink(p)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise _storage_error("delete", p, exc) from exc
-        try:  # make the unlink durable before the next one: COMMIT must be gone before the data
-            _fsync_dir(p.parent)
-        except OSError as exc:
-            raise _storage_error("delete", p, exc) from exc
-        # Drop directories left empty, up to (not including) the root.
-        parent = p.parent
-        while parent != self.root and self.root in parent.parents:
-            try:
-                os.rmdir(parent)
-            except OSError:
-                break
-            parent = parent.parent
+        self._delete_many_sync([key], 1)
+
+    async def delete_many(self, keys: Sequence[str], *, first: int = 1) -> None:
+        """Unlink ``keys[:first]`` and fsync their directories, then unlink the rest and fsync each of
+        their directories once (not once per file); directories left empty go afterwards."""
+        await self._run(self._delete_many_sync, list(keys), first)
+
+    def _delete_many_sync(self, keys: builtins.list[str], first: int) -> None:
+        paths = [self.path(k) for k in keys]
+        for p in paths:
+            self._check_inside(p.parent, "delete from")
+        emptied: set[Path] = set()
+        for group in (paths[:first], paths[first:]):
+            dirs: dict[Path, Path] = {}  # directory -> the first file unlinked in it (for messages)
+            for p in group:
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise _storage_error("delete", p, exc) from exc
+                dirs.setdefault(p.parent, p)
+            for d, p in sorted(dirs.items()):  # the unlinks are durable before the next group's start
+                try:
+                    _fsync_dir(d)
+                except OSError as exc:
+                    raise _storage_error("delete", p, exc) from exc
+            emptied |= set(dirs)
+        # Drop directories left empty, up to (not including) the root; deepest first.
+        for parent in sorted(emptied, key=lambda d: -len(d.parts)):
+            while parent != self.root and self.root in parent.parents:
+                try:
+                    os.rmdir(parent)
+                except OSError:
+                    break
+                parent = parent.parent
 
     async def put_record(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         return await self._run(self._put_record_sync, key, data, if_absent)

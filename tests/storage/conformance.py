@@ -25,7 +25,14 @@ from asyncckpt.errors import (
     TransientStorageError,
 )
 from asyncckpt.format import checksum
-from asyncckpt.storage import AbortsIncompleteUploads, Capabilities, CleansTempFiles, ObjectWriter, Storage
+from asyncckpt.storage import (
+    AbortsIncompleteUploads,
+    Capabilities,
+    CleansTempFiles,
+    DeletesMany,
+    ObjectWriter,
+    Storage,
+)
 
 from .conftest import Backend, Faulty, MiB, payload
 
@@ -63,6 +70,7 @@ class ProtocolTests:
         assert caps.conditional_put  # every built-in backend writes commit records atomically
         assert isinstance(store, AbortsIncompleteUploads) or not caps.abort_incomplete
         assert isinstance(store, CleansTempFiles) or not caps.cleanup_temp
+        assert isinstance(store, DeletesMany) or not caps.delete_many
         w = await store.open_writer("k")
         assert isinstance(w, ObjectWriter)
         await w.abort()
@@ -229,6 +237,21 @@ class ProtocolTests:
         assert await store.list("a") == ["a/b2", "a/d"]
         assert await store.exists("a/d") and not await store.exists("a/b/c")
         assert await store.size("z/y/x/w") == len(b"z/y/x/w")
+
+    async def test_delete_many(self, store: Storage) -> None:
+        """``delete_many`` (where declared) deletes what ``delete`` of each would; absent keys are ignored."""
+        if not store.capabilities.delete_many:
+            pytest.skip("the backend declares no delete_many")
+        assert isinstance(store, DeletesMany)
+        keys = ["n/COMMIT", "n/rank-00000.data", "n/sub/x", "n/rank-00000.manifest", "other/y", "n/keep"]
+        for k in keys:
+            await store.put_record(k, k.encode())
+        await store.delete_many(["n/COMMIT", "n/rank-00000.data", "n/gone", "n/sub/x", "n/rank-00000.manifest"])
+        assert await store.list() == ["n/keep", "other/y"]
+        await store.delete_many(["n/keep", "other/y"], first=0)
+        await store.delete_many([], first=0)
+        await store.delete_many(["nope/a", "nope/b"])  # absent: nothing to do, no error
+        assert await store.list() == []
 
     async def test_list_many_keys_is_paginated(self, backend: Backend) -> None:
         st = backend.make(list_page_size=16)  # several pages without thousands of keys

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import builtins
 import logging
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -27,6 +29,7 @@ from .upload import S3Writer
 __all__ = ["S3Storage"]
 
 _BODY_CHUNK = 1024 * 1024
+_DELETE_BATCH = 1000  # keys one DeleteObjects request takes
 logger = logging.getLogger(__name__)
 
 
@@ -39,7 +42,7 @@ class S3Storage(PrefixedStore):
     own retries; an expired one raises StorageOpTimeoutError.
     """
 
-    capabilities = Capabilities(conditional_put=True, abort_incomplete=True, server_checksum="crc32c")
+    capabilities = Capabilities(conditional_put=True, abort_incomplete=True, server_checksum="crc32c", delete_many=True)
     config: S3Config
 
     def __init__(self, uri: str, **options: Any) -> None:
@@ -60,6 +63,8 @@ class S3Storage(PrefixedStore):
         self.s3 = S3Client(cfg)
         # None until a conditional PUT has been tried (when "auto"), then True/False.
         self._conditional: bool | None = None if cfg.conditional_writes == "auto" else bool(cfg.conditional_writes)
+        # False once the store refused DeleteObjects: delete_many deletes key by key from then on.
+        self._batch_delete = True
 
     def __repr__(self) -> str:
         return f"S3Storage({self.uri!r})"
@@ -149,6 +154,36 @@ class S3Storage(PrefixedStore):
             raise self.s3.error("delete", full, exc) from exc
         except Exception as exc:
             raise self.s3.error("delete", full, exc) from exc
+
+    async def delete_many(self, keys: Sequence[str], *, first: int = 1) -> None:
+        """Delete ``keys[:first]``, then the rest, each group in one DeleteObjects request (1,000 keys a
+        request) where the store takes it, else key by key; a key the batch could not delete is
+        retried alone, and raises as ``delete`` does."""
+        keys = list(keys)
+        for group in (keys[:first], keys[first:]):
+            for i in range(0, len(group), _DELETE_BATCH):
+                await self._delete_batch(group[i : i + _DELETE_BATCH])
+
+    async def _delete_batch(self, keys: builtins.list[str]) -> None:
+        if len(keys) < 2 or not self._batch_delete:
+            for key in keys:
+                await self.delete(key)
+            return
+        fulls = {self.full_key(k): k for k in keys}
+        try:
+            resp = await self.s3.call("delete_objects", Delete={"Objects": [{"Key": f} for f in fulls], "Quiet": True})
+        except ClientError as exc:
+            code, status = error_code(exc)
+            if code not in ("NotImplemented", "MethodNotAllowed", "InvalidRequest") and status not in (405, 501):
+                raise self.s3.error("delete", next(iter(fulls)), exc) from exc
+            logger.warning("%s: the store refuses DeleteObjects (%s); deleting key by key", self.uri, code or status)
+            self._batch_delete = False
+            resp = {"Errors": [{"Key": f} for f in fulls]}
+        except Exception as exc:
+            raise self.s3.error("delete", next(iter(fulls)), exc) from exc
+        for err in resp.get("Errors", []) or []:  # each failed key alone: absent is fine, others raise
+            if err.get("Code") not in NOT_FOUND and err.get("Key") in fulls:
+                await self.delete(fulls[err["Key"]])
 
     async def abort_incomplete_uploads(self, prefix: str = "") -> int:
         """Abort every multipart upload for ``prefix`` (a key or a folder) left by a crashed save; returns how many."""
