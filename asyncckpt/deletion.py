@@ -19,9 +19,9 @@ Anything else under ``NAME/`` (a user's ``notes.txt``) stays. A ``NAME`` that is
 (inside the root) to a checkpoint is an alias: only the link is removed. Order: ``COMMIT`` first, then
 DCP's ``.metadata`` (both commit points: the checkpoint is never seen complete and half
 deleted), data, then the records that prove ownership last, so an interrupted delete can be
-finished by running it again. Where the storage declares ``delete_many``, the commit points go (durably)
-first and the rest in one batch (one request, or one directory fsync per directory): see
-docs/reliability.md, "The save cycle's storage requests".
+finished by running it again. Where the storage declares ``delete_many``, the same three steps go
+as three batches, each durable before the next (one request, or one directory fsync per directory,
+per step): see docs/reliability.md, "The save cycle's storage requests".
 """
 
 from __future__ import annotations
@@ -346,9 +346,13 @@ async def _remove(storage: Storage, name: str, plan: _Plan) -> list[str]:
                               "nothing references them")
     order = plan.order()
     if storage.capabilities.delete_many and isinstance(storage, DeletesMany):
-        # COMMIT (and DCP's .metadata) gone, durably, before the rest; the rest in one request / one
-        # directory fsync per directory (see docs/reliability.md, "deletion")
-        await storage.delete_many(order, first=sum(1 for k in order if k in plan.commit))
+        # Three steps, each durable before the next (see docs/reliability.md, "deletion"): the commit
+        # points; the data and other files; the records that prove whose files they were. Each step is
+        # one request (S3) or one directory fsync per directory (local), not one per key.
+        points, proofs = set(plan.commit), set(plan.manifests) | {plan.retired}
+        groups = [[k for k in order if k in points], [k for k in order if k not in points and k not in proofs],
+                  [k for k in order if k in proofs]]
+        await storage.delete_many([g for g in groups if g])
         done += order
     else:
         for key in order:

@@ -343,10 +343,10 @@ class CrashingStorage(LocalStorage):
         self.tick(key)
         await super().delete(key)
 
-    async def delete_many(self, keys: Sequence[str], *, first: int = 1) -> None:
-        for key in keys:  # a crash point before every key of the batch, as with one delete each
+    async def delete_many(self, groups: Sequence[Sequence[str]]) -> None:
+        for key in (k for g in groups for k in g):  # a crash point before every key, as with one delete each
             self.tick(key)
-            await super().delete_many([key])
+            await super().delete_many([[key]])
 
     async def put_record(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         self.tick(key)

@@ -216,7 +216,7 @@ def test_an_overwrite_still_drops_the_replaced_generation(tmp_path: Path) -> Non
     asyncio.run(run())
 
 
-def test_local_delete_many_fsyncs_each_directory_once_after_the_first_keys(tmp_path: Path,
+def test_local_delete_many_fsyncs_each_directory_once_per_group(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     async def run() -> None:
         st = LocalStorage(tmp_path)
@@ -236,18 +236,19 @@ def test_local_delete_many_fsyncs_each_directory_once_after_the_first_keys(tmp_p
 
         monkeypatch.setattr(os, "unlink", unlink)
         monkeypatch.setattr(os, "fsync", fsync)
-        await st.delete_many(keys, first=1)
+        await st.delete_many([keys[:1], keys[1:4], keys[4:]])
         monkeypatch.undo()
         assert events == ["unlink n/COMMIT", "fsync n",  # durable before anything else goes
                           "unlink n/rank-00000.data", "unlink n/rank-00001.data", "unlink n/sub/x",
-                          "unlink n/rank-00000.manifest", "fsync n", "fsync n/sub"]
+                          "fsync n", "fsync n/sub",  # the data durably gone before the manifest that proves it
+                          "unlink n/rank-00000.manifest", "fsync n"]
         assert not (tmp_path / "n").exists()  # emptied directories go
         await st.close()
 
     asyncio.run(run())
 
 
-def test_s3_delete_many_is_one_request_after_the_first_keys(moto_server: Any, s3_bucket: str) -> None:
+def test_s3_delete_many_is_one_request_per_group(moto_server: Any, s3_bucket: str) -> None:
     async def run() -> None:
         st = open_storage(f"s3://{s3_bucket}/run", **moto_server.options())
         assert isinstance(st, S3Storage)
@@ -262,8 +263,8 @@ def test_s3_delete_many_is_one_request_after_the_first_keys(moto_server: Any, s3
             return await real(method, **kwargs)
 
         st.s3.call = call  # type: ignore[method-assign]
-        await st.delete_many(keys, first=1)
-        assert sent == ["delete_object", "delete_objects"]
+        await st.delete_many([keys[:1], keys[1:3], keys[3:]])
+        assert sent == ["delete_object", "delete_objects", "delete_object"]
         assert await st.list() == []
         await st.close()
 
@@ -291,7 +292,7 @@ def test_s3_delete_many_falls_back_to_one_request_per_key(moto_server: Any, s3_b
             for k in ("a", "b", "c"):
                 await st.put_record(k, b"x")
             st.s3.call = call  # type: ignore[method-assign]
-            await st.delete_many(["a", "b", "c"], first=0)
+            await st.delete_many([["a", "b", "c"]])
             st.s3.call = real  # type: ignore[method-assign]
             assert await st.list() == []
         assert sent == ["delete_objects"] + ["delete_object"] * 3 + ["delete_object"] * 3

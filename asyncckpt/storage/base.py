@@ -37,7 +37,7 @@ class Capabilities:
     - ``scatter_read``: the backend has ``read_into_scattered(key, offset, bufs)``
       (`ReadsScattered`) that fills several buffers from one byte range in one pass (local: preadv),
       so a chunk spanning several tensors lands in them without a staging copy.
-    - ``delete_many``: the backend has ``delete_many(keys, first=)`` (`DeletesMany`) that deletes
+    - ``delete_many``: the backend has ``delete_many(groups)`` (`DeletesMany`) that deletes
       several keys in fewer requests and flushes than one ``delete`` each (local: one directory
       fsync per directory instead of one per file; S3: one DeleteObjects request).
     - ``min_part_size``: the smallest part, other than an object's last, that ``write_part``
@@ -163,15 +163,15 @@ class CleansTempFiles(Protocol):
 class DeletesMany(Protocol):
     """Offered where ``capabilities.delete_many`` is True."""
 
-    async def delete_many(self, keys: Sequence[str], *, first: int = 1) -> None:
-        """Delete ``keys`` (absent ones are ignored), as ``delete`` of each would, with fewer requests.
+    async def delete_many(self, groups: Sequence[Sequence[str]]) -> None:
+        """Delete the keys of ``groups`` (absent ones are ignored), as ``delete`` of each in order would,
+        with fewer requests and flushes.
 
-        The removal of ``keys[:first]`` is durable before any of the others is touched (a commit
-        record goes before the files it names); the others are removed in order, and all of it is
-        durable when the call returns, but their removals may become durable in any order among
-        themselves (local: one directory fsync per directory at the end). A failure raises after
-        ``keys[:first]`` are gone or before any key was touched, never with a later key gone and an
-        earlier one of ``keys[:first]`` left."""
+        Each group's removal is durable before any key of the next group is touched (a commit record
+        goes before the files it names, the files before the records that prove whose they are);
+        within a group the removals may become durable in any order (local: one directory fsync per
+        directory after the group; S3: one DeleteObjects request). A failure raises with every
+        earlier group gone and no later group touched."""
 
 
 @runtime_checkable

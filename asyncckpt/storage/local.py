@@ -356,19 +356,19 @@ class LocalStorage:
         await self._run(self._delete_sync, key)
 
     def _delete_sync(self, key: str) -> None:
-        self._delete_many_sync([key], 1)
+        self._delete_many_sync([[key]])
 
-    async def delete_many(self, keys: Sequence[str], *, first: int = 1) -> None:
-        """Unlink ``keys[:first]`` and fsync their directories, then unlink the rest and fsync each of
-        their directories once (not once per file); directories left empty go afterwards."""
-        await self._run(self._delete_many_sync, list(keys), first)
+    async def delete_many(self, groups: Sequence[Sequence[str]]) -> None:
+        """Per group: unlink its keys, then fsync each of their directories once (not once per file),
+        so a group is durably gone before the next one starts; directories left empty go at the end."""
+        await self._run(self._delete_many_sync, [list(g) for g in groups])
 
-    def _delete_many_sync(self, keys: builtins.list[str], first: int) -> None:
-        paths = [self.path(k) for k in keys]
-        for p in paths:
+    def _delete_many_sync(self, groups: builtins.list[builtins.list[str]]) -> None:
+        by_group = [[self.path(k) for k in g] for g in groups]
+        for p in (p for g in by_group for p in g):
             self._check_inside(p.parent, "delete from")
         emptied: set[Path] = set()
-        for group in (paths[:first], paths[first:]):
+        for group in by_group:
             dirs: dict[Path, Path] = {}  # directory -> the first file unlinked in it (for messages)
             for p in group:
                 try:

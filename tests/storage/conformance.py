@@ -246,11 +246,11 @@ class ProtocolTests:
         keys = ["n/COMMIT", "n/rank-00000.data", "n/sub/x", "n/rank-00000.manifest", "other/y", "n/keep"]
         for k in keys:
             await store.put_record(k, k.encode())
-        await store.delete_many(["n/COMMIT", "n/rank-00000.data", "n/gone", "n/sub/x", "n/rank-00000.manifest"])
+        await store.delete_many([["n/COMMIT"], ["n/rank-00000.data", "n/gone", "n/sub/x"], ["n/rank-00000.manifest"]])
         assert await store.list() == ["n/keep", "other/y"]
-        await store.delete_many(["n/keep", "other/y"], first=0)
-        await store.delete_many([], first=0)
-        await store.delete_many(["nope/a", "nope/b"])  # absent: nothing to do, no error
+        await store.delete_many([["n/keep", "other/y"]])
+        await store.delete_many([])
+        await store.delete_many([[], ["nope/a", "nope/b"]])  # absent: nothing to do, no error
         assert await store.list() == []
 
     async def test_list_many_keys_is_paginated(self, backend: Backend) -> None:

@@ -409,9 +409,9 @@ def _install_worker() -> None:
     real_latest = catalog.set_latest
     real_delete = retention.delete_checkpoint
 
-    async def take_snapshot(ctx: Any, spec: Any) -> Any:
+    async def take_snapshot(ctx: Any, spec: Any, *args: Any) -> Any:
         with phase("snapshot", current_name):
-            return await real_snapshot(ctx, spec)
+            return await real_snapshot(ctx, spec, *args)
 
     async def write_chunks(storage: Any, key: str, *args: Any, **kwargs: Any) -> list[int]:
         with phase("streaming", key.split("/")[0]):

@@ -155,12 +155,11 @@ class S3Storage(PrefixedStore):
         except Exception as exc:
             raise self.s3.error("delete", full, exc) from exc
 
-    async def delete_many(self, keys: Sequence[str], *, first: int = 1) -> None:
-        """Delete ``keys[:first]``, then the rest, each group in one DeleteObjects request (1,000 keys a
-        request) where the store takes it, else key by key; a key the batch could not delete is
-        retried alone, and raises as ``delete`` does."""
-        keys = list(keys)
-        for group in (keys[:first], keys[first:]):
+    async def delete_many(self, groups: Sequence[Sequence[str]]) -> None:
+        """Delete group after group, each in one DeleteObjects request (1,000 keys a request) where
+        the store takes it, else key by key; a key the batch could not delete is retried alone, and
+        raises as ``delete`` does."""
+        for group in [list(g) for g in groups]:
             for i in range(0, len(group), _DELETE_BATCH):
                 await self._delete_batch(group[i : i + _DELETE_BATCH])
 
