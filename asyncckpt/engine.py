@@ -20,7 +20,7 @@ import msgspec
 import numpy as np
 
 from ._loop import gather_or_cancel
-from .catalog import BasePins, next_generation, read_commit, read_manifest
+from .catalog import BasePins, next_generation, note_manifest_written, read_commit, read_manifest
 from .errors import CheckpointError
 from .format import (
     CHECKSUM_ALGO,
@@ -176,7 +176,12 @@ class NativeSink:
         )
         blob = encode_manifest(manifest)
         remember_manifest(blob, manifest)
-        await storage.put_record(join_key(job.name, manifest_file(job.rank, generation)), blob)
+        mkey = join_key(job.name, manifest_file(job.rank, generation))
+        await storage.put_record(mkey, blob)
+        # The data file's committed writer wrote exactly these bytes: a commit in this worker need
+        # not read the manifest or the file's size back.
+        stored = nbytes if isinstance(chunks, msgspec.UnsetType) else sum(c.stored_nbytes for c in chunks)
+        note_manifest_written(storage, mkey, blob, stored)
         dt = time.perf_counter() - t0
         log.info("wrote rank part", extra={"rank": job.rank, "step": job.step, "op": "write",
                                            "bytes": nbytes, "seconds": dt})
