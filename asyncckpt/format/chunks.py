@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
+import mmap
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -30,12 +31,14 @@ if TYPE_CHECKING:
     from ..storage import Storage
 
 __all__ = [
+    "ALIGNED_MIN",
     "READ_CONCURRENCY",
     "Chunk",
     "ChunkGeometry",
     "check_data_file",
     "chunk_count",
     "keys_in_range",
+    "read_buffer",
     "read_chunk",
     "read_chunks",
     "read_entries",
@@ -45,6 +48,22 @@ __all__ = [
 
 #: Chunks read at once by default.
 READ_CONCURRENCY = 4
+#: Buffers at least this large come from :func:`read_buffer`'s own page-aligned mapping.
+ALIGNED_MIN = 1 << 20
+
+
+def read_buffer(nbytes: int, stored_offset: int = 0) -> np.ndarray:
+    """A writable ``uint8`` array of ``nbytes`` to read the bytes at ``stored_offset`` of a file into.
+
+    A large one (``ALIGNED_MIN`` or more) is its own anonymous mapping placed so that its address
+    and ``stored_offset`` agree modulo the page size: a backend can then read its page-aligned
+    middle with direct I/O (local: O_DIRECT) straight from the disk, without the page cache's
+    copy. The mapping is released with the last array or tensor over it.
+    """
+    if nbytes < ALIGNED_MIN:
+        return np.empty(nbytes, dtype=np.uint8)
+    shift = stored_offset % mmap.PAGESIZE
+    return np.frombuffer(mmap.mmap(-1, shift + nbytes), dtype=np.uint8, count=nbytes, offset=shift)
 
 
 def chunk_count(nbytes: int, chunk_size: int) -> int:
