@@ -139,7 +139,7 @@ def test_read_buffer_places_large_buffers_for_direct_reads() -> None:
         b = read_buffer(ALIGNED_MIN + 100, off)
         assert b.flags.writeable and len(b) == ALIGNED_MIN + 100 and b.dtype == np.uint8
         assert b.ctypes.data % PAGE == off % PAGE
-        t = torch.from_numpy(b)  # the tensor keeps the mapping alive
+        t = torch.from_numpy(b)  # the tensor keeps the allocation alive
         del b
         t.fill_(7)
         assert int(t.sum()) == 7 * (ALIGNED_MIN + 100)

@@ -55,15 +55,17 @@ ALIGNED_MIN = 1 << 20
 def read_buffer(nbytes: int, stored_offset: int = 0) -> np.ndarray:
     """A writable ``uint8`` array of ``nbytes`` to read the bytes at ``stored_offset`` of a file into.
 
-    A large one (``ALIGNED_MIN`` or more) is its own anonymous mapping placed so that its address
-    and ``stored_offset`` agree modulo the page size: a backend can then read its page-aligned
-    middle with direct I/O (local: O_DIRECT) straight from the disk, without the page cache's
-    copy. The mapping is released with the last array or tensor over it.
+    A large one (``ALIGNED_MIN`` or more) is placed so that its address and ``stored_offset``
+    agree modulo the page size: a backend can then read its page-aligned middle with direct I/O
+    (local: O_DIRECT) straight from the disk, without the page cache's copy. It is a slice of an
+    ordinary allocation one page larger (not a mapping of its own: memory the allocator hands out
+    again is already faulted in, a fresh mapping pays a page fault per page every time).
     """
     if nbytes < ALIGNED_MIN:
         return np.empty(nbytes, dtype=np.uint8)
-    shift = stored_offset % mmap.PAGESIZE
-    return np.frombuffer(mmap.mmap(-1, shift + nbytes), dtype=np.uint8, count=nbytes, offset=shift)
+    base = np.empty(nbytes + mmap.PAGESIZE, dtype=np.uint8)
+    start = (stored_offset - base.ctypes.data) % mmap.PAGESIZE
+    return base[start : start + nbytes]
 
 
 def chunk_count(nbytes: int, chunk_size: int) -> int:
