@@ -53,7 +53,7 @@ def direct_dir(tmp_path: Path) -> Path:
 class _Syscalls:
     """Counts the bytes ``os.preadv`` reads through O_DIRECT descriptors and through others;
     ``refuse`` makes O_DIRECT fail with EINVAL at ``"open"`` or at ``"read"`` (as tmpfs and some
-    network filesystems do)."""
+    network filesystems do), or at the ``"second read"`` after a short first one."""
 
     def __init__(self, mp: pytest.MonkeyPatch, refuse: str | None = None) -> None:
         self.direct_bytes = self.buffered_bytes = self.refused = 0
@@ -79,10 +79,12 @@ class _Syscalls:
 
         def fake_preadv(fd: int, bufs: Any, offset: int, *args: Any) -> int:
             direct = fd in self._direct
-            if direct and refuse == "read":
+            if direct and (refuse == "read" or (refuse == "second read" and self.direct_bytes)):
                 with self._lock:
                     self.refused += 1
                 raise OSError(errno.EINVAL, "Invalid argument")
+            if direct and refuse == "second read":  # a short first read: half of its first buffer
+                bufs = [bufs[0][: len(bufs[0]) // 2 // PAGE * PAGE]]
             n = real_preadv(fd, bufs, offset, *args)
             with self._lock:
                 if direct:
@@ -181,6 +183,15 @@ def test_filesystem_refusing_o_direct_gets_buffered_reads(saved, monkeypatch, re
     monkeypatch.undo()
     _same(state, got)
     assert calls.refused >= 1 and calls.direct_bytes == 0  # it was tried, refused, and the load went on
+
+
+def test_direct_read_refused_after_a_short_one_restarts_buffered_bit_exact(saved, monkeypatch) -> None:
+    path, state = saved
+    calls = _Syscalls(monkeypatch, refuse="second read")
+    got = asyncckpt.load(path)
+    monkeypatch.undo()
+    _same(state, got)
+    assert calls.refused == 1 and calls.direct_bytes > 0
 
 
 def test_storage_stops_trying_o_direct_once_refused(direct_dir, monkeypatch) -> None:

@@ -358,7 +358,7 @@ class LocalStorage:
             for direct, at, vs in runs:
                 if direct and dfd is not None:
                     try:
-                        _preadv_all(dfd, p, vs, at)
+                        _preadv_all(dfd, p, list(vs), at)  # a copy: a refused read restarts from ``at``
                         continue
                     except OSError as exc:
                         if exc.errno not in _NO_DIRECT:
