@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 MiB = 1 << 20
 HERE = Path(__file__).resolve().parent.parent
@@ -117,56 +117,58 @@ def make_state(mib: int, ntensors: int) -> dict[str, Any]:
 _CPU: dict[str, float] = {}
 
 
-def timed(path: str, fn: Callable[[], Any], name: str = "") -> tuple[float, Any]:
-    """(wall seconds, result) of ``fn`` after ``path``'s cache was dropped; its CPU seconds (every
-    thread of this process) go to ``_CPU[name]``: on a busy machine they vary far less than the wall time."""
-    drop_cache(path)
-    c0, t0 = time.process_time(), time.perf_counter()
-    out = fn()
-    wall = time.perf_counter() - t0
-    _CPU[name] = time.process_time() - c0
-    return wall, out
+def measure(op: str, ckpt: str, tfile: str, dcp_dir: str) -> dict[str, float]:
+    """One fresh process, one operation, from a cold cache: {"s": wall seconds, "cpu": CPU seconds}.
 
-
-def measure(ckpt: str, tfile: str, dcp_dir: str) -> dict[str, float]:
-    """One process's figures (seconds), every read from a cold cache."""
+    A fresh process gives every operation the same start (the memory it fills is new to it, as
+    at a job's start): in one long process, a load that gets memory an earlier one freed skips
+    its page faults and looks several times cheaper (0.2 vs 1-2 CPU seconds for 1 GiB here).
+    """
     import torch
     import torch.distributed.checkpoint as dcp
 
     import asyncckpt
     from asyncckpt.dcp import AsyncStorageReader
 
-    small = {"small000": torch.zeros(1000)}  # warm-up: the imports and first-call set-up of every path
-    asyncckpt.load(ckpt, keys=["small000"])
-    dcp.load(small, storage_reader=AsyncStorageReader(dcp_dir))
-    out: dict[str, float] = {}
-    for name, method in READ_METHODS.items():
-        out[f"read:{name}"] = timed(tfile, lambda m=method: m(tfile))[0]  # type: ignore[misc]
-    out["limit_s"] = min(v for k, v in out.items() if k.startswith("read:"))
-    out["torch_s"], sd = timed(tfile, lambda: torch.load(tfile, weights_only=True), "torch")
-    out["load_s"], got = timed(ckpt, lambda: asyncckpt.load(ckpt), "load")
-    assert all(torch.equal(got[k], sd[k]) for k in sd), "asyncckpt.load does not match torch.load"
-    del got
-    into = {k: torch.full_like(v, 0) for k, v in sd.items()}  # touched, as live parameters are
-    out["into_s"], _ = timed(ckpt, lambda: asyncckpt.load(ckpt, into=into), "into")
-    assert all(torch.equal(into[k], sd[k]) for k in sd), "load(into=) does not match torch.load"
-    into = {k: torch.full_like(v, 0) for k, v in sd.items()}
-    out["dcp_s"], _ = timed(dcp_dir, lambda: dcp.load(into, storage_reader=AsyncStorageReader(dcp_dir)), "dcp")
-    assert all(torch.equal(into[k], sd[k]) for k in sd), "dcp.load does not match torch.load"
-    into.clear()
-
-    def dcp_fresh() -> dict[str, Any]:  # as bench/run.py: targets made by empty_like inside the timing
-        fresh = {k: torch.empty_like(v) for k, v in sd.items()}
-        dcp.load(fresh, storage_reader=AsyncStorageReader(dcp_dir))
-        return fresh
-
-    out["dcp_fresh_s"], fresh = timed(dcp_dir, dcp_fresh, "dcp_fresh")
-    assert all(torch.equal(fresh[k], sd[k]) for k in sd), "dcp.load does not match torch.load"
-    out.update({f"cpu:{k}": v for k, v in _CPU.items() if k})
-    return out
+    like = {k: v for k, v in torch.load(tfile, weights_only=True, mmap=True).items()}  # shapes only
+    if op in ("into", "dcp"):
+        target = {k: torch.full_like(v, 0) for k, v in like.items()}  # touched, as live parameters are
+    asyncckpt.load(ckpt, keys=["small000"])  # warm-up: imports and first-call set-up of every path
+    dcp.load({"small000": torch.zeros_like(like["small000"])}, storage_reader=AsyncStorageReader(dcp_dir))
+    fns: dict[str, tuple[str, Callable[[], Any]]] = {
+        "torch": (tfile, lambda: torch.load(tfile, weights_only=True)),
+        "load": (ckpt, lambda: asyncckpt.load(ckpt)),
+        "into": (ckpt, lambda: asyncckpt.load(ckpt, into=target)),
+        "dcp": (dcp_dir, lambda: dcp.load(target, storage_reader=AsyncStorageReader(dcp_dir)) or target),
+        "dcp_fresh": (dcp_dir, lambda: _dcp_fresh(like, dcp_dir)),
+    }
+    fns.update({f"read:{k}": (tfile, lambda m=m: m(tfile)) for k, m in READ_METHODS.items()})  # type: ignore[misc]
+    path, fn = fns[op]
+    drop_cache(path)
+    c0, t0 = time.process_time(), time.perf_counter()
+    got = fn()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if not op.startswith("read:"):
+        assert all(torch.equal(got[k], like[k]) for k in like), f"{op} does not match the saved state"
+    return {"s": wall, "cpu": cpu}
 
 
-FIGURES = ("load_s", "into_s", "dcp_s", "dcp_fresh_s")
+def _dcp_fresh(like: dict[str, Any], dcp_dir: str) -> dict[str, Any]:
+    """As bench/run.py: targets made by empty_like inside the timing."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from asyncckpt.dcp import AsyncStorageReader
+
+    fresh = {k: torch.empty_like(v) for k, v in like.items()}
+    dcp.load(fresh, storage_reader=AsyncStorageReader(dcp_dir))
+    return fresh
+
+
+OPS = ("torch", "load", "into", "dcp", "dcp_fresh", *(f"read:{k}" for k in READ_METHODS))
+
+
+FIGURES = ("load", "into", "dcp", "dcp_fresh")
 
 
 def main() -> None:
@@ -177,7 +179,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dir", default=None)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--measure", nargs=3, metavar=("CKPT", "TORCH_FILE", "DCP_DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--measure", nargs=4, metavar=("OP", "CKPT", "TORCH_FILE", "DCP_DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
         print(json.dumps(measure(*args.measure)))
@@ -201,42 +203,55 @@ def main() -> None:
         torch.save(state, tfile)
         dcp.save(state, storage_writer=AsyncStorageWriter(dcp_dir, files_per_rank=4))
         del state
-    for p in (ckpt, tfile, dcp_dir):
-        drop_cache(p)
     trees = {"new": str(HERE)}
     if args.old_src:
         trees = {"old": os.path.abspath(args.old_src), **trees}
-    runs: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
+
+    def run(tree: str, op: str) -> dict[str, float]:
+        env = dict(os.environ, PYTHONPATH=trees[tree])
+        res = subprocess.run([sys.executable, __file__, "--measure", op, ckpt, tfile, dcp_dir],
+                             env=env, cwd=trees[tree], check=True, capture_output=True, text=True)
+        return cast(dict[str, float], json.loads(res.stdout.strip().splitlines()[-1]))
+
+    reads = [op for op in OPS if op.startswith("read:")]
+    ops = ["torch", *FIGURES]
+    rounds: list[dict[str, Any]] = []
     load_start = os.getloadavg()
     for r in range(args.rounds):
-        for name in (list(trees) if r % 2 == 0 else list(reversed(trees))):
-            env = dict(os.environ, PYTHONPATH=trees[name])
-            res = subprocess.run([sys.executable, __file__, "--measure", ckpt, tfile, dcp_dir],
-                                 env=env, cwd=trees[name], check=True, capture_output=True, text=True)
-            fig = json.loads(res.stdout.strip().splitlines()[-1])
-            runs[name].append(fig)
-            print(f"round {r} {name}: limit {fig['limit_s']:.3f} s  torch.load {fig['torch_s']:.3f} s  "
-                  + "  ".join(f"{k[:-2]} {fig[k]:.3f} s ({fig[k] / fig['torch_s']:.2f}x)" for k in FIGURES)
-                  + "  cpu " + " ".join(f"{k[4:]} {v:.2f}" for k, v in fig.items() if k.startswith("cpu:"))
-                  + f"  load avg {os.getloadavg()[0]:.1f}", file=sys.stderr)
+        rnd: dict[str, Any] = {"read": {op[5:]: run("new", op) for op in reads}}
+        rnd["limit"] = min(v["s"] for v in rnd["read"].values())
+        order = list(trees) if r % 2 == 0 else list(reversed(trees))
+        for op in ops:
+            for tree in order:
+                rnd.setdefault(tree, {})[op] = run(tree, op)
+        rnd["loadavg"] = os.getloadavg()[0]
+        rounds.append(rnd)
+        print(f"round {r}: limit {rnd['limit']:.3f} s  load avg {rnd['loadavg']:.1f}", file=sys.stderr)
+        for tree in trees:
+            f = rnd[tree]
+            print(f"  {tree}: " + "  ".join(f"{op} {f[op]['s']:.3f} s/{f[op]['cpu']:.2f} cpu" for op in ops),
+                  file=sys.stderr)
     load_end = os.getloadavg()
-    summary: dict[str, Any] = {"mib": args.mib, "tensors": 2 * args.tensors, "rounds": args.rounds,
-                               "loadavg_start": load_start, "loadavg_end": load_end, "runs": runs}
-    print(f"{args.mib} MiB, {2 * args.tensors} tensors, {args.rounds} rounds, cold cache; load average (1 min) "
-          f"{load_start[0]:.1f} -> {load_end[0]:.1f}")
-    for name, rs in runs.items():
-        s: dict[str, float] = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
-        for k in FIGURES:
-            s[f"{k[:-2]}_vs_torch"] = statistics.median(x[k] / x["torch_s"] for x in rs)
-            s[f"{k[:-2]}_vs_limit"] = statistics.median(x[k] / x["limit_s"] for x in rs)
-        s["torch_vs_limit"] = statistics.median(x["torch_s"] / x["limit_s"] for x in rs)
-        summary[name] = s
-        reads = "  ".join(f"{k[5:]} {v:.3f} s" for k, v in s.items() if k.startswith("read:"))
-        print(f"{name:4s} read limit {s['limit_s']:.3f} s [{reads}]")
-        print(f"     torch.load {s['torch_s']:.3f} s ({s['torch_vs_limit']:.2f}x limit)  "
-              + "  ".join(f"{k[:-2]} {s[k]:.3f} s ({s[k[:-2] + '_vs_torch']:.2f}x torch.load, "
-                          f"{s[k[:-2] + '_vs_limit']:.2f}x limit)" for k in FIGURES) + "  [medians]")
-        print("     CPU seconds: " + "  ".join(f"{k[4:]} {v:.2f}" for k, v in s.items() if k.startswith("cpu:")))
+    summary: dict[str, Any] = {"mib": args.mib, "tensors": 2 * args.tensors, "rounds": rounds,
+                               "loadavg_start": load_start, "loadavg_end": load_end}
+    med = statistics.median
+    print(f"{args.mib} MiB, {2 * args.tensors} tensors, {args.rounds} rounds, cold cache, one process per "
+          f"figure; load average (1 min) {load_start[0]:.1f} -> {load_end[0]:.1f}")
+    limit = med(x["limit"] for x in rounds)
+    print(f"read limit {limit:.3f} s [" + "  ".join(
+        f"{k} {med(x['read'][k]['s'] for x in rounds):.3f} s" for k in rounds[0]["read"]) + "]  (medians)")
+    summary["limit_s"] = limit
+    for tree in trees:
+        s: dict[str, float] = {}
+        for op in ops:
+            s[f"{op}_s"] = med(x[tree][op]["s"] for x in rounds)
+            s[f"{op}_cpu"] = med(x[tree][op]["cpu"] for x in rounds)
+            s[f"{op}_vs_limit"] = med(x[tree][op]["s"] / x["limit"] for x in rounds)
+            s[f"{op}_vs_torch"] = med(x[tree][op]["s"] / x[tree]["torch"]["s"] for x in rounds)
+        summary[tree] = s
+        print(f"{tree:4s} " + "  ".join(
+            f"{op} {s[op + '_s']:.3f} s ({s[op + '_vs_torch']:.2f}x torch.load, {s[op + '_vs_limit']:.2f}x limit, "
+            f"{s[op + '_cpu']:.2f} cpu s)" for op in ops) + "  [medians]")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))
     if args.dir is None:

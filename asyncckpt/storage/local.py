@@ -35,6 +35,22 @@ try:
 except (AttributeError, ValueError, OSError):
     _IOV_MAX = 16
 _DIRECT_READ_MIN = 1 << 20  # a buffer's page-aligned middle at least this large is read with O_DIRECT
+# A direct run is read as pieces of this size, up to _DIRECT_READS of them in flight in the process:
+# the virtual disks measured here want many requests in flight (1 GiB cold: 64 x 2 MiB 0.48 s,
+# 4 x 32 MiB 0.85 s, buffered with readahead 0.45-0.8 s).
+_DIRECT_PIECE = 2 << 20
+_DIRECT_READS = 64
+_direct_pool: ThreadPoolExecutor | None = None
+_direct_pool_lock = threading.Lock()
+
+
+def _direct_reads() -> ThreadPoolExecutor:
+    """The process's pool for direct-read pieces (made on first use; idle threads cost nothing)."""
+    global _direct_pool
+    with _direct_pool_lock:
+        if _direct_pool is None:
+            _direct_pool = ThreadPoolExecutor(max_workers=_DIRECT_READS, thread_name_prefix="asyncckpt-dread")
+        return _direct_pool
 _NO_DIRECT = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)  # what a filesystem refusing O_DIRECT answers
 
 
@@ -131,6 +147,22 @@ def _direct_runs(views: Sequence[memoryview], offset: int) -> list[tuple[bool, i
             add(False, pos + head + body, v[head + body :])
         pos += len(v)
     return runs
+
+
+def _read_direct_pieces(dfd: int, p: Path, view: memoryview, offset: int) -> None:
+    """Fill the page-aligned ``view`` from the O_DIRECT descriptor ``dfd`` at ``offset``, as pieces of
+    ``_DIRECT_PIECE`` bytes read at once; the first error (EINVAL: O_DIRECT refused) is raised
+    after every piece has finished."""
+    pieces = [view[lo : lo + _DIRECT_PIECE] for lo in range(0, len(view), _DIRECT_PIECE)]
+    if len(pieces) == 1:
+        _preadv_all(dfd, p, pieces, offset)
+        return
+    futures = [_direct_reads().submit(_preadv_all, dfd, p, [v], offset + i * _DIRECT_PIECE)
+               for i, v in enumerate(pieces)]
+    errors = [f.exception() for f in futures]
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
 
 
 def _address(data: memoryview) -> int | None:
@@ -358,7 +390,7 @@ class LocalStorage:
             for direct, at, vs in runs:
                 if direct and dfd is not None:
                     try:
-                        _preadv_all(dfd, p, list(vs), at)  # a copy: a refused read restarts from ``at``
+                        _read_direct_pieces(dfd, p, vs[0], at)
                         continue
                     except OSError as exc:
                         if exc.errno not in _NO_DIRECT:
@@ -366,7 +398,7 @@ class LocalStorage:
                         self.direct_read = False  # refused at read time: buffered from now on
                         os.close(dfd)
                         dfd = None
-                _preadv_all(fd, p, vs, at)
+                _preadv_all(fd, p, vs, at)  # a refused direct run is read again whole, from ``at``
         except OSError as exc:
             raise _storage_error("read", p, exc) from exc
         finally:
