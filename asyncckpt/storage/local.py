@@ -36,10 +36,11 @@ except (AttributeError, ValueError, OSError):
     _IOV_MAX = 16
 _DIRECT_READ_MIN = 1 << 20  # a buffer's page-aligned middle at least this large is read with O_DIRECT
 # A direct run is read as pieces of this size, up to _DIRECT_READS of them in flight in the process:
-# the virtual disks measured here want many requests in flight (1 GiB cold: 64 x 2 MiB 0.48 s,
-# 4 x 32 MiB 0.85 s, buffered with readahead 0.45-0.8 s).
+# the virtual disks measured here want many requests in flight (1 GiB cold: 2 MiB x 16 ~0.40 s,
+# 32 MiB x 4 0.85 s, buffered with readahead 0.45-0.8 s); 64 threads faulting fresh destination
+# memory at once spent 1-2.5 CPU seconds on page-fault contention (16: 0.2).
 _DIRECT_PIECE = 2 << 20
-_DIRECT_READS = 64
+_DIRECT_READS = 16
 _direct_pool: ThreadPoolExecutor | None = None
 _direct_pool_lock = threading.Lock()
 
