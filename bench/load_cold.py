@@ -101,6 +101,7 @@ READ_METHODS: dict[str, Callable[[str], None]] = {
     "buffered 16 MiB, FADV_SEQUENTIAL": read_buffered,
     "O_DIRECT 16 MiB x 2": lambda p: read_direct(p, 16 * MiB, 2),
     "O_DIRECT 32 MiB x 4": lambda p: read_direct(p, 32 * MiB, 4),
+    "O_DIRECT 2 MiB x 16": lambda p: read_direct(p, 2 * MiB, 16),
 }
 
 
