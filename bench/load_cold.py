@@ -7,15 +7,16 @@ dropped (``posix_fadvise(DONTNEED)``) before each read.
 
 The state is ``--tensors`` float32 tensors of ``--mib`` MiB in all plus as many small ones. It is
 saved once with this tree (native checkpoint, ``torch.save`` file, DCP through
-``AsyncStorageWriter(files_per_rank=4)``, as ``bench/run.py`` does), every file fsynced. Each
-round runs one fresh process per code tree (the order alternating); each process times, in
-turn, the read limit (the fastest of a few ways to read the ``torch.save`` file's bytes:
-buffered sequential reads, O_DIRECT reads with several in flight), ``torch.load``,
+``AsyncStorageWriter(files_per_rank=4)``, as ``bench/run.py`` does), every file fsynced. Every
+figure is one fresh process timing one operation from a cold cache (see :func:`measure`): each
+round first measures the read limit (the fastest of a few ways to read the ``torch.save`` file's
+bytes: buffered sequential reads with readahead, O_DIRECT reads of several sizes and depths),
+then, for each code tree in turn (the order alternating between rounds), ``torch.load``,
 ``asyncckpt.load``, ``load(into=)`` into touched tensors, ``dcp.load`` into touched tensors
-(``dcp``) and into ``empty_like`` ones made inside the timing (``dcp_fresh``, as
-``bench/run.py`` does). Reported: medians
-over the rounds of each ratio to ``torch.load`` and to the read limit of the same process, and
-the 1-minute load average before and after. On a shared machine compare the rows of one run.
+(``dcp``) and into ``empty_like`` ones made inside the timing (``dcp_fresh``, as ``bench/run.py``
+does). Reported: wall and CPU seconds, medians over the rounds of each ratio to the same tree's
+``torch.load`` of that round and to the round's read limit, and the 1-minute load average before
+and after. On a shared machine compare the rows of one run.
 """
 
 from __future__ import annotations
