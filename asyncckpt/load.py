@@ -8,6 +8,7 @@ import time
 from collections.abc import Collection, Mapping, MutableMapping
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 
@@ -25,6 +26,7 @@ from .format import (
     select_keys,
     stored_entries,
 )
+from .format.chunks import read_buffer
 from .kinds.base import kind_of, kind_of_file
 from .locate import Located, local_path, locate
 from .storage import Storage
@@ -56,7 +58,9 @@ async def read_rank(storage: Storage, m: RankManifest, *, allow_pickle: bool = F
     await check_data_file(storage, m)  # entries lie inside data_nbytes: now bounded by the real file
     # Each value's memory is allocated once, filled by the reads, checked where it landed, and
     # becomes the loaded tensor/array without a copy; nothing is returned unless all of it verified.
-    buffers: dict[int, np.ndarray] = {i: np.empty(m.entries[i].nbytes, dtype=np.uint8)
+    # Large ones are placed for direct reads (``read_buffer``): the disk writes them in place.
+    raw = m.chunks is msgspec.UNSET or all(c.codec == "none" for c in m.chunks)  # stored offset = image offset
+    buffers: dict[int, np.ndarray] = {i: read_buffer(m.entries[i].nbytes, m.entries[i].offset if raw else 0)
                                       for i in stored_entries(m, wanted)}
     own = {i: b for i, b in buffers.items() if m.entries[i].ref < 0}
 

@@ -28,6 +28,7 @@ from torch.futures import Future
 from .._loop import _get_loop, gather_or_cancel, run_sync
 from ..errors import BadInputError, CheckpointNotFoundError, FormatError, IntegrityError
 from ..format import checksum
+from ..format.chunks import read_buffer
 from ..storage import Storage, join_key, open_storage, split_uri
 from ._commit import committed_generation
 from ._direct import HEAD_BYTES, TAIL_BYTES, data_record, tensor_layout
@@ -337,7 +338,7 @@ class AsyncStorageReader(StorageReader):
 
     async def _fetch(self, storage: Storage, r: _Range, sem: asyncio.Semaphore) -> np.ndarray:
         key = join_key(self.name, r.file)
-        buf = np.empty(r.end - r.start, dtype=np.uint8)
+        buf = read_buffer(r.end - r.start, r.start)  # placed for direct reads where the backend has them
         view = buf.data
 
         async def piece(lo: int, hi: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
+import mmap
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -30,12 +31,14 @@ if TYPE_CHECKING:
     from ..storage import Storage
 
 __all__ = [
+    "ALIGNED_MIN",
     "READ_CONCURRENCY",
     "Chunk",
     "ChunkGeometry",
     "check_data_file",
     "chunk_count",
     "keys_in_range",
+    "read_buffer",
     "read_chunk",
     "read_chunks",
     "read_entries",
@@ -45,6 +48,24 @@ __all__ = [
 
 #: Chunks read at once by default.
 READ_CONCURRENCY = 4
+#: Buffers at least this large come from :func:`read_buffer`'s own page-aligned mapping.
+ALIGNED_MIN = 1 << 20
+
+
+def read_buffer(nbytes: int, stored_offset: int = 0) -> np.ndarray:
+    """A writable ``uint8`` array of ``nbytes`` to read the bytes at ``stored_offset`` of a file into.
+
+    A large one (``ALIGNED_MIN`` or more) is placed so that its address and ``stored_offset``
+    agree modulo the page size: a backend can then read its page-aligned middle with direct I/O
+    (local: O_DIRECT) straight from the disk, without the page cache's copy. It is a slice of an
+    ordinary allocation one page larger (not a mapping of its own: memory the allocator hands out
+    again is already faulted in, a fresh mapping pays a page fault per page every time).
+    """
+    if nbytes < ALIGNED_MIN:
+        return np.empty(nbytes, dtype=np.uint8)
+    base = np.empty(nbytes + mmap.PAGESIZE, dtype=np.uint8)
+    start = (stored_offset - base.ctypes.data) % mmap.PAGESIZE
+    return base[start : start + nbytes]
 
 
 def chunk_count(nbytes: int, chunk_size: int) -> int:
