@@ -456,9 +456,9 @@ class TorchAsyncCheckpoint:
         # Where the records sit in the file depends on the pickled structure alone (tensor bytes
         # are not pickled): a state saved again with the same skeleton reuses them. A stale guess
         # would only cost O_DIRECT, never correctness: the worker lays out the real archive.
-        key = (skeleton, tuple(b.numel() for b in bases), repr(sorted(save_kwargs.items())))
-        if self._offsets is None or self._offsets[0] != key:
-            self._offsets = (key, file_offsets(path, bases, state, save_kwargs))
+        structure = (skeleton, tuple(b.numel() for b in bases), repr(sorted(save_kwargs.items())))
+        if self._offsets is None or self._offsets[0] != structure:
+            self._offsets = (structure, file_offsets(path, bases, state, save_kwargs))
         layout, nbytes = slot_layout(bases, self._offsets[1])
         big: dict[int, torch.Tensor] = {}
         inline: list[tuple[int, bytes]] = []
