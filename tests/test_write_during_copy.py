@@ -204,7 +204,8 @@ def test_a_native_save_starts_writing_before_its_snapshot_ends_and_loads_back_ex
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
     torch.manual_seed(0)
     state = {f"w{i}": torch.randn(4 << 20) for i in range(4)}  # 64 MiB: 4 copy pieces, 8 chunks
-    opts = {"chunk_size": 8 << 20, "worker_options": {"preload": ["tests._overlap_probe"]}}
+    opts = {"chunk_size": 8 << 20,
+            "worker_options": {"preload": ["tests._overlap_probe"], "write_during_copy": 32 << 20}}
     with asyncckpt.AsyncCheckpointer(**opts) as ck:
         for name in ("a", "b"):
             ck.save(state, str(tmp_path / name))
@@ -220,10 +221,18 @@ def test_a_native_save_starts_writing_before_its_snapshot_ends_and_loads_back_ex
     for name in ("a", "b"):
         got = asyncckpt.load(str(tmp_path / name))  # every chunk's CRC32C is checked
         assert all(torch.equal(got[k], v) for k, v in state.items())
-    # a small snapshot (one copy piece, so the probe never holds it) is copied before its write starts
+    # a snapshot under write_during_copy (one copy piece, so the probe never holds it) is copied
+    # before its write starts; and so is every snapshot without the option (the default)
     log.unlink()
     small = {"w": torch.randn(1 << 20)}
     with asyncckpt.AsyncCheckpointer(**opts) as ck:
         ck.save(small, str(tmp_path / "small"))
         ck.finalize(blocking=True)
     assert log.read_text().split() == ["snapshot", "write"]
+    log.unlink()
+    monkeypatch.setenv("ASYNCCKPT_TEST_OVERLAP_HOLD", "0")  # a new worker: nothing to wait for
+    one = {"w": torch.randn(10 << 20)}  # 40 MiB
+    with asyncckpt.AsyncCheckpointer(chunk_size=8 << 20, worker_options={"preload": ["tests._overlap_probe"]}) as ck:
+        ck.save(one, str(tmp_path / "default"))
+        ck.finalize(blocking=True)
+    assert log.read_text().split()[0] == "snapshot"

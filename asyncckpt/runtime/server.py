@@ -37,9 +37,6 @@ __all__ = ["main"]
 log = logging.getLogger("asyncckpt.worker")
 
 _STOP = object()
-#: Snapshots smaller than this are copied before their write starts: the copy takes a few
-#: milliseconds at most, less than starting a write beside it saves.
-_OVERLAP_MIN = 32 << 20
 
 
 class CancelledRequest(WorkerError):
@@ -183,7 +180,8 @@ class _Server:
         """Start the write during the copy when the sink can and no other write is running: the
         data stages stay in order, and the disk is busy while the copy still runs."""
         sink = body.sink
-        if self.unwritten or body.snapshot.nbytes < _OVERLAP_MIN or not isinstance(sink, CopyAwareSink):
+        least = self.ctx.config.write_during_copy
+        if least is None or self.unwritten or body.snapshot.nbytes < least or not isinstance(sink, CopyAwareSink):
             return None
         return lambda staged, progress: asyncio.ensure_future(
             sink.write_while_copying(self.ctx, body.job, staged, progress))
