@@ -102,6 +102,15 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += n
 
 
+def _open_for_read(p: Path) -> int:
+    try:
+        return os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise StorageNotFoundError(f"{p} does not exist") from exc
+    except OSError as exc:
+        raise _storage_error("open", p, exc) from exc
+
+
 def _preadv_all(fd: int, p: Path, views: list[memoryview], offset: int) -> None:
     """Fill ``views`` in order from ``fd`` at ``offset`` (``_IOV_MAX`` buffers a call); a short file raises."""
     want = sum(len(v) for v in views)
@@ -374,12 +383,7 @@ class LocalStorage:
             self._read_scattered_sync(key, offset, views)
             return
         p = self._resolve_inside(key)
-        try:
-            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise StorageNotFoundError(f"{p} does not exist") from exc
-        except OSError as exc:
-            raise _storage_error("open", p, exc) from exc
+        fd = _open_for_read(p)
         dfd: int | None = None
         try:
             try:
@@ -411,12 +415,7 @@ class LocalStorage:
         p = self._resolve_inside(key)
         views = [b.cast("B") if b.format != "B" else b for b in bufs]
         views = [v for v in views if len(v)]
-        try:
-            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise StorageNotFoundError(f"{p} does not exist") from exc
-        except OSError as exc:
-            raise _storage_error("open", p, exc) from exc
+        fd = _open_for_read(p)
         try:
             _preadv_all(fd, p, views, offset)
         except OSError as exc:
