@@ -529,26 +529,32 @@ def _memmove_all(jobs: list[tuple[int, int, int]]) -> None:
         _memmove(dst, src, n)
 
 
+def _pieces(moves: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """(dst, src, nbytes) runs cut into pieces of at most ``_PIECE`` bytes, in the runs' order."""
+    return [(dst + o, src + o, min(_PIECE, n - o)) for dst, src, n in moves for o in range(0, n, _PIECE)]
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _copy_pool
+    if _copy_pool is None:
+        _copy_pool = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="asyncckpt-copy")
+    return _copy_pool
+
+
 def _run_memmoves(moves: list[tuple[int, int, int]]) -> None:
     """Copy (dst address, src address, nbytes) runs, split over COPY_THREADS threads."""
-    global _copy_pool
-    pieces: list[tuple[int, int, int]] = []
-    for dst, src, n in moves:
-        for o in range(0, n, _PIECE):
-            pieces.append((dst + o, src + o, min(_PIECE, n - o)))
+    pieces = _pieces(moves)
     total = sum(p[2] for p in pieces)
     if COPY_THREADS <= 1 or total < (8 << 20):
         _memmove_all(pieces)
         return
-    if _copy_pool is None:
-        _copy_pool = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="asyncckpt-copy")
     shares: list[list[tuple[int, int, int]]] = [[] for _ in range(COPY_THREADS)]
     loads = [0] * COPY_THREADS
     for p in sorted(pieces, key=lambda p: -p[2]):
         i = loads.index(min(loads))
         shares[i].append(p)
         loads[i] += p[2]
-    for f in [_copy_pool.submit(_memmove_all, share) for share in shares if share]:
+    for f in [_pool().submit(_memmove_all, share) for share in shares if share]:
         f.result()
 
 
@@ -608,8 +614,7 @@ def _run_memmoves_in_order(moves: list[tuple[int, int, int]], base: int, nbytes:
                            report: Callable[[int], None]) -> None:
     """Like :func:`_run_memmoves`, but pieces go out in file order and every time the copied
     prefix grows, ``report(bytes from the slot's start that are final)`` is called."""
-    global _copy_pool
-    pieces = [(dst + o, src + o, min(_PIECE, n - o)) for dst, src, n in sorted(moves) for o in range(0, n, _PIECE)]
+    pieces = _pieces(sorted(moves))
     done = [False] * len(pieces)
     lock = threading.Lock()
     state = [0, 0]  # next piece to hand out, pieces done as a prefix
@@ -636,9 +641,7 @@ def _run_memmoves_in_order(moves: list[tuple[int, int, int]], base: int, nbytes:
     if COPY_THREADS <= 1 or len(pieces) <= 1:
         work()
         return
-    if _copy_pool is None:
-        _copy_pool = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="asyncckpt-copy")
-    for f in [_copy_pool.submit(work) for _ in range(COPY_THREADS)]:
+    for f in [_pool().submit(work) for _ in range(COPY_THREADS)]:
         f.result()
 
 

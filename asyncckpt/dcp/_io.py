@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, StorageError
-from ..format import checksum
+from ..format import byte_view, checksum
 from ..format.torchzip import plain_save, record
 from ..storage import ObjectWriter, Storage, join_key
 from ._format import FileRecord, ItemRecord
@@ -126,9 +126,7 @@ class PartSink(io.RawIOBase):
         return None
 
     def write(self, b: Any) -> int:
-        mv = memoryview(b)
-        if mv.format != "B" or mv.ndim != 1:
-            mv = mv.cast("B")
+        mv = byte_view(b)
         n = len(mv)
         if n == 0:
             return 0

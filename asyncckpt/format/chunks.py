@@ -35,6 +35,7 @@ __all__ = [
     "READ_CONCURRENCY",
     "Chunk",
     "ChunkGeometry",
+    "byte_view",
     "check_data_file",
     "chunk_count",
     "keys_in_range",
@@ -50,6 +51,12 @@ __all__ = [
 READ_CONCURRENCY = 4
 #: Buffers at least this large come from :func:`read_buffer`'s own page-aligned mapping.
 ALIGNED_MIN = 1 << 20
+
+
+def byte_view(b: Any) -> memoryview:
+    """``b`` (any buffer a file's ``write`` may be handed) as a flat memoryview of bytes."""
+    mv = memoryview(b)
+    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
 
 
 def read_buffer(nbytes: int, stored_offset: int = 0) -> np.ndarray:

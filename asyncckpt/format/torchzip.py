@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from .chunks import byte_view
 
 __all__ = ["CRC_SPAN", "CRC_THREADS", "TorchZip", "crc32_combine", "data_offsets", "plain_save", "record"]
 
@@ -124,9 +125,7 @@ class _Recorder:
         self._min_ref = min_ref
 
     def write(self, b: Any) -> int:
-        mv = memoryview(b)
-        if mv.format != "B" or mv.ndim != 1:
-            mv = mv.cast("B")
+        mv = byte_view(b)
         n = len(mv)
         if n == 0:
             return 0
