@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import io
 import mmap
 from collections import deque
@@ -25,11 +26,14 @@ import torch
 
 from ..errors import CheckpointError, StorageError
 from ..format import byte_view, checksum
-from ..format.torchzip import plain_save, record
+from ..format.torchzip import TorchZip, plain_save, record, save_layout
 from ..storage import ObjectWriter, Storage, join_key
 from ._format import FileRecord, ItemRecord
 
-__all__ = ["FileSpec", "ItemSpec", "PartSink", "exact_cpu_tensor", "transform_stream", "write_file"]
+__all__ = [
+    "BLOCK", "DIRECT_MIN", "FileSpec", "ItemSpec", "PartSink", "data_positions", "exact_cpu_tensor", "transform_stream",
+    "write_file", "write_order",
+]
 
 
 @dataclass
@@ -64,7 +68,46 @@ def exact_cpu_tensor(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-_DIRECT_MIN = 1 << 20  # smaller writes are cheaper gathered than sent as parts of their own
+DIRECT_MIN = 1 << 20  #: smaller writes are cheaper gathered than sent as parts of their own
+BLOCK = 4096  #: O_DIRECT's unit: a large item's bytes sit in the slot at their file offset modulo this
+
+
+def write_order(spec: FileSpec, items: Sequence[ItemSpec]) -> list[int]:
+    """The order ``spec``'s items follow each other in its file: bytes items, then tensors (FileSystemWriter's)."""
+    return [i for i in spec.items if items[i].kind == "bytes"] + [i for i in spec.items if items[i].kind != "bytes"]
+
+
+@functools.lru_cache(maxsize=4096)
+def _tensor_archive(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[int | None, int]:
+    """(where the data starts, the archive's size) of a one-tensor torch.save of a contiguous CPU tensor."""
+    records, size = save_layout(torch.empty(shape, dtype=dtype))
+    return (records[0][0] if len(records) == 1 else None), size
+
+
+def data_positions(files: Sequence[FileSpec], items: Sequence[ItemSpec]) -> dict[int, int]:
+    """Where the bytes of each tensor item of at least :data:`DIRECT_MIN` bytes will start in its file
+    (item index -> file offset), found by ``skip_data`` saves of empty tensors of the items' shapes
+    (cached per dtype and shape). A file whose layout cannot be found is left out: its items are
+    then written buffered, which changes nothing but speed."""
+    out: dict[int, int] = {}
+    for spec in files:
+        order = write_order(spec, items)
+        large = [k for k, i in enumerate(order) if items[i].kind != "bytes" and items[i].nbytes >= DIRECT_MIN]
+        pos = 0
+        for i in order[: large[-1] + 1 if large else 0]:  # what follows the last large item does not matter
+            it = items[i]
+            if it.kind == "bytes":
+                pos += it.nbytes
+                continue
+            assert it.dtype is not None
+            try:
+                start, size = _tensor_archive(it.dtype, tuple(it.shape))
+            except Exception:  # noqa: BLE001 - a placement hint only; the write reports real errors
+                break
+            if start is not None and it.nbytes >= DIRECT_MIN:
+                out[i] = pos + start
+            pos += size
+    return out
 
 
 def _address(view: memoryview) -> int:
@@ -80,8 +123,15 @@ class PartSink(io.RawIOBase):
     ``concurrency`` parts are in flight.
 
     ``source``: memory that outlives the sink (the staging slot). A write of at least 1 MiB
-    (and of the backend's smallest part) that lies inside it (torch.save hands over a tensor's own bytes) is sent as parts that point into
-    ``source``, with no copy; everything else is gathered in ``chunk_size`` buffers.
+    (and of the backend's smallest part) that lies inside it (torch.save hands over a tensor's own
+    bytes) is sent as parts that point into ``source``, with no copy; everything else is gathered in
+    ``chunk_size`` buffers.
+
+    ``size``: the file's size, when known before the first byte. The writer is then opened knowing
+    it (a large local file writes its aligned parts with O_DIRECT), and on a backend that takes
+    parts of any size, a direct write whose bytes sit in memory at their file offset modulo
+    :data:`BLOCK` is cut at block boundaries: the aligned middle goes out as parts of its own, its
+    head and tail are gathered with their neighbours.
     """
 
     def __init__(
@@ -93,6 +143,7 @@ class PartSink(io.RawIOBase):
         concurrency: int,
         timeout: float | None = None,
         source: memoryview | None = None,
+        size: int | None = None,
     ) -> None:
         super().__init__()
         self._loop = loop
@@ -100,7 +151,9 @@ class PartSink(io.RawIOBase):
         self._key = key
         self._chunk = chunk_size
         self._min_part = max(1, min(chunk_size, storage.capabilities.min_part_size))
-        self._direct_min = max(self._min_part, _DIRECT_MIN)
+        self._direct_min = max(self._min_part, DIRECT_MIN)
+        self._size = size
+        self._align = BLOCK if size is not None and self._min_part <= BLOCK else 0
         self._concurrency = max(1, concurrency)
         self._timeout = timeout
         self._writer: ObjectWriter | None = None
@@ -161,6 +214,8 @@ class PartSink(io.RawIOBase):
                 self._send_gathered()
 
     def _write_direct(self, view: memoryview) -> None:
+        if self._align and self._write_aligned(view):
+            return
         # The gathered bytes before it go first, as their own part when that is allowed; else
         # they are topped up from ``view`` to the smallest allowed part.
         if 0 < self._fill < self._min_part:
@@ -176,6 +231,25 @@ class PartSink(io.RawIOBase):
             view = view[n:]
         if len(view):  # a tail too small for a part of its own starts the next gathered one
             self._gather(view)
+
+    def _write_aligned(self, view: memoryview) -> bool:
+        """Send ``view``'s block-aligned middle as parts of its own (False: its address and file offset
+        disagree modulo the block, or it holds no whole block)."""
+        a = self._align
+        head = -self.pos % a
+        body = (len(view) - head) // a * a
+        if body <= 0 or (_address(view) + head) % a:
+            return False
+        self._gather(view[:head])
+        if self._fill:
+            self._send_gathered()
+        step = max(a, self._chunk // a * a)
+        for o in range(head, head + body, step):
+            n = min(step, head + body - o)
+            self._submit(view[o : o + n], self._base, None)
+            self._base += n
+        self._gather(view[head + body :])
+        return True
 
     # -- items ----------------------------------------------------------------------------------
     def start_item(self) -> int:
@@ -199,7 +273,8 @@ class PartSink(io.RawIOBase):
 
     def _submit(self, data: memoryview, offset: int, buf: mmap.mmap | None, size_hint: int | None = None) -> None:
         if self._writer is None:
-            self._writer = self._run(self._storage.open_writer(self._key, size_hint=size_hint))
+            hint = self._size if self._size is not None else size_hint
+            self._writer = self._run(self._storage.open_writer(self._key, size_hint=hint))
         self._check_failed()
         while len(self._pending) >= self._concurrency:
             done, old = self._pending.popleft()
@@ -274,10 +349,10 @@ def transform_stream(sink: PartSink, extensions: Sequence[Any]) -> tuple[Any, li
 _CRC_SPAN = 4 << 20  # small spans: an item's CRC-32 is spread over torchzip's threads
 
 
-def _write_archive(out: Any, tensor: torch.Tensor, source: memoryview) -> None:
-    """``torch.save(tensor, out)``'s bytes, its data written from ``source`` (no copy), its CRC-32s
-    computed on two threads instead of by torch on this one (:mod:`asyncckpt.format.torchzip`)."""
-    zf = record(tensor, source)
+def _write_archive(out: Any, zf: TorchZip) -> None:
+    """A recorded ``torch.save(tensor)``'s bytes, its data written from the memory it was recorded
+    over (no copy), its CRC-32s computed on two threads instead of by torch on this one
+    (:mod:`asyncckpt.format.torchzip`)."""
     zf.checksum(_CRC_SPAN)
     for view in zf.views():
         out.write(view)
@@ -304,21 +379,29 @@ def write_file(
     Returns the file's record, its items' records and each item's transform descriptors.
     """
     key = join_key(name, spec.name)
-    sink = PartSink(loop, storage, key, chunk_size, concurrency, source=source)
+    order = write_order(spec, items)
+    # Without transforms every item's size is known before its first byte goes out (a tensor's
+    # archive is recorded, its data not read): the file is opened knowing its size.
+    archives: dict[int, TorchZip] = {}
+    size: int | None = None
+    if source is not None and not extensions:
+        archives = {i: record(get_data(i), source) for i in order if items[i].kind != "bytes"}
+        size = sum(archives[i].size if i in archives else items[i].nbytes for i in order)
+    sink = PartSink(loop, storage, key, chunk_size, concurrency, source=source, size=size)
     records: list[ItemRecord] = []
     transforms: list[list[str] | None] = []
     try:
-        # Bytes items first, then tensors: the order FileSystemWriter uses.
-        order = [i for i in spec.items if items[i].kind == "bytes"] + [i for i in spec.items if items[i].kind != "bytes"]
         for i in order:
             it = items[i]
             start = sink.start_item()
-            data = get_data(i)
+            data = None if i in archives else get_data(i)
             out, descriptors = transform_stream(sink, extensions) if extensions else (sink, [])
             if it.kind == "bytes":
                 out.write(data)
+            elif i in archives:
+                _write_archive(out, archives.pop(i))
             elif source is not None:
-                _write_archive(out, data, source)
+                _write_archive(out, record(data, source))
             else:
                 plain_save(data, cast(IO[bytes], out))  # a writable file object is all torch.save needs
             if extensions:

@@ -49,7 +49,7 @@ from ._format import (
     rank_record_file,
     record_version,
 )
-from ._io import FileSpec, ItemSpec, exact_cpu_tensor, write_file
+from ._io import BLOCK, FileSpec, ItemSpec, data_positions, exact_cpu_tensor, write_file
 from ._worker import DcpJob, dcp_preload, dcp_save
 
 __all__ = ["AsyncStorageWriter", "DcpPlanData"]
@@ -388,9 +388,13 @@ class AsyncStorageWriter(StorageWriter):
         tensors: dict[int, torch.Tensor] = {}
         inline: list[tuple[int, bytes]] = []
         offsets: dict[int, int] = {}
+        # A large tensor's bytes sit in the slot at their offset in the file modulo O_DIRECT's block,
+        # so the worker writes them straight from the slot (see data_positions); the rest 64-aligned.
+        in_file = {} if self.extensions else data_positions(p.files, p.items)
         off = 0
         for i, (it, d) in enumerate(zip(p.items, p.data)):
-            off = -(-off // ALIGN) * ALIGN
+            f = in_file.get(i)
+            off += (f - off) % BLOCK if f is not None else -off % ALIGN
             it.slot_offset = offsets[i] = off
             if it.kind == "bytes":
                 inline.append((off, d))

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from asyncckpt.dcp._io import FileSpec, write_file
+from asyncckpt.dcp import AsyncStorageWriter, async_save, close_async_saves
+from asyncckpt.dcp._io import BLOCK, DIRECT_MIN, FileSpec, data_positions, write_file
+from asyncckpt.dcp.saver import save_state_dict_async_plan
 from asyncckpt.storage import LocalStorage
 from tests.dcp.test_partsink import CHUNK, _data, _items
 
@@ -50,3 +52,28 @@ async def test_items_from_the_slot_skip_torchs_crc_and_keep_torch_saves_bytes(tm
         want = io.BytesIO()
         torch.save(_data(slot, it), want)
         assert direct[rec.offset : rec.offset + rec.length] == want.getvalue()
+
+
+def test_a_save_places_large_tensors_where_their_file_offset_lets_o_direct_write_them(tmp_path: Path) -> None:
+    """The trainer puts each large tensor in the slot at its offset in the ``.distcp`` file modulo
+    the block; the file written there holds the tensor's bytes at exactly that offset."""
+    g = torch.Generator().manual_seed(5)
+    state = {"big": torch.randn(600_001, generator=g), "small": torch.randn(10, generator=g),
+             "wide": torch.randn(300, 1001, generator=g, dtype=torch.float64), "step": 3}
+    writer = AsyncStorageWriter(str(tmp_path / "plan"), thread_count=1)
+    save_state_dict_async_plan(state, writer, no_dist=True)
+    job, _ = writer.prepare_job()
+    in_file = data_positions(job.files, job.items)
+    large = {i for i, it in enumerate(job.items) if it.kind == "tensor" and it.nbytes >= DIRECT_MIN}
+    assert set(in_file) == large and len(large) == 2
+    assert all(job.items[i].slot_offset % BLOCK == in_file[i] % BLOCK for i in large)
+
+    h = async_save(state, checkpoint_id=str(tmp_path / "ck"), storage_writer=AsyncStorageWriter(str(tmp_path / "ck"),
+                                                                                                  thread_count=1))
+    h.result()
+    close_async_saves()
+    (data_file,) = [p for p in (tmp_path / "ck").iterdir() if p.suffix == ".distcp"]
+    raw = data_file.read_bytes()
+    for i in large:
+        it = job.items[i]
+        assert raw[in_file[i] : in_file[i] + it.nbytes] == state[it.fqn].numpy().tobytes()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import mmap
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from asyncckpt.dcp._io import FileSpec, ItemSpec, write_file
+from asyncckpt.dcp._io import BLOCK, FileSpec, ItemSpec, data_positions, write_file
 from asyncckpt.storage import Capabilities, LocalStorage
 
 MiB = 1 << 20
@@ -101,3 +102,39 @@ async def test_slot_bytes_are_written_without_a_copy_and_parts_keep_the_seams_ru
     assert sum(p[2] for p in in_slot) >= (7 + 21 + 5 + 9 - 4 * 5) * MiB
     for _, off, n, addr in in_slot:  # and those parts hold exactly the file's bytes at their offsets
         assert bytes(slot[addr - base : addr - base + n]) == direct[off : off + n]
+
+
+async def test_placed_items_go_out_with_o_direct_alignment(tmp_path: Path) -> None:
+    """Tensors placed in the slot at their file offset modulo the block (what the trainer does with
+    data_positions) go out as block-aligned parts from the slot; the file is the same bytes."""
+    sizes = [(3 * MiB + 36, torch.float32), (700, torch.float16), (12 * MiB + 8, torch.float64),
+             (MiB - 4096, torch.uint8), (2 * MiB + 2, torch.bfloat16)]
+    items: list[ItemSpec] = [ItemSpec("meta", None, None, "bytes", None, (), 333)]
+    for i, (n, dt) in enumerate(sizes):
+        itemsize = torch.empty((), dtype=dt).element_size()
+        n -= n % itemsize
+        items.append(ItemSpec(f"t{i}", (0,), None, "tensor", dt, (n // itemsize,), n))
+    spec = FileSpec("__0_0.distcp", list(range(len(items))))
+    in_file = data_positions([spec], items)
+    assert sorted(in_file) == [1, 3, 5]  # the tensors of at least DIRECT_MIN bytes
+    off = 0
+    for i, it in enumerate(items):
+        f = in_file.get(i)
+        off += (f - off) % BLOCK if f is not None else -off % 64
+        it.slot_offset = off
+        off += it.nbytes
+    page = mmap.mmap(-1, off)  # page-aligned, as the staging pool's slots are
+    page[:] = np.random.default_rng(3).integers(0, 256, off, dtype=np.uint8).tobytes()
+    slot = memoryview(page)
+
+    copied, rec_copied, _ = await _write(tmp_path / "a", 1, slot, items, None)
+    direct, rec_direct, parts = await _write(tmp_path / "b", 1, slot, items, slot)
+    assert direct == copied and rec_direct == rec_copied
+    for i in in_file:  # the predicted positions are where the bytes landed
+        it = items[i]
+        assert direct[in_file[i] : in_file[i] + it.nbytes] == bytes(slot[it.slot_offset : it.slot_offset + it.nbytes])
+    base = int(np.frombuffer(slot, dtype=np.uint8).ctypes.data)
+    in_slot = [p for p in parts if p[2] and base <= p[3] < base + len(slot)]
+    assert all(off % BLOCK == 0 and n % BLOCK == 0 and addr % BLOCK == 0 for _, off, n, addr in in_slot)
+    placed = sum(items[i].nbytes for i in in_file)
+    assert sum(p[2] for p in in_slot) >= placed - 2 * BLOCK * len(in_file)  # all but heads and tails
