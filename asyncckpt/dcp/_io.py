@@ -91,10 +91,12 @@ def data_positions(files: Sequence[FileSpec], items: Sequence[ItemSpec]) -> dict
     then written buffered, which changes nothing but speed."""
     out: dict[int, int] = {}
     for spec in files:
+        if not any(items[i].nbytes >= DIRECT_MIN and items[i].kind != "bytes" for i in spec.items):
+            continue
         order = write_order(spec, items)
-        large = [k for k, i in enumerate(order) if items[i].kind != "bytes" and items[i].nbytes >= DIRECT_MIN]
+        last = max(k for k, i in enumerate(order) if items[i].kind != "bytes" and items[i].nbytes >= DIRECT_MIN)
         pos = 0
-        for i in order[: large[-1] + 1 if large else 0]:  # what follows the last large item does not matter
+        for i in order[: last + 1]:  # what follows the last large item does not matter
             it = items[i]
             if it.kind == "bytes":
                 pos += it.nbytes
