@@ -96,26 +96,32 @@ class RssSampler:
 
 
 def smaps_breakdown(pid: int) -> dict[str, float]:
-    """Resident MiB of a process by kind: tensors shared with the trainer, shared anonymous memory
-    (asyncckpt's staging pool on CPU), and everything else (heap, libraries, stacks)."""
+    """Resident MiB of a process by kind: tensors shared with the trainer, asyncckpt's staging pool on
+    CPU (``shared_anon``: shared anonymous memory, or private memory advised for transparent huge
+    pages, ``hg`` in its VmFlags, which only the staging slots ask for), and everything else (heap,
+    libraries, stacks)."""
     out = {"shared_with_trainer": 0.0, "shared_anon": 0.0, "other": 0.0}
-    kind = "other"
+    mappings: list[list[Any]] = []  # [name, resident KiB, VmFlags]
     try:
         with open(f"/proc/{pid}/smaps") as f:
             for line in f:
                 if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
                     parts = line.split(None, 5)
-                    name = parts[5].strip() if len(parts) > 5 else ""
-                    if "torch_" in name and ("/dev/shm" in name or "memfd" in name or "(deleted)" in name):
-                        kind = "shared_with_trainer"
-                    elif name.startswith("/dev/zero") or name.startswith("[anon_shmem"):
-                        kind = "shared_anon"
-                    else:
-                        kind = "other"
-                elif line.startswith("Rss:"):
-                    out[kind] += int(line.split()[1]) / 1024
+                    mappings.append([parts[5].strip() if len(parts) > 5 else "", 0, ""])
+                elif mappings and line.startswith("Rss:"):
+                    mappings[-1][1] = int(line.split()[1])
+                elif mappings and line.startswith("VmFlags:"):
+                    mappings[-1][2] = line
     except OSError:
         pass
+    for name, kib, flags in mappings:
+        if "torch_" in name and ("/dev/shm" in name or "memfd" in name or "(deleted)" in name):
+            kind = "shared_with_trainer"
+        elif name.startswith("/dev/zero") or name.startswith("[anon_shmem") or (not name and " hg" in flags):
+            kind = "shared_anon"
+        else:
+            kind = "other"
+        out[kind] += kib / 1024
     return out
 
 
