@@ -141,7 +141,7 @@ class NativeSink:
         entries, nbytes = job.entries, job.data_nbytes
         refs: list[RefTarget] = []
         if progress is not None and (job.incremental or job.compression is not None):
-            await progress.wait(job.data_nbytes)  # these read the whole image first (digests, packing)
+            await progress.ended()  # these read the whole image first (digests, packing), on every CPU
         if job.incremental:
             entries, refs, nbytes = await incremental_layout(storage, job, image)
             image = image[:nbytes]
@@ -245,9 +245,11 @@ async def write_chunks(storage: Storage, key: str, data: memoryview, chunk_size:
                        copying: CopyProgress | None = None) -> list[int]:
     """Write ``data`` to ``key`` in chunks (several in flight), returning each chunk's CRC32C.
 
-    ``copying``: ``data`` is a staging slot whose snapshot copy is still running. Each chunk then
-    waits for its bytes, and until the copy ends the copy keeps the CPUs: one chunk is written at a
-    time and, where the store does not verify checksums, its CRC32C is computed after the copy.
+    ``copying``: ``data`` is a staging slot whose snapshot copy is still running. Until the copy
+    ends the copy keeps the CPUs: one task writes chunks in file order, one at a time, each once
+    its bytes are copied (so the copy wakes the loop only for the chunk that task waits for), and
+    where the store does not verify checksums their CRC32C is computed after the copy. The other
+    chunks start when the copy ends, several at once, as without ``copying``.
     The object becomes visible only when every chunk is written; on any failure it is aborted.
     """
     n = len(data)
@@ -255,22 +257,30 @@ async def write_chunks(storage: Storage, key: str, data: memoryview, chunk_size:
     nchunks = chunk_count(n, chunk_size)
     crcs = [0] * nchunks
     sem = asyncio.Semaphore(max(1, concurrency))
-    during_copy = asyncio.Semaphore(1)
     later = storage.capabilities.server_checksum is None
     unsummed: list[int] = []
+    taken = 0  # chunks below this one are written by the during-copy task
 
     def part_of(i: int) -> memoryview:
         return data[i * chunk_size : min(n, (i + 1) * chunk_size)]
 
+    async def during_copy(progress: CopyProgress) -> None:
+        nonlocal taken
+        while taken < nchunks:
+            i = taken
+            await progress.wait(min(n, (i + 1) * chunk_size))
+            if progress.finished:  # the rest goes at full width now
+                return
+            taken += 1
+            part = part_of(i)
+            if later:
+                await writer.write_part(i, i * chunk_size, part)
+                unsummed.append(i)
+            else:
+                crcs[i] = await asyncio.to_thread(checksum, part)
+                await writer.write_part(i, i * chunk_size, part, crc32c=crcs[i])
+
     async def one(i: int) -> None:
-        if copying is not None and not copying.finished:
-            await copying.wait(min(n, (i + 1) * chunk_size))
-            if later and not copying.finished:
-                async with during_copy:
-                    if not copying.finished:
-                        await writer.write_part(i, i * chunk_size, part_of(i))
-                        unsummed.append(i)
-                        return
         async with sem:
             part = part_of(i)
             crcs[i] = await asyncio.to_thread(checksum, part)
@@ -280,7 +290,21 @@ async def write_chunks(storage: Storage, key: str, data: memoryview, chunk_size:
         for i in unsummed:
             crcs[i] = checksum(part_of(i))
 
-    await write_parts(writer, nchunks, one)
+    try:
+        early: list[asyncio.Future[None]] = []
+        if copying is not None and not copying.finished:
+            early.append(asyncio.ensure_future(during_copy(copying)))
+            try:
+                await copying.ended()  # the copy's end (and its ACK): from then on ``taken`` stays
+            except BaseException:
+                early[0].cancel()
+                await asyncio.gather(*early, return_exceptions=True)
+                raise
+        await gather_or_cancel([*early, *(one(i) for i in range(taken, nchunks))])
+        await writer.commit()
+    except BaseException:
+        await writer.abort()
+        raise
     if unsummed:
         await asyncio.to_thread(sum_unsummed)
     return crcs

@@ -395,6 +395,26 @@ class SharedRegistry:
 
 
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux; elsewhere pages fault in on first use
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if _MADV_HUGEPAGE is not None else None)  # Linux 5.14
+
+
+def _staging_memory(nbytes: int) -> mmap.mmap:
+    """``nbytes`` of page-aligned anonymous memory, every page faulted in, in huge pages where the
+    kernel allows them (transparent huge pages in "madvise" or "always" mode)."""
+    if _MADV_HUGEPAGE is None:
+        return mmap.mmap(-1, nbytes, flags=mmap.MAP_SHARED | _MAP_POPULATE)
+    # Private, not shared: shared anonymous memory is shmem, which gets no huge pages by default.
+    mem = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
+    try:
+        mem.madvise(_MADV_HUGEPAGE)
+    except OSError:  # THP not built in: 4 KiB pages
+        pass
+    try:
+        mem.madvise(_MADV_POPULATE_WRITE)  # type: ignore[arg-type]
+    except (OSError, ValueError):  # an older kernel: touch every page instead
+        torch.frombuffer(mem, dtype=torch.uint8).zero_()
+    return mem
 
 
 class StagingSlot:
@@ -407,11 +427,13 @@ class StagingSlot:
             self.tensor = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=True)
             self._mmap = None
         else:
-            # Fault every page in now, in one pass (MAP_POPULATE), not in the first snapshot's copy:
-            # on the project's VM the same 1 GiB took 0.58-0.71 s to write with O_DIRECT from pages
-            # first touched by the copy and 0.35-0.41 s from populated ones, on every later save too
-            # (docs/benchmarks.md, "Durable path, issue 14").
-            self._mmap = mmap.mmap(-1, self.capacity, flags=mmap.MAP_SHARED | _MAP_POPULATE)
+            # Fault every page in now, in one pass, not in the first snapshot's copy: on the project's
+            # VM the same 1 GiB took 0.58-0.71 s to write with O_DIRECT from pages first touched by
+            # the copy and 0.35-0.41 s from populated ones, on every later save too (docs/benchmarks.md,
+            # "Durable path, issue 14"). In huge pages, an O_DIRECT write of 32 MiB took 0.15-0.23 ms of
+            # CPU instead of 1.0-1.2 ms and 256 MiB went out in 59-68 ms instead of 110-125 ms
+            # (docs/benchmarks.md, "Writing during the snapshot copy, again").
+            self._mmap = _staging_memory(self.capacity)
             self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
         self.view = self.tensor.numpy().data
 
@@ -524,14 +546,22 @@ _memmove = ctypes.memmove
 _copy_pool: ThreadPoolExecutor | None = None
 
 
-def _memmove_all(jobs: list[tuple[int, int, int]]) -> None:
-    for dst, src, n in jobs:
-        _memmove(dst, src, n)
-
-
 def _pieces(moves: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     """(dst, src, nbytes) runs cut into pieces of at most ``_PIECE`` bytes, in the runs' order."""
     return [(dst + o, src + o, min(_PIECE, n - o)) for dst, src, n in moves for o in range(0, n, _PIECE)]
+
+
+def _batches(pieces: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int]]]:
+    """Consecutive pieces grouped into batches of at most ``_PIECE`` bytes (one per large piece)."""
+    out: list[list[tuple[int, int, int]]] = []
+    size = _PIECE
+    for p in pieces:
+        if size + p[2] > _PIECE:
+            out.append([])
+            size = 0
+        out[-1].append(p)
+        size += p[2]
+    return out
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -541,40 +571,87 @@ def _pool() -> ThreadPoolExecutor:
     return _copy_pool
 
 
-def _run_memmoves(moves: list[tuple[int, int, int]]) -> None:
-    """Copy (dst address, src address, nbytes) runs, split over COPY_THREADS threads."""
-    pieces = _pieces(moves)
-    total = sum(p[2] for p in pieces)
-    if COPY_THREADS <= 1 or total < (8 << 20):
-        _memmove_all(pieces)
+def _run_memmoves(moves: list[tuple[int, int, int]], base: int = 0, nbytes: int = 0,
+                  report: Callable[[int], None] | None = None) -> None:
+    """Copy (dst address, src address, nbytes) runs on COPY_THREADS threads, in file (dst) order.
+
+    The threads take the next batch of pieces from one queue as they go, so a thread that the
+    machine keeps off a core does not hold back a fixed share (a split fixed in advance took up
+    to 1.3x as long at load 5-7 on this 2-core machine; the same at load 2.5). With ``report``, every time the copied prefix
+    grows, ``report(bytes from the slot's start ``base`` that are final)`` is called (``nbytes``
+    when all are).
+    """
+    batches = _batches(_pieces(sorted(moves)))
+    if not batches:
         return
-    shares: list[list[tuple[int, int, int]]] = [[] for _ in range(COPY_THREADS)]
-    loads = [0] * COPY_THREADS
-    for p in sorted(pieces, key=lambda p: -p[2]):
-        i = loads.index(min(loads))
-        shares[i].append(p)
-        loads[i] += p[2]
-    for f in [_pool().submit(_memmove_all, share) for share in shares if share]:
+    done = [False] * len(batches)
+    lock = threading.Lock()
+    state = [0, 0]  # next batch to hand out, batches done as a prefix
+
+    def work() -> None:
+        while True:
+            with lock:
+                i = state[0]
+                if i >= len(batches):
+                    return
+                state[0] += 1
+            for dst, src, n in batches[i]:
+                _memmove(dst, src, n)
+            if report is None:
+                continue
+            with lock:
+                done[i] = True
+                k = state[1]
+                while k < len(done) and done[k]:
+                    k += 1
+                if k == state[1]:
+                    continue
+                state[1] = k
+                report(batches[k][0][0] - base if k < len(batches) else nbytes)
+
+    if COPY_THREADS <= 1 or len(batches) <= 1 or sum(m[2] for m in moves) < (8 << 20):
+        work()
+        return
+    for f in [_pool().submit(work) for _ in range(COPY_THREADS)]:
         f.result()
 
 
 class CopyProgress:
     """How much of a staging slot is copied: the first :attr:`ready` bytes of the image are final.
 
-    The copy (in threads) reports through :meth:`advance` on the event loop; a writer started
-    before the copy ends awaits :meth:`wait` for the bytes it is about to write.
+    The copy threads report through :meth:`report`, which wakes the event loop only when a
+    waiter's bytes are there (a wake-up per copied piece cost ~60 more context switches per GiB
+    copied, on the copy's two cores); a writer started before the copy ends awaits :meth:`wait` for the bytes it is about
+    to write. :meth:`advance` is the same report made on the loop.
     """
 
-    def __init__(self, nbytes: int) -> None:
+    def __init__(self, nbytes: int, loop: asyncio.AbstractEventLoop | None = None,
+                 acked: asyncio.Future[None] | None = None) -> None:
         self.nbytes = nbytes
+        self._acked = acked
         self.ready = 0
         self.error: BaseException | None = None
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._want = nbytes + 1  # the least end a waiter waits for (read by the copy threads)
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+        self._loop = loop
 
     @property
     def finished(self) -> bool:
         """Every byte is copied."""
         return self.ready >= self.nbytes
+
+    def report(self, upto: int) -> None:
+        """The first ``upto`` bytes are copied (called by the copy, in one thread at a time)."""
+        if upto <= self.ready:
+            return
+        self.ready = upto  # first the bytes, then the look at the waiters: wait() does the reverse
+        if upto >= self._want and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake)
 
     def advance(self, upto: int) -> None:
         """The first ``upto`` bytes are copied (called on the loop)."""
@@ -587,17 +664,22 @@ class CopyProgress:
         self._wake()
 
     def _wake(self) -> None:
-        waiting = []
-        for end, fut in self._waiters:
-            if fut.done():
-                continue
-            if self.error is not None:
-                fut.set_exception(RuntimeError(f"the snapshot copy failed: {self.error!r}"))
-            elif end <= self.ready:
-                fut.set_result(None)
-            else:
-                waiting.append((end, fut))
-        self._waiters = waiting
+        while True:
+            ready = self.ready
+            waiting = []
+            for end, fut in self._waiters:
+                if fut.done():
+                    continue
+                if self.error is not None:
+                    fut.set_exception(RuntimeError(f"the snapshot copy failed: {self.error!r}"))
+                elif end <= ready:
+                    fut.set_result(None)
+                else:
+                    waiting.append((end, fut))
+            self._waiters = waiting
+            self._want = min((end for end, _ in waiting), default=self.nbytes + 1)
+            if self.ready < self._want or not waiting:  # a report made meanwhile saw the old _want
+                return
 
     async def wait(self, end: int) -> None:
         """Return once the first ``end`` bytes are copied; raise if the copy failed."""
@@ -607,42 +689,17 @@ class CopyProgress:
             return
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append((end, fut))
+        self._want = min(self._want, end)
+        if end <= self.ready:  # the copy got there between the two looks, and saw the old _want
+            self._wake()
         await fut
 
-
-def _run_memmoves_in_order(moves: list[tuple[int, int, int]], base: int, nbytes: int,
-                           report: Callable[[int], None]) -> None:
-    """Like :func:`_run_memmoves`, but pieces go out in file order and every time the copied
-    prefix grows, ``report(bytes from the slot's start that are final)`` is called."""
-    pieces = _pieces(sorted(moves))
-    done = [False] * len(pieces)
-    lock = threading.Lock()
-    state = [0, 0]  # next piece to hand out, pieces done as a prefix
-
-    def work() -> None:
-        while True:
-            with lock:
-                i = state[0]
-                if i >= len(pieces):
-                    return
-                state[0] += 1
-            dst, src, n = pieces[i]
-            _memmove(dst, src, n)
-            with lock:
-                done[i] = True
-                k = state[1]
-                while k < len(done) and done[k]:
-                    k += 1
-                if k == state[1]:
-                    continue
-                state[1] = k
-                report(pieces[k][0] - base if k < len(pieces) else nbytes)
-
-    if COPY_THREADS <= 1 or len(pieces) <= 1:
-        work()
-        return
-    for f in [_pool().submit(work) for _ in range(COPY_THREADS)]:
-        f.result()
+    async def ended(self) -> None:
+        """Return once every byte is copied and the snapshot's ACK is on its way (``acked``): from
+        then on a writer may use every CPU without holding up the ACK. Raise if the copy failed."""
+        await self.wait(self.nbytes)
+        if self._acked is not None:
+            await asyncio.shield(self._acked)
 
 
 def _copy_in(ctx: WorkerContext, spec: SnapshotSpec, slot: StagingSlot,
@@ -689,7 +746,7 @@ def _copy_in(ctx: WorkerContext, spec: SnapshotSpec, slot: StagingSlot,
     if stream is not None:
         stream.synchronize()
     if report is not None:
-        _run_memmoves_in_order(moves, base, spec.nbytes, report)
+        _run_memmoves(moves, base, spec.nbytes, report)
         report(spec.nbytes)
 
 
@@ -697,14 +754,16 @@ def _copy_in(ctx: WorkerContext, spec: SnapshotSpec, slot: StagingSlot,
 EarlyWriter = Callable[[Staged, CopyProgress], "asyncio.Future[Any]"]
 
 
-async def take_snapshot(ctx: WorkerContext, spec: SnapshotSpec, early: EarlyWriter | None = None) -> Staged:
+async def take_snapshot(ctx: WorkerContext, spec: SnapshotSpec, early: EarlyWriter | None = None,
+                        acked: asyncio.Future[None] | None = None) -> Staged:
     """Register the spec's storages and copy its bytes into a staging slot (released by the caller).
 
     ``early(staged, progress)``, when given, is called once the slot is held and before the copy
     starts; it may start writing the slot, awaiting ``progress.wait(end)`` before reading bytes up to
     ``end``. This still returns (the snapshot's ACK) exactly when the copy has ended, with that
     future in ``Staged.writing``. If the copy fails, the future is cancelled and awaited before
-    the slot is abandoned (``StagingPool.discard``).
+    the slot is abandoned (``StagingPool.discard``). ``acked``: a future the caller resolves once
+    the snapshot's ACK has gone out; ``progress.ended()`` waits for it too (without it, for the copy).
     """
     t0 = time.perf_counter()
     for sid in spec.release:
@@ -720,12 +779,8 @@ async def take_snapshot(ctx: WorkerContext, spec: SnapshotSpec, early: EarlyWrit
         try:
             report: Callable[[int], None] | None = None
             if early is not None:
-                progress = prog = CopyProgress(spec.nbytes)
-                loop = asyncio.get_running_loop()
-
-                def report(upto: int) -> None:  # in a copy thread
-                    loop.call_soon_threadsafe(prog.advance, upto)
-
+                progress = CopyProgress(spec.nbytes, asyncio.get_running_loop(), acked)
+                report = progress.report
                 writing = staged.writing = early(staged, progress)
             await asyncio.to_thread(_copy_in, ctx, spec, slot, report)
         except BaseException as exc:

@@ -96,6 +96,55 @@ async def test_during_the_copy_chunks_go_out_one_at_a_time_once_copied_and_unche
     assert len(summed) == nchunks  # each chunk summed once, the early ones after the copy
 
 
+async def test_after_the_copy_the_other_chunks_wait_for_the_snapshot_ack(tmp_path: Path) -> None:
+    nchunks = 4
+    data = os.urandom(nchunks * CHUNK)
+    log: list[tuple[str, int]] = []
+    gate = asyncio.Event()
+    gate.set()
+    loop = asyncio.get_running_loop()
+    acked: asyncio.Future[None] = loop.create_future()
+    progress = CopyProgress(len(data), loop, acked)
+    st = RecordingStorage(tmp_path, log, gate)
+    try:
+        task = asyncio.ensure_future(write_chunks(st, "ck/rank-0.data", memoryview(data), CHUNK, 4, copying=progress))
+        progress.advance(CHUNK)
+        await st.began.wait()
+        progress.advance(len(data))  # the copy has ended; its ACK is not out yet
+        await asyncio.sleep(0.05)
+        assert [i for what, i in log if what == "write"] == [0]
+        log.append(("acked", -1))
+        acked.set_result(None)
+        crcs = await task
+    finally:
+        await st.close()
+    assert sorted(i for what, i in log if what == "write") == list(range(nchunks))
+    assert log.index(("write", 3)) > log.index(("acked", -1))
+    assert (tmp_path / "ck" / "rank-0.data").read_bytes() == data
+    assert crcs == [checksum(memoryview(data)[i * CHUNK : (i + 1) * CHUNK]) for i in range(nchunks)]
+
+
+async def test_a_copy_that_fails_after_chunks_went_out_leaves_no_object(tmp_path: Path) -> None:
+    data = os.urandom(4 * CHUNK)
+    log: list[tuple[str, int]] = []
+    gate = asyncio.Event()
+    gate.set()
+    progress = CopyProgress(len(data))
+    st = RecordingStorage(tmp_path, log, gate)
+    try:
+        task = asyncio.ensure_future(write_chunks(st, "ck/rank-0.data", memoryview(data), CHUNK, 4, copying=progress))
+        progress.advance(2 * CHUNK)
+        await st.began.wait()
+        progress.fail(OSError("the source went away"))
+        with pytest.raises(RuntimeError, match="copy failed"):
+            await task
+    finally:
+        await st.close()
+    assert ("write", 0) in log
+    assert not (tmp_path / "ck" / "rank-0.data").exists()
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == []  # the partial file was removed too
+
+
 class VerifyingStorage(RecordingStorage):
     """As if the store verified CRC32C on upload: every part must come with its checksum."""
 
@@ -229,10 +278,14 @@ def test_a_native_save_starts_writing_before_its_snapshot_ends_and_loads_back_ex
         ck.save(small, str(tmp_path / "small"))
         ck.finalize(blocking=True)
     assert log.read_text().split() == ["snapshot", "write"]
-    log.unlink()
     monkeypatch.setenv("ASYNCCKPT_TEST_OVERLAP_HOLD", "0")  # a new worker: nothing to wait for
     one = {"w": torch.randn(10 << 20)}  # 40 MiB
-    with asyncckpt.AsyncCheckpointer(chunk_size=8 << 20, worker_options={"preload": ["tests._overlap_probe"]}) as ck:
-        ck.save(one, str(tmp_path / "default"))
-        ck.finalize(blocking=True)
-    assert log.read_text().split()[0] == "snapshot"
+    for name, options in (("default", {}), ("zero", {"write_during_copy": 0})):
+        log.unlink()
+        with asyncckpt.AsyncCheckpointer(chunk_size=8 << 20,
+                                         worker_options={"preload": ["tests._overlap_probe"], **options}) as ck:
+            ck.save(one, str(tmp_path / name))
+            ck.finalize(blocking=True)
+        assert log.read_text().split()[0] == "snapshot", name
+        got = asyncckpt.load(str(tmp_path / name))
+        assert torch.equal(got["w"], one["w"])

@@ -30,8 +30,10 @@ class WorkerConfig:
     max_in_flight: int = 2
     pinned: bool | None = None  # staging in pinned memory (default: when CUDA is available)
     torch_threads: int | None = None
-    # native saves of a snapshot at least this large start writing while the copy runs (None: never;
-    # off by default: on a 2-core machine it lengthened the trainer's snapshot wait, docs/benchmarks.md)
+    # native saves of a snapshot at least this large start writing while the copy runs, each chunk
+    # once its bytes are copied (0 or None, the default: never). Off because on this 2-core machine
+    # the writes still lengthen the trainer's snapshot wait (docs/benchmarks.md, "Writing during the
+    # snapshot copy, again")
     write_during_copy: int | None = None
     log_level: int | str | None = None
     cpu_priority: int | None = None  # nice value the worker lowers itself to (NVRx's cpu_priority)

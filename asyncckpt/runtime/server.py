@@ -39,6 +39,11 @@ log = logging.getLogger("asyncckpt.worker")
 _STOP = object()
 
 
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class CancelledRequest(WorkerError):
     """The trainer abandoned this request (its snapshot was torn); nothing of it is committed."""
 
@@ -68,8 +73,9 @@ class _Server:
         self.unwritten = 0  # requests acked and not yet through the write stage
 
     # -- frames ----------------------------------------------------------------------------------
-    def send(self, kind: Kind, idx: int, payload: bytes = b"") -> None:
-        self.outbox.put((encode_header(kind, idx), payload))
+    def send(self, kind: Kind, idx: int, payload: bytes = b"", sent: asyncio.Future[None] | None = None) -> None:
+        """Queue a frame for the sender thread; ``sent`` is resolved (on the loop) once it went out."""
+        self.outbox.put((encode_header(kind, idx), payload, sent))
 
     def fail(self, idx: int, exc: BaseException) -> None:
         self.send(Kind.FAILED, idx, encode_error(exc))
@@ -122,6 +128,9 @@ class _Server:
                 self.conn.send_bytes(item[1])
             except (OSError, EOFError):
                 return
+            finally:
+                if item[2] is not None:
+                    self.loop.call_soon_threadsafe(_resolve, item[2])
 
     def parent_gone(self, why: str) -> None:
         log.warning("asyncckpt worker %d: trainer %d gone (%s); exiting", os.getpid(), self.ctx.config.parent_pid, why)
@@ -163,8 +172,10 @@ class _Server:
                 continue
             log.debug("snapshot %d", idx)
             try:
+                acked: asyncio.Future[None] | None = None
                 if isinstance(body, SavePayload):
-                    staged: Any = await take_snapshot(self.ctx, body.snapshot, self._early_writer(body))
+                    acked = self.loop.create_future()
+                    staged: Any = await take_snapshot(self.ctx, body.snapshot, self._early_writer(body), acked)
                 elif isinstance(body, CallPayload):
                     staged = await self._preload(body)
                 else:
@@ -172,7 +183,9 @@ class _Server:
             except BaseException as exc:  # noqa: BLE001
                 self.fail(idx, exc)
                 continue
-            self.send(Kind.ACK, idx)
+            # a write started during the copy goes on at full width once this ACK is out (its
+            # checksums and writes would otherwise keep the sender thread from the CPUs and the GIL)
+            self.send(Kind.ACK, idx, sent=acked)
             self.unwritten += 1
             await self.writes.put((idx, body, staged))
 
@@ -181,7 +194,7 @@ class _Server:
         data stages stay in order, and the disk is busy while the copy still runs."""
         sink = body.sink
         least = self.ctx.config.write_during_copy
-        if least is None or self.unwritten or body.snapshot.nbytes < least or not isinstance(sink, CopyAwareSink):
+        if not least or self.unwritten or body.snapshot.nbytes < least or not isinstance(sink, CopyAwareSink):
             return None
         return lambda staged, progress: asyncio.ensure_future(
             sink.write_while_copying(self.ctx, body.job, staged, progress))
