@@ -125,7 +125,10 @@ def test_a_save_cycle_asks_only_what_it_does_not_know(storage: Storage) -> None:
         assert [k for m, k in commit if m == "put_record"] == ["step-4/COMMIT", "latest"]
         # retention: one listing of the root; COMMIT read only for the proof of the one it deletes;
         # `latest` read once (the deletion's own check); no manifest read (this process committed it)
-        assert _named(retention, "list") == ["", "step-2"]  # one listing of NAME/, local or not
+        # NAME/: the object store's one listing; a local directory without subdirectories is looked at
+        # once (its files, temp files and what a listing would show), never listed again
+        local = isinstance(storage, LocalStorage)
+        assert _named(retention, "list") == ([""] if local else ["", "step-2"])
         assert sorted(_named(retention, "read")) == ["latest", "step-2/COMMIT"]
         assert len(_named(retention, "delete_many")) == 1  # one batch: COMMIT first, then the rest
         assert sorted(await storage.list()) == sorted(
