@@ -496,8 +496,15 @@ async def next_generation(storage: Storage, name: str, *, overwrite: bool) -> tu
 async def _generation(storage: Storage, name: str, overwrite: bool) -> tuple[int, CommitRecord | None, bool]:
     """:func:`next_generation` and whether the name was fresh (neither ``COMMIT`` nor ``RETIRED``)."""
     key = join_key(name, COMMIT_FILE)
-    # both at once (one round trip for a new name); RETIRED matters only when COMMIT is absent
-    blob, retired = await asyncio.gather(_read_or_none(storage, key), retired_generation(storage, name))
+    if isinstance(storage, LocalStorage):
+        # One look at NAME/ says which of the two exist (a new name: neither, and no file is opened);
+        # RETIRED matters only when COMMIT is absent
+        there = set(await storage.list(name))
+        blob = await _read_or_none(storage, key) if key in there else None
+        retired = (await retired_generation(storage, name)
+                   if blob is None and join_key(name, RETIRED_FILE) in there else None)
+    else:  # both at once (one round trip for a new name); RETIRED matters only when COMMIT is absent
+        blob, retired = await asyncio.gather(_read_or_none(storage, key), retired_generation(storage, name))
     if blob is None:
         seen: tuple[int, CommitRecord | None, bool, bool] = ((0, None, True, False) if retired is None
                                                             else (retired + 1, None, False, False))

@@ -1,4 +1,5 @@
-"""list_all on a local root where blocking calls are welcome (the worker's control thread) looks at
+"""The catalog looks at a local root's directories instead of listing or reading them where that costs
+less. list_all on a local root where blocking calls are welcome (the worker's control thread) looks at
 the root's directories itself instead of listing every file: it must list exactly what the storage's
 listing makes it list, whatever the root holds."""
 
@@ -74,3 +75,38 @@ def test_an_empty_or_missing_root_lists_nothing(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     assert _both(tmp_path / "empty") == ([], [])
     assert _both(tmp_path / "missing") == ([], [])
+
+
+def test_the_generation_a_save_writes_from_one_look_at_the_name(tmp_path: Path) -> None:
+    """next_generation on a local root looks at NAME/ once: a new name, a committed one (overwrite or
+    not), a deleted one whose files others reference (RETIRED) and one with both give what reading the
+    records gives."""
+    import pytest
+
+    from asyncckpt.catalog import next_generation, read_commit
+    from asyncckpt.errors import CheckpointExistsError
+
+    root = tmp_path / "root"
+    with asyncckpt.AsyncCheckpointer() as ck:
+        ck.save({"w": torch.ones(3)}, root / "done")
+        ck.save({"w": torch.ones(3)}, root / "both")
+        ck.finalize(blocking=True)
+    (root / "gone").mkdir()
+    (root / "gone" / RETIRED_FILE).write_text("4")
+    (root / "both" / RETIRED_FILE).write_text("7")  # COMMIT wins: RETIRED matters only without one
+
+    async def run() -> None:
+        st = LocalStorage(root)
+        try:
+            done = await read_commit(st, "done")
+            assert await next_generation(st, "new", overwrite=False) == (0, None)
+            assert await next_generation(st, "done", overwrite=True) == (done.generation + 1, done)
+            with pytest.raises(CheckpointExistsError):
+                await next_generation(st, "done", overwrite=False)
+            assert await next_generation(st, "gone", overwrite=False) == (5, None)
+            gen, old = await next_generation(st, "both", overwrite=True)
+            assert old is not None and gen == old.generation + 1
+        finally:
+            await st.close()
+
+    asyncio.run(run())
