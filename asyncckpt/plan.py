@@ -6,7 +6,6 @@ Runs in the trainer inside ``save()``; its cost is bounded by metadata work, not
 
 from __future__ import annotations
 
-import bisect
 import collections
 import contextlib
 import gc
@@ -494,51 +493,39 @@ def _flatten(obj: Any, sig: list[Any], tensors: list[Any], scalars: list[Any], a
     return True
 
 
-def _changed(a: list[Any], b: list[Any]) -> list[int]:
-    """Positions, ascending, where scalar lists ``a`` and ``b`` (of the same types, position by position)
-    differ once stored: unequal, or ``0.0`` against ``-0.0`` (equal, but their bits differ)."""
-    out = list(itertools.compress(range(len(a)), map(operator.ne, a, b)))
-    zeros = [i for i in itertools.compress(range(len(a)), map(operator.eq, a, itertools.repeat(0)))
-             if isinstance(a[i], (float, np.floating)) and b[i] == 0
-             and math.copysign(1.0, a[i]) != math.copysign(1.0, b[i])]
-    return sorted(out + zeros) if zeros else out
+def _same_values(a: list[Any], b: list[Any]) -> bool:
+    """Equal and indistinguishable once stored (``0.0 == -0.0``, but their bits differ)."""
+    if a != b:
+        return False
+    return all(math.copysign(1.0, x) == math.copysign(1.0, y)
+               for x, y in zip(a, b) if isinstance(x, (float, np.floating)) and x == 0)
 
 
 _NO_SCALARS: tuple[()] = ()
 
 
-def _skeleton(node: Node) -> tuple[Any, int]:
-    """(where ``node``'s scalar leaves are, how many it holds). Where: None for a scalar leaf,
-    ``_NO_SCALARS`` for a subtree without one, else the list of ``(child index, child skeleton, its
-    number of scalars)`` of the children that hold one, in order."""
+def _skeleton(node: Node) -> Any:
+    """Where ``node``'s scalar leaves are: None for a scalar leaf, ``_NO_SCALARS`` for a subtree without
+    one, else the list of ``(child index, child skeleton)`` of the children that hold one, in order."""
     if isinstance(node, RefNode):
-        return _NO_SCALARS, 0
+        return _NO_SCALARS
     if not isinstance(node, (DictNode, ListNode)):
-        return None, 1
-    out = []
-    total = 0
-    for i, c in enumerate(_children(node)):
-        sub, n = _skeleton(c)
-        if n:
-            out.append((i, sub, n))
-            total += n
-    return (out or _NO_SCALARS), total
+        return None
+    out = [(i, sub) for i, c in enumerate(_children(node)) if (sub := _skeleton(c)) is not _NO_SCALARS]
+    return out or _NO_SCALARS
 
 
-def _retree_at(node: Node, skeleton: Any, values: list[Any], start: int, changed: list[int]) -> Node:
-    """``node`` (whose scalar leaves are ``values[start:]`` in walk order, as ``skeleton`` places them)
-    with the leaves at the positions ``changed`` (ascending) replaced by those values: only the
-    containers on the way to a changed leaf are rebuilt, everything else is shared with ``node``."""
+def _retree_at(node: Node, skeleton: Any, values: Iterator[Any]) -> Node:
+    """``node`` with its scalar leaves replaced, in walk order, by ``values``; only the subtrees that hold
+    scalars (``skeleton``) are rebuilt, the others are shared with ``node``."""
     if skeleton is None:
-        return _scalar_node(values[start])
+        return _scalar_node(next(values))
+    if skeleton is _NO_SCALARS:
+        return node
     assert isinstance(node, (DictNode, ListNode))
     children = list(_children(node))
-    pos = start
-    for i, sub, n in skeleton:
-        j = bisect.bisect_left(changed, pos)
-        if j < len(changed) and changed[j] < pos + n:
-            children[i] = _retree_at(children[i], sub, values, pos, changed)
-        pos += n
+    for i, sub in skeleton:
+        children[i] = _retree_at(children[i], sub, values)
     return _with_children(node, children)
 
 
@@ -651,13 +638,12 @@ class PlanCache:
         return moved
 
     def _reuse(self, cached: Plan, tensors: list[torch.Tensor], scalars: list[Any], arrays: list[np.ndarray]) -> Plan:
-        changed = _changed(scalars, self._scalars)
-        if not changed:
+        if _same_values(scalars, self._scalars):
             tree = cached.tree
         else:
             if self._skeleton is None:
-                self._skeleton = _skeleton(cached.tree)[0]
-            tree = _retree_at(cached.tree, self._skeleton, scalars, 0, changed)
+                self._skeleton = _skeleton(cached.tree)
+            tree = _retree_at(cached.tree, self._skeleton, iter(scalars))
         plan = Plan(tree=tree, entries=cached.entries, data_nbytes=cached.data_nbytes, inline_max=0,
                     features=cached.features, leaves=tensors, own=cached.own, member_pos=cached.member_pos,
                     layout_id=cached.layout_id, storage_entries=cached.storage_entries)

@@ -125,22 +125,6 @@ def _signs(node):  # type: ignore[no-untyped-def]
     return [s for k in kids for s in _signs(k)]
 
 
-def test_a_changed_value_rebuilds_only_its_branch():
-    """The parts of the tree without a changed value are the previous tree's own nodes (so a manager's
-    record, which changes at every save, does not make the model's and optimizer's parts new)."""
-    cache = PlanCache()
-    w = torch.zeros(2)
-    state = {"model": {"w": w, "cfg": {"depth": 3, "act": "relu"}}, "opt": {"lr": 0.1, "betas": (0.9, 0.99)},
-             "rec": {"step": 1, "x": -0.0}}
-    first = cache.plan(state).tree
-    state["rec"] = {"step": 2, "x": 0.0}
-    tree = cache.plan(state).tree
-    assert tree.values[0] is first.values[0] and tree.values[1] is first.values[1]  # type: ignore[attr-defined]
-    assert tree.values[2].values[0].value == 2  # type: ignore[attr-defined]
-    assert math.copysign(1, tree.values[2].values[1].value) == 1  # type: ignore[attr-defined]
-    assert tree == plan_state(state, inline_max=0).tree
-
-
 def test_a_replaced_tensor_or_new_shape_is_planned_again(tmp_path):
     a = torch.arange(10.0)
     with asyncckpt.AsyncCheckpointer() as ck:
