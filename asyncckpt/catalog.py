@@ -10,6 +10,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import os
 import threading
 import time
 import weakref
@@ -51,7 +52,7 @@ from .format import (
     resolve_reference,
 )
 from .kinds.base import RecordProbe, kind_named, kind_of
-from .storage import Storage, join_key
+from .storage import TEMP_MARK, LocalStorage, Storage, blocking_calls_welcome, join_key
 
 __all__ = [
     "RETIRED_FILE",
@@ -495,8 +496,15 @@ async def next_generation(storage: Storage, name: str, *, overwrite: bool) -> tu
 async def _generation(storage: Storage, name: str, overwrite: bool) -> tuple[int, CommitRecord | None, bool]:
     """:func:`next_generation` and whether the name was fresh (neither ``COMMIT`` nor ``RETIRED``)."""
     key = join_key(name, COMMIT_FILE)
-    # both at once (one round trip for a new name); RETIRED matters only when COMMIT is absent
-    blob, retired = await asyncio.gather(_read_or_none(storage, key), retired_generation(storage, name))
+    if isinstance(storage, LocalStorage):
+        # One look at NAME/ says which of the two exist (a new name: neither, and no file is opened);
+        # RETIRED matters only when COMMIT is absent
+        there = set(await storage.list(name))
+        blob = await _read_or_none(storage, key) if key in there else None
+        retired = (await retired_generation(storage, name)
+                   if blob is None and join_key(name, RETIRED_FILE) in there else None)
+    else:  # both at once (one round trip for a new name); RETIRED matters only when COMMIT is absent
+        blob, retired = await asyncio.gather(_read_or_none(storage, key), retired_generation(storage, name))
     if blob is None:
         seen: tuple[int, CommitRecord | None, bool, bool] = ((0, None, True, False) if retired is None
                                                             else (retired + 1, None, False, False))
@@ -758,6 +766,40 @@ async def resolve_name(storage: Storage, name: str | None) -> str:
     return latest.name
 
 
+def _local_names(storage: LocalStorage) -> dict[str, list[str]]:
+    """What :func:`list_all` takes from ``storage.list("")`` on a local root, by looking at the root's
+    directories and the files directly in them only (a listing walks every file of every checkpoint).
+
+    A name counts only by the files directly under it (COMMIT, RETIRED, manifests, data), so those
+    are the ones given: as the listing sees them (not directories, temp files hidden, a directory
+    link not followed), names in the listing's order. For a thread that may block (where the storage
+    makes its own calls inline); elsewhere the storage lists."""
+    names: dict[str, list[str]] = {}
+    try:
+        with os.scandir(storage.root) as it:
+            top = list(it)
+    except OSError:  # no root (or unreadable): the listing is empty too
+        return names
+    for e in top:
+        try:
+            if not e.is_dir() or e.is_symlink():
+                continue
+            with os.scandir(e.path) as it:
+                files = [f.name for f in it if TEMP_MARK not in f.name and not _is_dir(f)]
+        except OSError:  # as the listing's walk: what cannot be read is not listed
+            continue
+        if files:
+            names[e.name] = files
+    return dict(sorted(names.items(), key=lambda kv: kv[0] + "/"))
+
+
+def _is_dir(e: os.DirEntry[str]) -> bool:
+    try:
+        return e.is_dir()
+    except OSError:
+        return False
+
+
 async def list_all(storage: Storage, *, check: bool = False) -> list[CheckpointInfo]:
     """Every checkpoint under the root, complete ones first, each group newest first.
 
@@ -765,12 +807,13 @@ async def list_all(storage: Storage, *, check: bool = False) -> list[CheckpointI
     :func:`check_checkpoint` (records and data sizes, no data read) or are listed as not
     complete with the reason.
     """
-    keys = await storage.list("")
-    names: dict[str, list[str]] = {}
-    for k in keys:
-        if "/" in k:
-            head, _, rest = k.partition("/")
-            names.setdefault(head, []).append(rest)
+    names = _local_names(storage) if isinstance(storage, LocalStorage) and blocking_calls_welcome() else None
+    if names is None:
+        names = {}
+        for k in await storage.list(""):
+            if "/" in k:
+                head, _, rest = k.partition("/")
+                names.setdefault(head, []).append(rest)
     latest = _known_of(storage).latest if _REMEMBER.get() else None
     if latest is None:
         try:

@@ -72,7 +72,16 @@ from .format import (
 )
 from .kinds.base import CheckpointKind, kind_of
 from .locate import describe_local, is_missing_bucket, local_path
-from .storage import AbortsIncompleteUploads, DeletesMany, LocalStorage, Storage, join_key, open_storage, split_uri
+from .storage import (
+    TEMP_MARK,
+    AbortsIncompleteUploads,
+    DeletesMany,
+    LocalStorage,
+    Storage,
+    join_key,
+    open_storage,
+    split_uri,
+)
 from .storage.layouts import data_prefix
 from .tiers import TieredPath, Tiers
 
@@ -190,27 +199,38 @@ async def _dcp_evidence(storage: Storage, name: str, direct: set[str], plan_note
     return ours, stock
 
 
-async def _direct_files(storage: Storage, name: str) -> tuple[set[str], list[str] | None]:
-    """Names of the files directly under ``NAME/`` (a local directory is not walked: it may be anything),
-    and, for an object store, every key under ``NAME/`` (the one listing it took)."""
+async def _direct_files(storage: Storage, name: str) -> tuple[set[str], list[str] | None, list[str]]:
+    """Names of the files directly under ``NAME/`` (a local directory is not walked: it may be anything);
+    every key under ``NAME/`` (what ``storage.list(NAME)`` gives) when the one look it took shows them all
+    (an object store's listing; a local directory without subdirectories), else None; and, on a local
+    root, the temp files of asyncckpt's names directly under it (listings hide them)."""
     if isinstance(storage, LocalStorage):
         d = storage.path(name)
-        if d.is_symlink():
+        link = d.is_symlink()
+        if link:
             await storage.list(name)  # refuses a link leading outside the root
         if not d.is_dir():
-            return set(), None
+            return set(), None, []
         try:
-            return {n for n in os.listdir(d) if (d / n).is_file()}, None
+            with os.scandir(d) as it:
+                found = list(it)
         except OSError as exc:
             raise StorageError(exc.errno or 0, f"cannot list {d}: {exc.strerror or exc}") from exc
+        # One look serves the three: is_file/is_dir follow links, as (d / n).is_file() and os.walk do.
+        files = {e.name for e in found if e.is_file()}
+        temps = [] if link else [join_key(name, n) for n in sorted(files)
+                                 if (m := _TEMP.fullmatch(n)) and _reserved(m.group(1))]
+        listed = None
+        if not any(e.is_dir() for e in found):  # nothing deeper: this look is what storage.list(NAME) walks
+            listed = sorted(f"{name}/{e.name}" for e in found if TEMP_MARK not in e.name)
+        return files, listed, temps
     listed = await storage.list(name)
-    return {k[len(name) + 1 :] for k in listed if "/" not in k[len(name) + 1 :]}, listed
+    return {k[len(name) + 1 :] for k in listed if "/" not in k[len(name) + 1 :]}, listed, []
 
 
 async def _examine(storage: Storage, name: str) -> _Plan | str:
     """The keys of checkpoint ``name`` as its records name them, or (a str) what the name holds instead."""
-    direct, listed = await _direct_files(storage, name)
-    temps = _local_temps(storage, name)
+    direct, listed, temps = await _direct_files(storage, name)
     problems: list[str] = []
     rec: CommitRecord | None = None
     kind: CheckpointKind | None = None

@@ -136,6 +136,25 @@ def test_unknown_files_inside_a_checkpoint_stay(capsys: Any, base: Path) -> None
     assert sorted(p.name for p in ck.iterdir()) == ["notes.txt", "sub"]
 
 
+@pytest.mark.parametrize("subdir", [False, True])
+def test_the_report_keeps_what_a_listing_shows_and_torn_temp_files_go(base: Path, subdir: bool) -> None:
+    """``kept`` is every key under NAME/ that a listing shows and the checkpoint does not own (a
+    directory with or without subdirectories); temp files of its records' names go with it, others stay."""
+    ck = base / "run" / "step-1"
+    (ck / "notes.txt").write_text("mine")
+    (ck / "rank-00000.manifest.tmp-0123456789ab").write_bytes(b"torn")  # a crashed write of ours
+    (ck / "mine.tmp-0123456789ab").write_bytes(b"x")  # a temp name, not of a record: not ours, not listed
+    if subdir:
+        (ck / "sub").mkdir()
+        (ck / "sub" / "x.bin").write_bytes(b"1")
+    report = asyncckpt.delete(ck)
+    kept = ["run/step-1/notes.txt"] + (["run/step-1/sub/x.bin"] if subdir else [])
+    assert [k.removeprefix("run/") for k in kept] == report.kept
+    assert "step-1/rank-00000.manifest.tmp-0123456789ab" in report.deleted
+    left = sorted(p.name for p in ck.iterdir())
+    assert left == ["mine.tmp-0123456789ab", "notes.txt"] + (["sub"] if subdir else [])
+
+
 def test_damaged_commit_with_a_readable_manifest_is_ours(base: Path) -> None:
     ck = base / "run" / "step-1"
     _flip(ck / "COMMIT", 10)

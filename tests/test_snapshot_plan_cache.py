@@ -100,6 +100,31 @@ def test_zero_and_negative_zero_are_told_apart():
     assert math.copysign(1, plan.tree.values[1].value) == -1  # type: ignore[attr-defined]
 
 
+@settings(max_examples=60, deadline=None)
+@given(shape=st.dictionaries(st.text("xyz", min_size=1, max_size=2), _shape, min_size=1, max_size=4),
+       pairs=st.lists(_scalar_pair, min_size=40, max_size=40), keep=st.lists(st.booleans(), min_size=40, max_size=40))
+def test_a_few_changed_values_rebuild_the_same_tree(shape, pairs, keep):  # type: ignore[no-untyped-def]
+    """Some plain values change, the others stay: still the tree a full plan makes, each value's bits
+    included (0.0 against -0.0 is a change), whatever was saved before."""
+    cache = PlanCache()
+    a = _fill(shape, (p[0] for p in pairs))
+    b = _fill(shape, (p[0] if k else p[1] for p, k in zip(pairs, keep)))
+    cache.plan(a)
+    for state in (b, a, b, b):
+        tree, want = cache.plan(state).tree, plan_state(state, inline_max=0).tree
+        assert tree == want
+        assert _signs(tree) == _signs(want)
+    assert cache.hits == 4
+
+
+def _signs(node):  # type: ignore[no-untyped-def]
+    """The sign of every float leaf, in walk order (== on trees takes 0.0 and -0.0 for equal)."""
+    if isinstance(getattr(node, "value", None), float):
+        return [math.copysign(1, node.value)]
+    kids = getattr(node, "values", None) or getattr(node, "items", None) or []
+    return [s for k in kids for s in _signs(k)]
+
+
 def test_a_replaced_tensor_or_new_shape_is_planned_again(tmp_path):
     a = torch.arange(10.0)
     with asyncckpt.AsyncCheckpointer() as ck:
