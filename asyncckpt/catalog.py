@@ -10,7 +10,6 @@ import asyncio
 import contextvars
 import functools
 import logging
-import os
 import threading
 import time
 import weakref
@@ -52,7 +51,7 @@ from .format import (
     resolve_reference,
 )
 from .kinds.base import RecordProbe, kind_named, kind_of
-from .storage import TEMP_MARK, LocalStorage, Storage, blocking_calls_welcome, join_key
+from .storage import LocalStorage, Storage, join_key
 
 __all__ = [
     "RETIRED_FILE",
@@ -766,40 +765,6 @@ async def resolve_name(storage: Storage, name: str | None) -> str:
     return latest.name
 
 
-def _local_names(storage: LocalStorage) -> dict[str, list[str]]:
-    """What :func:`list_all` takes from ``storage.list("")`` on a local root, by looking at the root's
-    directories and the files directly in them only (a listing walks every file of every checkpoint).
-
-    A name counts only by the files directly under it (COMMIT, RETIRED, manifests, data), so those
-    are the ones given: as the listing sees them (not directories, temp files hidden, a directory
-    link not followed), names in the listing's order. For a thread that may block (where the storage
-    makes its own calls inline); elsewhere the storage lists."""
-    names: dict[str, list[str]] = {}
-    try:
-        with os.scandir(storage.root) as it:
-            top = list(it)
-    except OSError:  # no root (or unreadable): the listing is empty too
-        return names
-    for e in top:
-        try:
-            if not e.is_dir() or e.is_symlink():
-                continue
-            with os.scandir(e.path) as it:
-                files = [f.name for f in it if TEMP_MARK not in f.name and not _is_dir(f)]
-        except OSError:  # as the listing's walk: what cannot be read is not listed
-            continue
-        if files:
-            names[e.name] = files
-    return dict(sorted(names.items(), key=lambda kv: kv[0] + "/"))
-
-
-def _is_dir(e: os.DirEntry[str]) -> bool:
-    try:
-        return e.is_dir()
-    except OSError:
-        return False
-
-
 async def list_all(storage: Storage, *, check: bool = False) -> list[CheckpointInfo]:
     """Every checkpoint under the root, complete ones first, each group newest first.
 
@@ -807,8 +772,9 @@ async def list_all(storage: Storage, *, check: bool = False) -> list[CheckpointI
     :func:`check_checkpoint` (records and data sizes, no data read) or are listed as not
     complete with the reason.
     """
-    names = _local_names(storage) if isinstance(storage, LocalStorage) and blocking_calls_welcome() else None
-    if names is None:
+    if isinstance(storage, LocalStorage):  # two levels of directories, not a walk of every file
+        names = await storage.list_names()
+    else:
         names = {}
         for k in await storage.list(""):
             if "/" in k:

@@ -1,7 +1,7 @@
 """The catalog looks at a local root's directories instead of listing or reading them where that costs
-less. list_all on a local root where blocking calls are welcome (the worker's control thread) looks at
-the root's directories itself instead of listing every file: it must list exactly what the storage's
-listing makes it list, whatever the root holds."""
+less. list_all on a local root takes the files directly under each NAME/ from
+LocalStorage.list_names (two levels of directories) instead of listing every file: it must list
+exactly what the storage's listing makes it list, whatever the root holds."""
 
 from __future__ import annotations
 
@@ -17,12 +17,34 @@ from asyncckpt.storage import LocalStorage, blocking_calls_here
 
 
 def _both(root: Path) -> tuple[list, list]:
+    """list_all from the full listing (the way of every other backend), then from list_names."""
+
     async def run() -> tuple[list, list]:
         st = LocalStorage(root)
         try:
+            looked = await list_all(st)
+            with blocking_calls_here():  # inline, as on the worker's control thread
+                assert await list_all(st) == looked
+            keys = await st.list("")
+            names = await st.list_names()
+            direct: dict[str, list[str]] = {}
+            for k in keys:
+                head, _, rest = k.partition("/")
+                if rest and "/" not in rest:
+                    direct.setdefault(head, []).append(rest)
+            assert {n: sorted(fs) for n, fs in names.items()} == direct  # the listing, two levels deep
+            assert list(names) == list(direct)  # in the listing's order
+
+            async def from_listing() -> dict[str, list[str]]:
+                out: dict[str, list[str]] = {}
+                for k in keys:
+                    if "/" in k:
+                        head, _, rest = k.partition("/")
+                        out.setdefault(head, []).append(rest)
+                return out
+
+            st.list_names = from_listing  # type: ignore[method-assign]
             listed = await list_all(st)
-            with blocking_calls_here():
-                looked = await list_all(st)
             return listed, looked
         finally:
             await st.close()

@@ -183,6 +183,13 @@ def _address(data: memoryview) -> int | None:
         return None
 
 
+def _is_dir(e: os.DirEntry[str]) -> bool:
+    try:
+        return e.is_dir()
+    except OSError:
+        return False
+
+
 class _LocalWriter:
     """Parts go to a temp file (aligned parts of a large file with O_DIRECT: no page-cache copy),
     which ``commit`` makes durable (fdatasync) and renames; its directory entry is made durable
@@ -468,6 +475,32 @@ class LocalStorage:
                 rel = os.path.relpath(os.path.join(dirpath, f), self.root)
                 out.append(rel.replace(os.sep, "/"))
         return sorted(out)
+
+    async def list_names(self) -> dict[str, builtins.list[str]]:
+        """The files directly under each directory directly under the root, by directory, as
+        :meth:`list` shows them (temp files hidden, a link to a directory not followed), in the
+        order of :meth:`list`: what a catalog of ``NAME/`` directories needs, from one look at each
+        directory instead of a walk of every file below the root."""
+        return await self._run(self._list_names_sync)
+
+    def _list_names_sync(self) -> dict[str, builtins.list[str]]:
+        names: dict[str, builtins.list[str]] = {}
+        try:
+            with os.scandir(self.root) as it:
+                top = builtins.list(it)
+        except OSError:  # no root (or unreadable): the listing is empty too
+            return names
+        for e in top:
+            try:
+                if not e.is_dir() or e.is_symlink():
+                    continue
+                with os.scandir(e.path) as it:
+                    files = [f.name for f in it if _TMP_MARK not in f.name and not _is_dir(f)]
+            except OSError:  # as the listing's walk: what cannot be read is not listed
+                continue
+            if files:
+                names[e.name] = files
+        return dict(sorted(names.items(), key=lambda kv: kv[0] + "/"))
 
     async def delete(self, key: str) -> None:
         await self._run(self._delete_sync, key)
