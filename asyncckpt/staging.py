@@ -399,10 +399,10 @@ _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if _MADV_HUGEPAGE is not None else None)  # Linux 5.14
 
 
-def _staging_memory(nbytes: int) -> mmap.mmap:
-    """``nbytes`` of page-aligned anonymous memory, every page faulted in, in huge pages where the
-    kernel allows them (transparent huge pages in "madvise" or "always" mode)."""
-    if _MADV_HUGEPAGE is None:
+def _staging_memory(nbytes: int, huge_pages: bool) -> mmap.mmap:
+    """``nbytes`` of page-aligned anonymous memory, every page faulted in; with ``huge_pages``, in
+    huge pages where the kernel allows them (transparent huge pages in "madvise" or "always" mode)."""
+    if _MADV_HUGEPAGE is None or not huge_pages:
         return mmap.mmap(-1, nbytes, flags=mmap.MAP_SHARED | _MAP_POPULATE)
     # Private, not shared: shared anonymous memory is shmem, which gets no huge pages by default.
     mem = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
@@ -420,7 +420,7 @@ def _staging_memory(nbytes: int) -> mmap.mmap:
 class StagingSlot:
     """One contiguous staging buffer: a uint8 tensor and a memoryview of the same bytes."""
 
-    def __init__(self, nbytes: int, pinned: bool) -> None:
+    def __init__(self, nbytes: int, pinned: bool, huge_pages: bool = False) -> None:
         self.capacity = max(nbytes, mmap.PAGESIZE)
         self.pinned = pinned
         if pinned:
@@ -430,10 +430,10 @@ class StagingSlot:
             # Fault every page in now, in one pass, not in the first snapshot's copy: on the project's
             # VM the same 1 GiB took 0.58-0.71 s to write with O_DIRECT from pages first touched by
             # the copy and 0.35-0.41 s from populated ones, on every later save too (docs/benchmarks.md,
-            # "Durable path, issue 14"). In huge pages, an O_DIRECT write of 32 MiB took 0.15-0.23 ms of
-            # CPU instead of 1.0-1.2 ms and 256 MiB went out in 59-68 ms instead of 110-125 ms
-            # (docs/benchmarks.md, "Writing during the snapshot copy, again").
-            self._mmap = _staging_memory(self.capacity)
+            # "Durable path, issue 14"). In huge pages (opt-in), an O_DIRECT write of 32 MiB took
+            # 0.15-0.23 ms of CPU instead of 1.0-1.2 ms and a save's durable time fell 15 %, but the
+            # snapshot wait grew (docs/benchmarks.md, "Turn 8").
+            self._mmap = _staging_memory(self.capacity, huge_pages)
             self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
         self.view = self.tensor.numpy().data
 
@@ -450,9 +450,10 @@ class StagingSlot:
 class StagingPool:
     """A bounded set of reusable staging slots (one per save in flight)."""
 
-    def __init__(self, max_slots: int, pinned: bool | None = None) -> None:
+    def __init__(self, max_slots: int, pinned: bool | None = None, huge_pages: bool = False) -> None:
         self.max_slots = max(1, max_slots)
         self.pinned = torch.cuda.is_available() if pinned is None else pinned
+        self.huge_pages = huge_pages
         self._free: list[StagingSlot] = []
         self._used = 0
         self._cond: asyncio.Condition | None = None
@@ -479,7 +480,7 @@ class StagingPool:
                 self._free.remove(old)
                 old.close()
         try:
-            return StagingSlot(nbytes, self.pinned)
+            return StagingSlot(nbytes, self.pinned, self.huge_pages)
         except BaseException:
             async with self._cond:
                 self._used -= 1

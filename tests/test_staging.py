@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import mmap
 import os
+from pathlib import Path
 
 import pytest
+import torch
 
+import asyncckpt
 from asyncckpt.staging import StagingSlot
 
 pytestmark = pytest.mark.skipif(
@@ -69,16 +72,30 @@ def _thp_mode() -> str:
 
 
 @pytest.mark.skipif(_thp_mode() == "never", reason="transparent huge pages are off on this machine")
-def test_an_unpinned_slot_is_in_huge_pages_where_the_kernel_allows_them() -> None:
-    # O_DIRECT writes from huge pages took a fifth of the CPU and half the time (docs/benchmarks.md,
-    # "Writing during the snapshot copy, again")
+def test_an_unpinned_slot_is_in_huge_pages_when_asked_and_the_kernel_allows_them() -> None:
+    # O_DIRECT writes from huge pages took a fifth of the CPU (docs/benchmarks.md, "Turn 8"); opt-in
     nbytes = 64 << 20
-    slot = StagingSlot(nbytes, pinned=False)
+    slot = StagingSlot(nbytes, pinned=False, huge_pages=True)
+    plain = StagingSlot(nbytes, pinned=False)
     try:
-        huge = _smaps_field(slot.tensor.data_ptr(), "AnonHugePages")
-        assert huge > 0, "a new slot has no huge page"
-        assert not slot.tensor[:nbytes].any()  # zeroed, and writable below
-        slot.tensor[:nbytes].fill_(7)
-        assert int(slot.tensor[nbytes - 1]) == 7
+        assert _smaps_field(slot.tensor.data_ptr(), "AnonHugePages") > 0, "a new slot has no huge page"
+        assert _smaps_field(plain.tensor.data_ptr(), "AnonHugePages") == 0  # the default: shared, 4 KiB
+        for s in (slot, plain):
+            assert not s.tensor[:nbytes].any()  # zeroed, and writable below
+            s.tensor[:nbytes].fill_(7)
+            assert int(s.tensor[nbytes - 1]) == 7
     finally:
         slot.close()
+        plain.close()
+
+
+def test_saves_staged_in_huge_pages_load_back_exactly(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(11)
+    state = {"w": torch.randn(3 << 20, generator=g), "b": torch.randn(17, generator=g), "n": 3}
+    with asyncckpt.AsyncCheckpointer(worker_options={"huge_pages": True}) as ck:
+        for i in range(2):  # the second save reuses the slot
+            ck.save(state, tmp_path / f"c{i}")
+            ck.finalize(blocking=True)
+    for i in range(2):
+        back = asyncckpt.load(tmp_path / f"c{i}")
+        assert torch.equal(back["w"], state["w"]) and torch.equal(back["b"], state["b"]) and back["n"] == 3

@@ -35,6 +35,9 @@ class WorkerConfig:
     # the writes still lengthen the trainer's snapshot wait (docs/benchmarks.md, "Writing during the
     # snapshot copy, again")
     write_during_copy: int | None = None
+    # unpinned staging slots in transparent huge pages where the kernel gives them: durable time
+    # -15 % at 1 GiB here, but the trainer's snapshot wait grew (docs/benchmarks.md, "Turn 8"): off
+    huge_pages: bool = False
     log_level: int | str | None = None
     cpu_priority: int | None = None  # nice value the worker lowers itself to (NVRx's cpu_priority)
     io_priority: int | None = None  # ionice class (NVRx's io_priority); None leaves it unchanged
@@ -52,7 +55,7 @@ class WorkerContext:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.storages: dict[int, torch.Tensor] = {}  # shared storage id -> uint8 tensor over it
-        self.pool = StagingPool(config.max_in_flight, config.pinned)
+        self.pool = StagingPool(config.max_in_flight, config.pinned, config.huge_pages)
         self._sessions: dict[tuple[str, str], Storage] = {}
         self.cuda_stream: Any = None
         self.pins: dict[str, BasePins] = {}  # root -> bases of incremental saves being written here
