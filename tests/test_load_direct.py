@@ -23,6 +23,7 @@ import torch
 import asyncckpt
 from asyncckpt._loop import run_sync
 from asyncckpt.catalog import read_commit, read_manifest
+from asyncckpt.errors import CheckpointNotFoundError
 from asyncckpt.format import RankManifest
 from asyncckpt.format.chunks import ALIGNED_MIN, read_buffer
 from asyncckpt.storage import LocalStorage
@@ -331,3 +332,28 @@ def test_dcp_flipped_byte_in_a_direct_staged_read_is_caught(dcp_saved, monkeypat
     err = next(iter(ei.value.failures.values()))[0]
     assert isinstance(err, asyncckpt.IntegrityError) and "'s20'" in str(err) and "checksum mismatch" in str(err)
     assert calls.direct_bytes > 0
+
+
+def test_a_file_removed_between_the_two_opens_of_a_direct_read_is_not_found(direct_dir, monkeypatch) -> None:
+    """An overwrite may remove the data file a load is about to read: between the plain open and
+    the O_DIRECT one. That must read as "not found" (which makes load() read the new checkpoint),
+    not as a failed read."""
+    data = np.random.default_rng(2).integers(0, 256, 4 * MiB, dtype=np.uint8)
+    (direct_dir / "f").write_bytes(data.tobytes())
+    storage = LocalStorage(direct_dir)
+    real_open = os.open
+
+    def open_after_unlink(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_DIRECT and Path(path).name == "f":
+            os.unlink(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    try:
+        monkeypatch.setattr(os, "open", open_after_unlink)
+        buf = read_buffer(3 * MiB, 4096)
+        with pytest.raises(CheckpointNotFoundError, match="does not exist"):
+            run_sync(storage.read_into("f", 4096, buf.data))
+        monkeypatch.undo()
+        assert storage.direct_read  # a vanished file says nothing about O_DIRECT
+    finally:
+        run_sync(storage.close())

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import (
+    CheckpointError,
     IntegrityError,
     PermanentStorageError,
     StorageError,
@@ -395,6 +396,8 @@ class LocalStorage:
         try:
             try:
                 dfd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+            except FileNotFoundError as exc:  # removed since ``fd`` was opened (an overwrite replaced it)
+                raise StorageNotFoundError(f"{p} does not exist") from exc
             except OSError as exc:
                 if exc.errno not in _NO_DIRECT:
                     raise
@@ -411,6 +414,8 @@ class LocalStorage:
                         os.close(dfd)
                         dfd = None
                 _preadv_all(fd, p, vs, at)  # a refused direct run is read again whole, from ``at``
+        except CheckpointError:
+            raise
         except OSError as exc:
             raise _storage_error("read", p, exc) from exc
         finally:
