@@ -103,9 +103,9 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += n
 
 
-def _open_for_read(p: Path) -> int:
+def _open_for_read(p: Path, flags: int = 0) -> int:
     try:
-        return os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(p, os.O_RDONLY | os.O_CLOEXEC | flags)
     except FileNotFoundError as exc:
         raise StorageNotFoundError(f"{p} does not exist") from exc
     except OSError as exc:
@@ -394,12 +394,10 @@ class LocalStorage:
         fd = _open_for_read(p)
         dfd: int | None = None
         try:
-            try:
-                dfd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
-            except FileNotFoundError as exc:  # removed since ``fd`` was opened (an overwrite replaced it)
-                raise StorageNotFoundError(f"{p} does not exist") from exc
-            except OSError as exc:
-                if exc.errno not in _NO_DIRECT:
+            try:  # gone since ``fd`` was opened (an overwrite replaced it): not found, as at the first open
+                dfd = _open_for_read(p, os.O_DIRECT)
+            except StorageError as exc:
+                if isinstance(exc, StorageNotFoundError) or exc.errno not in _NO_DIRECT:
                     raise
                 self.direct_read = False
             for direct, at, vs in runs:
