@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,6 +145,11 @@ class _Plan:
                 if k not in keep]
 
 
+def _temp_names(names: Iterable[str]) -> list[str]:
+    """Those of ``names`` that are temp files of asyncckpt's names, sorted."""
+    return [n for n in sorted(names) if (m := _TEMP.fullmatch(n)) and _reserved(m.group(1))]
+
+
 def _local_temps(storage: Storage, prefix: str) -> list[str]:
     """Temp files of asyncckpt's names directly under ``prefix`` (local roots; listings hide them)."""
     if not isinstance(storage, LocalStorage):
@@ -154,12 +159,7 @@ def _local_temps(storage: Storage, prefix: str) -> list[str]:
         names = os.listdir(d) if d.is_dir() and not d.is_symlink() else []
     except OSError:
         return []
-    out = []
-    for n in sorted(names):
-        m = _TEMP.fullmatch(n)
-        if m and _reserved(m.group(1)) and (d / n).is_file():
-            out.append(join_key(prefix, n))
-    return out
+    return [join_key(prefix, n) for n in _temp_names(names) if (d / n).is_file()]
 
 
 def _data_key_ok(key: str, name: str) -> bool:
@@ -218,8 +218,7 @@ async def _direct_files(storage: Storage, name: str) -> tuple[set[str], list[str
             raise StorageError(exc.errno or 0, f"cannot list {d}: {exc.strerror or exc}") from exc
         # One look serves the three: is_file/is_dir follow links, as (d / n).is_file() and os.walk do.
         files = {e.name for e in found if e.is_file()}
-        temps = [] if link else [join_key(name, n) for n in sorted(files)
-                                 if (m := _TEMP.fullmatch(n)) and _reserved(m.group(1))]
+        temps = [] if link else [join_key(name, n) for n in _temp_names(files)]
         listed = None
         if not any(e.is_dir() for e in found):  # nothing deeper: this look is what storage.list(NAME) walks
             listed = sorted(f"{name}/{e.name}" for e in found if TEMP_MARK not in e.name)
