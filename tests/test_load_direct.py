@@ -22,11 +22,10 @@ import torch
 
 import asyncckpt
 from asyncckpt._loop import run_sync
-from asyncckpt.catalog import read_commit, read_manifest
 from asyncckpt.errors import CheckpointNotFoundError
-from asyncckpt.format import RankManifest
 from asyncckpt.format.chunks import ALIGNED_MIN, read_buffer
 from asyncckpt.storage import LocalStorage
+from tests.test_load_path import _manifest
 
 MiB = 1 << 20
 PAGE = mmap.PAGESIZE
@@ -110,19 +109,6 @@ def _state() -> dict[str, torch.Tensor]:
         out[f"big{i}"] = torch.randn((3 * MiB + 1000 * i + 12) // 4, generator=g)
         out[f"small{i}"] = torch.randn(100 + i, generator=g)
     return out
-
-
-def _manifest(path: Path) -> RankManifest:
-    storage = LocalStorage(path.parent)
-
-    async def go() -> RankManifest:
-        rec = await read_commit(storage, path.name)
-        return await read_manifest(storage, path.name, 0, rec.manifests[0])
-
-    try:
-        return run_sync(go())
-    finally:
-        run_sync(storage.close())
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
