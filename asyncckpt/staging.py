@@ -420,7 +420,7 @@ def _staging_memory(nbytes: int, huge_pages: bool) -> mmap.mmap:
 class StagingSlot:
     """One contiguous staging buffer: a uint8 tensor and a memoryview of the same bytes."""
 
-    def __init__(self, nbytes: int, pinned: bool, huge_pages: bool = False) -> None:
+    def __init__(self, nbytes: int, pinned: bool, huge_pages: bool = True) -> None:
         self.capacity = max(nbytes, mmap.PAGESIZE)
         self.pinned = pinned
         if pinned:
@@ -430,9 +430,9 @@ class StagingSlot:
             # Fault every page in now, in one pass, not in the first snapshot's copy: on the project's
             # VM the same 1 GiB took 0.58-0.71 s to write with O_DIRECT from pages first touched by
             # the copy and 0.35-0.41 s from populated ones, on every later save too (docs/benchmarks.md,
-            # "Durable path, issue 14"). In huge pages (opt-in), an O_DIRECT write of 32 MiB took
-            # 0.15-0.23 ms of CPU instead of 1.0-1.2 ms and a save's durable time fell 15 %, but the
-            # snapshot wait grew (docs/benchmarks.md, "Turn 8").
+            # "Durable path, issue 14"). In huge pages (the default), an O_DIRECT write of 32 MiB took
+            # 0.15-0.23 ms of CPU instead of 1.0-1.2 ms and a save's durable time fell 15 % with the
+            # same snapshot wait (docs/benchmarks.md, "Turn 9").
             self._mmap = _staging_memory(self.capacity, huge_pages)
             self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
         self.view = self.tensor.numpy().data
@@ -450,7 +450,7 @@ class StagingSlot:
 class StagingPool:
     """A bounded set of reusable staging slots (one per save in flight)."""
 
-    def __init__(self, max_slots: int, pinned: bool | None = None, huge_pages: bool = False) -> None:
+    def __init__(self, max_slots: int, pinned: bool | None = None, huge_pages: bool = True) -> None:
         self.max_slots = max(1, max_slots)
         self.pinned = torch.cuda.is_available() if pinned is None else pinned
         self.huge_pages = huge_pages

@@ -38,12 +38,13 @@ def _resident_bytes(addr: int) -> int:
     raise AssertionError(f"no mapping starts at {addr:#x}")
 
 
-def test_an_unpinned_slot_is_faulted_in_when_it_is_made() -> None:
+@pytest.mark.parametrize("huge_pages", [True, False])
+def test_an_unpinned_slot_is_faulted_in_when_it_is_made(huge_pages: bool) -> None:
     # O_DIRECT writes from pages first touched by the snapshot copy were measurably slower than
     # from pages populated in one pass when the slot is made (docs/benchmarks.md, issue 14), so a
     # new slot must already be resident before anything is copied into it.
     nbytes = 8 << 20
-    slot = StagingSlot(nbytes, pinned=False)
+    slot = StagingSlot(nbytes, pinned=False, huge_pages=huge_pages)
     try:
         resident = _resident_bytes(slot.tensor.data_ptr())
         assert resident >= nbytes, f"only {resident} of {nbytes} bytes of a new slot are resident"
@@ -72,14 +73,14 @@ def _thp_mode() -> str:
 
 
 @pytest.mark.skipif(_thp_mode() == "never", reason="transparent huge pages are off on this machine")
-def test_an_unpinned_slot_is_in_huge_pages_when_asked_and_the_kernel_allows_them() -> None:
-    # O_DIRECT writes from huge pages took a fifth of the CPU (docs/benchmarks.md, "Turn 8"); opt-in
+def test_an_unpinned_slot_is_in_huge_pages_unless_opted_out_where_the_kernel_allows_them() -> None:
+    # O_DIRECT writes from huge pages took a fifth of the CPU (docs/benchmarks.md, "Turn 8")
     nbytes = 64 << 20
-    slot = StagingSlot(nbytes, pinned=False, huge_pages=True)
-    plain = StagingSlot(nbytes, pinned=False)
+    slot = StagingSlot(nbytes, pinned=False)
+    plain = StagingSlot(nbytes, pinned=False, huge_pages=False)
     try:
         assert _smaps_field(slot.tensor.data_ptr(), "AnonHugePages") > 0, "a new slot has no huge page"
-        assert _smaps_field(plain.tensor.data_ptr(), "AnonHugePages") == 0  # the default: shared, 4 KiB
+        assert _smaps_field(plain.tensor.data_ptr(), "AnonHugePages") == 0  # opted out: shared, 4 KiB
         for s in (slot, plain):
             assert not s.tensor[:nbytes].any()  # zeroed, and writable below
             s.tensor[:nbytes].fill_(7)
@@ -89,10 +90,11 @@ def test_an_unpinned_slot_is_in_huge_pages_when_asked_and_the_kernel_allows_them
         plain.close()
 
 
-def test_saves_staged_in_huge_pages_load_back_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("huge_pages", [True, False])
+def test_saves_staged_with_or_without_huge_pages_load_back_exactly(tmp_path: Path, huge_pages: bool) -> None:
     g = torch.Generator().manual_seed(11)
     state = {"w": torch.randn(3 << 20, generator=g), "b": torch.randn(17, generator=g), "n": 3}
-    with asyncckpt.AsyncCheckpointer(worker_options={"huge_pages": True}) as ck:
+    with asyncckpt.AsyncCheckpointer(worker_options={"huge_pages": huge_pages}) as ck:
         for i in range(2):  # the second save reuses the slot
             ck.save(state, tmp_path / f"c{i}")
             ck.finalize(blocking=True)

@@ -36,8 +36,8 @@ class WorkerConfig:
     # snapshot copy, again")
     write_during_copy: int | None = None
     # unpinned staging slots in transparent huge pages where the kernel gives them: durable time
-    # -15 % at 1 GiB here, but the trainer's snapshot wait grew (docs/benchmarks.md, "Turn 8"): off
-    huge_pages: bool = False
+    # -15 % at 1 GiB here with the same snapshot wait (docs/benchmarks.md, "Turn 9"); False opts out
+    huge_pages: bool = True
     log_level: int | str | None = None
     cpu_priority: int | None = None  # nice value the worker lowers itself to (NVRx's cpu_priority)
     io_priority: int | None = None  # ionice class (NVRx's io_priority); None leaves it unchanged
