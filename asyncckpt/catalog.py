@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import numpy as np
@@ -51,7 +51,7 @@ from .format import (
     resolve_reference,
 )
 from .kinds.base import RecordProbe, kind_named, kind_of
-from .storage import LocalStorage, Storage, join_key
+from .storage import ListsByName, Storage, join_key
 
 __all__ = [
     "RETIRED_FILE",
@@ -495,7 +495,7 @@ async def next_generation(storage: Storage, name: str, *, overwrite: bool) -> tu
 async def _generation(storage: Storage, name: str, overwrite: bool) -> tuple[int, CommitRecord | None, bool]:
     """:func:`next_generation` and whether the name was fresh (neither ``COMMIT`` nor ``RETIRED``)."""
     key = join_key(name, COMMIT_FILE)
-    if isinstance(storage, LocalStorage):
+    if storage.capabilities.list_by_name:
         # One look at NAME/ says which of the two exist (a new name: neither, and no file is opened);
         # RETIRED matters only when COMMIT is absent
         there = set(await storage.list(name))
@@ -772,8 +772,8 @@ async def list_all(storage: Storage, *, check: bool = False) -> list[CheckpointI
     :func:`check_checkpoint` (records and data sizes, no data read) or are listed as not
     complete with the reason.
     """
-    if isinstance(storage, LocalStorage):  # two levels of directories, not a walk of every file
-        names = await storage.list_names()
+    if storage.capabilities.list_by_name:  # two levels of directories, not a walk of every file
+        names = await cast(ListsByName, storage).list_names()
     else:
         names = {}
         for k in await storage.list(""):

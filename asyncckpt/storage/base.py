@@ -3,8 +3,8 @@
 A backend moves bytes for keys (``/``-separated, relative to the backend's root).
 Chunking, checksums and concurrency live above it, in the engine, written once.
 Optional behaviour is *declared* in ``Storage.capabilities`` (a `Capabilities`), never probed:
-a caller checks the flag, then calls the matching method of `AbortsIncompleteUploads` or
-`CleansTempFiles` (or `DeletesMany`).
+a caller checks the flag, then calls the matching method of `AbortsIncompleteUploads`,
+`CleansTempFiles`, `DeletesMany`, `ListsByName` or `ReadsScattered`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 __all__ = [
-    "AbortsIncompleteUploads", "Capabilities", "CleansTempFiles", "DeletesMany", "ObjectWriter", "ReadsScattered",
+    "AbortsIncompleteUploads", "Capabilities", "CleansTempFiles", "DeletesMany", "ListsByName", "ObjectWriter",
+    "ReadsScattered",
     "Storage",
     "blocking_calls_here", "blocking_calls_welcome",
 ]
@@ -42,6 +43,11 @@ class Capabilities:
       fsync per directory instead of one per file; S3: one DeleteObjects request).
     - ``min_part_size``: the smallest part, other than an object's last, that ``write_part``
       takes (5 MiB: S3's multipart minimum; a local file takes parts of any size).
+    - ``list_by_name``: keys are files in directories, so listing the keys under one ``NAME/`` is
+      one directory scan (cheaper than reading a key), and the backend has ``list_names()``
+      (`ListsByName`) that lists the files directly under every ``NAME/`` with one look at each
+      directory instead of a walk of every key (local). Object stores list by prefix: a LIST
+      costs what a GET does, so the catalog reads ``COMMIT`` and ``RETIRED`` at once instead.
     - ``any_loop``: a session holds nothing bound to the event loop it was opened on, so it may be
       used from another loop in another thread; and inside :func:`blocking_calls_here` its
       methods may do their blocking work inline instead of handing it to a thread. The worker
@@ -57,6 +63,7 @@ class Capabilities:
     delete_many: bool = False
     min_part_size: int = 5 << 20
     any_loop: bool = False
+    list_by_name: bool = False
 
 
 _BLOCKING_OK: contextvars.ContextVar[bool] = contextvars.ContextVar("asyncckpt_blocking_calls", default=False)
@@ -172,6 +179,17 @@ class DeletesMany(Protocol):
         within a group the removals may become durable in any order (local: one directory fsync per
         directory after the group; S3: one DeleteObjects request). A failure raises with every
         earlier group gone and no later group touched."""
+
+
+@runtime_checkable
+class ListsByName(Protocol):
+    """Offered where ``capabilities.list_by_name`` is True."""
+
+    async def list_names(self) -> dict[str, list[str]]:
+        """The keys directly under each ``NAME/`` directly under the root, by name (``NAME`` ->
+        the file names below it, as ``list`` shows them: temporary files hidden), from one look at
+        each directory. Keys deeper than ``NAME/file`` are not listed, nor a ``NAME`` without
+        files directly below it."""
 
 
 @runtime_checkable

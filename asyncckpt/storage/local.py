@@ -274,7 +274,7 @@ class LocalStorage:
     """A directory on a local (or network-mounted POSIX) filesystem."""
 
     capabilities = Capabilities(conditional_put=True, cleanup_temp=True, scatter_read=True, min_part_size=1,
-                                any_loop=True, delete_many=True)
+                                any_loop=True, delete_many=True, list_by_name=True)
 
     def __init__(self, root: str | os.PathLike[str], *, threads: int = 8, direct_io: bool = True) -> None:
         self.root = Path(root).absolute()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import array
 import asyncio
 import re
+from typing import cast
 
 import pytest
 
@@ -30,6 +31,7 @@ from asyncckpt.storage import (
     Capabilities,
     CleansTempFiles,
     DeletesMany,
+    ListsByName,
     ObjectWriter,
     Storage,
 )
@@ -71,6 +73,7 @@ class ProtocolTests:
         assert isinstance(store, AbortsIncompleteUploads) or not caps.abort_incomplete
         assert isinstance(store, CleansTempFiles) or not caps.cleanup_temp
         assert isinstance(store, DeletesMany) or not caps.delete_many
+        assert isinstance(store, ListsByName) or not caps.list_by_name
         w = await store.open_writer("k")
         assert isinstance(w, ObjectWriter)
         await w.abort()
@@ -252,6 +255,21 @@ class ProtocolTests:
         await store.delete_many([])
         await store.delete_many([[], ["nope/a", "nope/b"]])  # absent: nothing to do, no error
         assert await store.list() == []
+
+    async def test_list_names_shows_the_files_directly_under_each_name(self, store: Storage) -> None:
+        if not store.capabilities.list_by_name:
+            pytest.skip("this backend does not declare list_by_name")
+        keys = ["a/b/c", "a/d", "a/b2", "ab/x", "e", "z/y/x/w"]
+        for k in reversed(keys):
+            await store.put_record(k, k.encode())
+        names = await cast(ListsByName, store).list_names()
+        assert {n: sorted(fs) for n, fs in names.items()} == {"a": ["b2", "d"], "ab": ["x"]}  # z/ holds no file
+        expected: dict[str, list[str]] = {}  # the same, from list(): the catalog may take either
+        for k in await store.list():
+            head, _, rest = k.partition("/")
+            if rest and "/" not in rest:
+                expected.setdefault(head, []).append(rest)
+        assert {n: sorted(fs) for n, fs in names.items()} == {n: sorted(fs) for n, fs in expected.items()}
 
     async def test_list_many_keys_is_paginated(self, backend: Backend) -> None:
         st = backend.make(list_page_size=16)  # several pages without thousands of keys
