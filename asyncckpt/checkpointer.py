@@ -298,24 +298,40 @@ class AsyncCheckpointer:
 
         handle = opt.register_step_post_hook(after_step)
 
-    def warm_up(self, state_dict: Any = None) -> None:
+    def warm_up(self, state_dict: Any = None, *, wait: bool = False, timeout: float | None = 300.0) -> None:
         """Do now what the first save would otherwise do on the training loop: start the worker,
         plan ``state_dict`` (later saves of the same structure reuse the plan), move its tensors
         to shared memory, allocate the copy slabs here and the staging slots in the worker.
 
         Optional: without it the first ``save()`` pays for these once (docs/snapshot.md, "Cost").
+        ``wait=True`` also blocks until the worker is up and its staging allocated: the worker's
+        start (its ``import torch``: 1-2 s) then happens before the training loop instead of
+        holding up an early save. Raises WorkerDiedError if the worker could not start, and
+        CheckpointError if it is not ready within ``timeout`` seconds.
         """
         self.queue.start_worker()
-        if state_dict is None:
+        if state_dict is None and not wait:
             return
-        plan = self._plans.plan(state_dict, allow_pickle=self.allow_pickle, full=lambda *a, **k: plan_state(*a, **k))
-        prog = self._program_for(plan)
-        share_in_place(plan.tensors[i] for i in prog.shared)
-        if prog.copy is not None:
-            self._copies.reserve(prog.copy.nbytes)
-        start_fd_sharing()
-        job = Job([Stage(Kind.CONTROL, ControlPayload([ReserveStagingOp(plan.data_nbytes)]))], label="warm-up")
-        self.queue.schedule_job(job, world=1, detached=True)
+        nbytes = 0
+        if state_dict is not None:
+            plan = self._plans.plan(state_dict, allow_pickle=self.allow_pickle, full=lambda *a, **k: plan_state(*a, **k))
+            prog = self._program_for(plan)
+            share_in_place(plan.tensors[i] for i in prog.shared)
+            if prog.copy is not None:
+                self._copies.reserve(prog.copy.nbytes)
+            start_fd_sharing()
+            nbytes = plan.data_nbytes
+        job = Job([Stage(Kind.CONTROL, ControlPayload([ReserveStagingOp(nbytes)]))], label="warm-up")
+        idx = self.queue.schedule_job(job, world=1, detached=True)
+        if not wait:
+            return
+        if not self.queue.wait_finished(idx, timeout):
+            raise CheckpointError(f"warm_up: the asyncckpt worker was not ready within {timeout} s (pid "
+                                  f"{self.queue.worker_pid}); saves will still wait for it")
+        if self.queue.worker_pid is None:
+            raise WorkerDiedError("warm_up: the asyncckpt worker could not start (it exited; its stderr says why, "
+                                  "e.g. a worker_options 'preload' module that fails to import); the next save "
+                                  "starts a new one")
 
     # -- the save path -----------------------------------------------------------------------
     def _forget(self, root_uri: str, name: str) -> None:

@@ -484,6 +484,16 @@ class CheckpointManager:
         self.last_step = int(step)
         return handle
 
+    def warm_up(self, state: Mapping[str, Any], *, timeout: float | None = 300.0) -> None:
+        """Before the training loop: start the worker and wait until it is up, plan ``state``, move
+        its tensors to shared memory and allocate the staging, so no save in the loop waits for any
+        of it (without it, the first ``maybe_save`` that does not save warms up without waiting,
+        and a save asked for while the worker still starts waits for it). Local to this rank."""
+        self._check_open()
+        self._check_state(state)
+        self.ckpt.warm_up(self._state_for_save(self.last_step or 0, state), wait=True, timeout=timeout)
+        self._warm = True
+
     def save(self, step: int, state: Mapping[str, Any], *, block: bool = False) -> SaveHandle | None:
         """Save now, whatever the policy (``block=True`` also waits for the commit)."""
         self._check_open()

@@ -489,6 +489,8 @@ class StagingPool:
 
     async def reserve(self, nbytes: int) -> None:
         """Allocate (and touch) every slot at ``nbytes`` now, so the first snapshots fault no pages."""
+        if nbytes <= 0:
+            return
         slots = [await self.acquire(nbytes) for _ in range(self.max_slots)]
         for slot in slots:
             await asyncio.to_thread(slot.tensor[:nbytes].zero_)

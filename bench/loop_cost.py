@@ -17,6 +17,10 @@ load average printed with them):
 4. **first save vs later saves** of the same state right after construction: a bare
    ``AsyncCheckpointer``, one after ``warm_up(state)``, and a ``CheckpointManager`` (which warms
    up at its first ``maybe_save`` that does not save).
+5. **the worker's start in the loop**: the longest ``maybe_save`` call of the first five saves of a
+   manager that starts training right after its construction, without and with
+   ``mgr.warm_up(state)`` before the loop (a save asked for while the worker still starts waits
+   for a slot).
 
 Every figure is a median over repetitions inside this one run; a summary table closes the output.
 """
@@ -27,6 +31,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -237,6 +242,40 @@ def first_vs_later(root: str, repeats: int) -> dict[str, Any]:
     return out
 
 
+def _startup_once(root: str, every: int, warm: bool) -> float:
+    model, opt, sched = _model()
+    calls: list[float] = []
+    with asyncckpt.CheckpointManager(root, every_steps=every, keep_last=2, signals=()) as mgr:
+        state = {"model": model, "optim": opt, "sched": sched}
+        if warm:
+            mgr.warm_up(state)
+
+        def hook(step: int) -> None:
+            t0 = time.perf_counter()
+            if mgr.maybe_save(step, state) is not None:
+                calls.append(time.perf_counter() - t0)
+
+        _steps(model, opt, sched, every * 5, hook)
+    return max(calls)
+
+
+def startup_stall(root: str, every: int, repeats: int) -> dict[str, Any]:
+    """The longest maybe_save call of the first five saves right after construction, without and
+    with ``warm_up`` before the loop; each run in a fresh process (a process starts its first
+    worker from scratch: later ones are forked from a warm template), median over ``repeats``."""
+    out: dict[str, Any] = {}
+    here = os.path.dirname(os.path.abspath(__file__))
+    for label, warm in (("no warm_up", False), ("warm_up", True)):
+        longest = []
+        for i in range(repeats):
+            code = (f"import sys; sys.path.insert(0, {here!r}); import torch; torch.set_num_threads(1); import loop_cost; "
+                    f"print(loop_cost._startup_once({os.path.join(root, f'{int(warm)}-{i}')!r}, {every}, {warm}))")
+            done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+            longest.append(float(done.stdout.split()[-1]))
+        out[label] = {"longest_call_s": statistics.median(longest), "runs": longest}
+    return out
+
+
 def _ms(x: float) -> str:
     return f"{1e3 * x:8.2f} ms"
 
@@ -283,6 +322,8 @@ def summary(res: dict[str, Any]) -> None:
     for label, v in res.get("first_vs_later", {}).items():
         print(f"first save vs later ({label:7s}): first {_ms(v['first_s'])}, later {_ms(v['later_s'])}, "
               f"ratio {v['ratio']:.2f} [target <= 2]")
+    for label, v in res.get("startup_stall", {}).items():
+        print(f"longest maybe_save of the first 5 saves after construction ({label}): {_ms(v['longest_call_s'])}")
 
 
 def main() -> None:
@@ -330,6 +371,8 @@ def main() -> None:
         print("tensors", json.dumps(res["save_s_by_tensor_count"]), flush=True)
         res["first_vs_later"] = first_vs_later(os.path.join(tmp, "first"), 3 if args.quick else 5)
         print("first", json.dumps(res["first_vs_later"]), flush=True)
+        res["startup_stall"] = startup_stall(os.path.join(tmp, "startup"), every, 2 if args.quick else 3)
+        print("startup", json.dumps(res["startup_stall"]), flush=True)
         for srv in servers:
             srv.stop() if hasattr(srv, "stop") else srv.kill()
     res["load_average_end"] = os.getloadavg()

@@ -40,6 +40,7 @@ def train(root: str, stop: int, every: int, parts: dict) -> tuple[int, float]:
     with asyncckpt.CheckpointManager(root, every_steps=every, keep_last=3) as mgr:
         step = start = mgr.restore(state)  # 0 when the root holds no checkpoint
         print(f"  starting at step {start}" + (f" (restored {mgr.path_for(start)})" if start else ""))
+        mgr.warm_up(state)  # optional: the worker's start (1-2 s) happens here, not during an early save
         while step < stop:
             for x, y in parts["loader"]:
                 loss = torch.nn.functional.mse_loss(parts["model"](x), y)
