@@ -612,11 +612,11 @@ class AsyncCallsQueue:
         return True
 
     def wait_finished(self, idx: int, timeout: float | None = None) -> bool:
-        """Wait until call ``idx`` finished (done or failed; a detached job is then forgotten) or
-        its worker died; False if ``timeout`` seconds passed first."""
+        """Wait until call ``idx`` finished (done or failed; a detached job is then forgotten, as are
+        those of a worker that died); False if ``timeout`` seconds passed first."""
         def finished() -> bool:
             call = self._by_idx.get(idx)
-            return call is None or call.finished or (call.worker.died is not None)
+            return call is None or call.finished
         return self._wait(finished, timeout)
 
     def get_num_unfinalized_calls(self) -> int:
