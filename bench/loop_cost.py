@@ -214,19 +214,31 @@ def _first_and_later(root: str, warm: bool) -> tuple[float, float]:
     return first, statistics.median(later)
 
 
-def _manager_first_and_later(root: str, every: int) -> tuple[float, float]:
+def _manager_save_calls(root: str, every: int, saves: int, *, warm: bool = False,
+                        wait_each: bool = False) -> list[float]:
+    """The ``maybe_save`` calls that saved in ``every * saves`` steps of a fresh manager (seconds);
+    ``warm``: ``mgr.warm_up(state)`` first; ``wait_each``: wait (untimed) for each save's commit."""
     model, opt, sched = _model()
     calls: list[float] = []
     with asyncckpt.CheckpointManager(root, every_steps=every, keep_last=2, signals=()) as mgr:
         state = {"model": model, "optim": opt, "sched": sched}
+        if warm:
+            mgr.warm_up(state)
 
         def hook(step: int) -> None:
             t0 = time.perf_counter()
             if mgr.maybe_save(step, state) is not None:
                 calls.append(time.perf_counter() - t0)
-                mgr.wait()  # not timed: each save starts from an idle worker, as the first one does
+                if wait_each:
+                    mgr.wait()
 
-        _steps(model, opt, sched, every * 6, hook)
+        _steps(model, opt, sched, every * saves, hook)
+    return calls
+
+
+def _manager_first_and_later(root: str, every: int) -> tuple[float, float]:
+    # each save starts from an idle worker, as the first one does
+    calls = _manager_save_calls(root, every, 6, wait_each=True)
     return calls[0], statistics.median(calls[1:])
 
 
@@ -243,20 +255,7 @@ def first_vs_later(root: str, repeats: int) -> dict[str, Any]:
 
 
 def _startup_once(root: str, every: int, warm: bool) -> float:
-    model, opt, sched = _model()
-    calls: list[float] = []
-    with asyncckpt.CheckpointManager(root, every_steps=every, keep_last=2, signals=()) as mgr:
-        state = {"model": model, "optim": opt, "sched": sched}
-        if warm:
-            mgr.warm_up(state)
-
-        def hook(step: int) -> None:
-            t0 = time.perf_counter()
-            if mgr.maybe_save(step, state) is not None:
-                calls.append(time.perf_counter() - t0)
-
-        _steps(model, opt, sched, every * 5, hook)
-    return max(calls)
+    return max(_manager_save_calls(root, every, 5, warm=warm))
 
 
 def startup_stall(root: str, every: int, repeats: int) -> dict[str, Any]:
