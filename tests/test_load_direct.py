@@ -210,7 +210,7 @@ def test_scattered_read_mixes_direct_and_buffered_pieces_bit_exact(direct_dir, m
     pos = start
     for i, n in enumerate(lengths):
         if i == 3:
-            bufs.append(np.empty(n, dtype=np.uint8))  # not placed: buffered
+            bufs.append(_misplaced(n, pos))  # not placed: O_DIRECT through a scratch buffer
         else:
             bufs.append(read_buffer(n, pos))
         pos += n
@@ -222,11 +222,70 @@ def test_scattered_read_mixes_direct_and_buffered_pieces_bit_exact(direct_dir, m
     finally:
         run_sync(storage.close())
     assert np.concatenate(bufs).tobytes() == data[start:pos].tobytes()
-    assert calls.direct_bytes >= 3 * MiB + 2 * MiB + 3 * MiB - 6 * PAGE
+    assert calls.direct_bytes >= 3 * MiB + 2 * MiB + 4 * MiB + 3 * MiB - 8 * PAGE
     # Each direct run goes as 2 MiB pieces, read at once by the process's direct-read threads.
     assert calls.direct_calls >= 2 + 1 + 2
     assert any(name.startswith("asyncckpt-dread") for name in calls.direct_threads)
     assert calls.direct_bytes + calls.buffered_bytes == pos - start
+
+
+def _misplaced(n: int, file_offset: int, by: int = 64) -> np.ndarray:
+    """A writable buffer of ``n`` bytes whose address disagrees with ``file_offset`` modulo the page size."""
+    base = np.empty(n + 2 * PAGE, dtype=np.uint8)
+    start = (file_offset - base.ctypes.data + by) % PAGE
+    out = base[start : start + n]
+    assert out.ctypes.data % PAGE != file_offset % PAGE
+    return out
+
+
+@pytest.mark.parametrize("file_offset", [0, 100, PAGE, 3 * PAGE + 4000])
+@pytest.mark.parametrize("length", [MiB, 2 * MiB, 5 * MiB + 3, 7 * MiB + PAGE - 1])
+def test_buffer_not_placed_like_the_file_is_read_with_o_direct_through_scratch(direct_dir, monkeypatch,
+                                                                                file_offset: int, length: int) -> None:
+    """A caller's buffer (a DCP target tensor) rarely agrees with the file modulo the page size: the
+    whole pages of the file it covers still come through O_DIRECT, via a page-aligned scratch
+    buffer and one copy, bit-exact, the rest buffered."""
+    data = np.random.default_rng(length).integers(0, 256, file_offset + length + PAGE, dtype=np.uint8)
+    (direct_dir / "f").write_bytes(data.tobytes())
+    buf = _misplaced(length, file_offset)
+    storage = LocalStorage(direct_dir)
+    try:
+        calls = _Syscalls(monkeypatch)
+        run_sync(storage.read_into("f", file_offset, buf.data))
+        monkeypatch.undo()
+    finally:
+        run_sync(storage.close())
+    assert buf.tobytes() == data[file_offset : file_offset + length].tobytes()
+    whole_pages = (file_offset + length) // PAGE * PAGE - -(-file_offset // PAGE) * PAGE
+    assert calls.direct_bytes == (whole_pages if whole_pages >= MiB else 0)
+    assert calls.direct_bytes + calls.buffered_bytes == length
+
+
+@pytest.mark.parametrize("refuse", ["open", "read", "second read"])
+def test_scratch_direct_read_refused_restarts_buffered_bit_exact(direct_dir, monkeypatch, refuse: str) -> None:
+    data = np.random.default_rng(9).integers(0, 256, 9 * MiB, dtype=np.uint8)
+    (direct_dir / "f").write_bytes(data.tobytes())
+    buf = _misplaced(6 * MiB + 10, 300)
+    storage = LocalStorage(direct_dir)
+    try:
+        calls = _Syscalls(monkeypatch, refuse=refuse)
+        run_sync(storage.read_into("f", 300, buf.data))
+        monkeypatch.undo()
+        assert buf.tobytes() == data[300 : 300 + 6 * MiB + 10].tobytes()
+        assert calls.refused >= 1 and storage.direct_read is False
+    finally:
+        run_sync(storage.close())
+
+
+def test_scratch_direct_read_of_a_truncated_file_says_truncated(direct_dir) -> None:
+    (direct_dir / "f").write_bytes(b"\1" * (3 * MiB))
+    buf = _misplaced(4 * MiB, 0)
+    storage = LocalStorage(direct_dir)
+    try:
+        with pytest.raises(asyncckpt.IntegrityError, match="truncated"):
+            run_sync(storage.read_into("f", 0, buf.data))
+    finally:
+        run_sync(storage.close())
 
 
 def test_flipped_byte_in_a_direct_read_is_caught_and_into_untouched(saved, monkeypatch) -> None:
@@ -294,6 +353,24 @@ def test_dcp_staged_ranges_are_read_with_o_direct(dcp_saved, monkeypatch) -> Non
     monkeypatch.undo()
     _same(sd, got)
     assert calls.direct_bytes >= 2 * MiB
+
+
+def test_dcp_large_items_land_in_their_targets_through_o_direct(direct_dir, monkeypatch) -> None:
+    """dcp.load reads a large item straight into the caller's tensor, whose address has nothing to
+    do with the item's offset in its .distcp file: still O_DIRECT (through scratch), still verified."""
+    import torch.distributed.checkpoint as dcp
+
+    from asyncckpt.dcp import AsyncStorageReader, AsyncStorageWriter
+
+    g = torch.Generator().manual_seed(6)
+    sd = {f"w{i}": torch.randn((3 * MiB + 44 * i) // 4, generator=g) for i in range(3)}
+    dcp.save(sd, storage_writer=AsyncStorageWriter(str(direct_dir / "big")))
+    got = {k: torch.empty_like(v) for k, v in sd.items()}
+    calls = _Syscalls(monkeypatch)
+    dcp.load(got, storage_reader=AsyncStorageReader(str(direct_dir / "big"), verify=True))
+    monkeypatch.undo()
+    _same(sd, got)
+    assert calls.direct_bytes >= sum(v.nbytes for v in sd.values()) - 6 * PAGE
 
 
 def test_dcp_flipped_byte_in_a_direct_staged_read_is_caught(dcp_saved, monkeypatch) -> None:

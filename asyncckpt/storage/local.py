@@ -6,6 +6,7 @@ import asyncio
 import builtins
 import ctypes
 import errno
+import mmap
 import os
 import stat
 import threading
@@ -128,48 +129,80 @@ def _preadv_all(fd: int, p: Path, views: list[memoryview], offset: int) -> None:
             views[k] = views[k][n:]
 
 
-def _direct_runs(views: Sequence[memoryview], offset: int) -> list[tuple[bool, int, list[memoryview]]]:
-    """Cut ``views`` (read from ``offset`` on, in order) into runs ``(direct, file offset, views)``.
+# How ``_direct_runs`` reads a run: through the page cache; with O_DIRECT straight into the buffer;
+# with O_DIRECT into an aligned scratch buffer, then copied (the buffer's address disagrees with its
+# file offset modulo the page size: a caller's tensor, not a ``read_buffer``).
+_BUFFERED, _DIRECT, _BOUNCE = 0, 1, 2
 
-    The page-aligned middle of a buffer whose address and file offset agree modulo the page size
-    (at least ``_DIRECT_READ_MIN`` bytes) is a direct run; everything else (heads, tails, small or
-    differently aligned buffers) goes to buffered runs, neighbours merged.
+
+def _direct_runs(views: Sequence[memoryview], offset: int) -> list[tuple[int, int, list[memoryview]]]:
+    """Cut ``views`` (read from ``offset`` on, in order) into runs ``(how, file offset, views)``.
+
+    The part of a large buffer (at least ``_DIRECT_READ_MIN`` bytes) that covers whole pages of the
+    file is a ``_DIRECT`` run when the buffer's address agrees with its file offset modulo the page
+    size, else a ``_BOUNCE`` run; everything else (heads, tails, small or read-only buffers) goes to
+    ``_BUFFERED`` runs, neighbours merged.
     """
-    runs: list[tuple[bool, int, list[memoryview]]] = []
+    runs: list[tuple[int, int, list[memoryview]]] = []
     pos = offset
 
-    def add(direct: bool, at: int, v: memoryview) -> None:
+    def add(how: int, at: int, v: memoryview) -> None:
         if not len(v):
             return
-        if runs and not direct and not runs[-1][0]:  # buffered neighbours share one preadv
+        if runs and how == _BUFFERED and runs[-1][0] == _BUFFERED:  # buffered neighbours share one preadv
             runs[-1][2].append(v)
         else:
-            runs.append((direct, at, [v]))
+            runs.append((how, at, [v]))
 
     for v in views:
         addr = _address(v) if len(v) >= _DIRECT_READ_MIN else None
         head = -pos % _IO_ALIGN
-        body = (len(v) - head) // _IO_ALIGN * _IO_ALIGN
-        if addr is None or (addr + head) % _IO_ALIGN or body < _DIRECT_READ_MIN:
-            add(False, pos, v)
+        body = (len(v) - head) // _IO_ALIGN * _IO_ALIGN if len(v) > head else 0
+        if addr is None or body < _DIRECT_READ_MIN:
+            add(_BUFFERED, pos, v)
         else:
-            add(False, pos, v[:head])
-            add(True, pos + head, v[head : head + body])
-            add(False, pos + head + body, v[head + body :])
+            add(_BUFFERED, pos, v[:head])
+            add(_BOUNCE if (addr + head) % _IO_ALIGN else _DIRECT, pos + head, v[head : head + body])
+            add(_BUFFERED, pos + head + body, v[head + body :])
         pos += len(v)
     return runs
 
 
-def _read_direct_pieces(dfd: int, p: Path, view: memoryview, offset: int) -> None:
-    """Fill the page-aligned ``view`` from the O_DIRECT descriptor ``dfd`` at ``offset``, as pieces of
+_scratch = threading.local()  # each reading thread's page-aligned buffer of _DIRECT_PIECE bytes
+
+
+def _bounce_piece(dfd: int, p: Path, dest: memoryview, offset: int) -> None:
+    """Read ``len(dest)`` bytes (whole pages) at ``offset`` from the O_DIRECT descriptor ``dfd`` into
+    this thread's scratch buffer, then copy them to ``dest`` (ctypes' memmove lets go of the GIL)."""
+    got = getattr(_scratch, "mem", None)
+    if got is None:
+        mem = mmap.mmap(-1, _DIRECT_PIECE)
+        got = _scratch.mem = (mem, memoryview(mem), ctypes.addressof(ctypes.c_char.from_buffer(mem)))
+    _mem, view, addr = got
+    n = len(dest)
+    _preadv_all(dfd, p, [view[:n]], offset)
+    dst = _address(dest)
+    assert dst is not None  # _direct_runs made a bounce run only of a writable buffer
+    ctypes.memmove(dst, addr, n)
+
+
+def _read_direct_pieces(dfd: int, p: Path, view: memoryview, offset: int, bounce: bool = False) -> None:
+    """Fill ``view`` from the O_DIRECT descriptor ``dfd`` at ``offset`` (page-aligned, as is ``view``
+    unless ``bounce``: then each piece lands in a scratch buffer first), as pieces of
     ``_DIRECT_PIECE`` bytes read at once; the first error (EINVAL: O_DIRECT refused) is raised
     after every piece has finished."""
     pieces = [view[lo : lo + _DIRECT_PIECE] for lo in range(0, len(view), _DIRECT_PIECE)]
+
+    def one(v: memoryview, at: int) -> None:
+        if bounce:
+            _bounce_piece(dfd, p, v, at)
+        else:
+            _preadv_all(dfd, p, [v], at)
+
     if len(pieces) == 1:
-        _preadv_all(dfd, p, pieces, offset)
+        one(pieces[0], offset)
         return
-    futures = [_direct_reads().submit(_preadv_all, dfd, p, [v], offset + i * _DIRECT_PIECE)
-               for i, v in enumerate(pieces)]
+    futures = [_direct_reads().submit(one, v, offset + i * _DIRECT_PIECE) for i, v in enumerate(pieces)]
     errors = [f.exception() for f in futures]
     first = next((e for e in errors if e is not None), None)
     if first is not None:
@@ -378,16 +411,18 @@ class LocalStorage:
         await self._run(self._read_direct_sync, key, offset, bufs)
 
     def _read_direct_sync(self, key: str, offset: int, bufs: Sequence[memoryview]) -> None:
-        """As :meth:`_read_scattered_sync`, with the page-aligned middles of large buffers read with
-        O_DIRECT (the disk writes them in place: no page-cache copy, no readahead to wait for).
+        """As :meth:`_read_scattered_sync`, with the parts of large buffers that cover whole pages of
+        the file read with O_DIRECT: no page-cache copy, no readahead to wait for, many reads in flight.
 
-        A buffer qualifies when its address and file offset agree modulo the page size (see
-        ``format.read_buffer``). A filesystem that refuses O_DIRECT (tmpfs, some network
+        The disk writes a buffer in place when its address and file offset agree modulo the page
+        size (see ``format.read_buffer``); another buffer (a caller's tensor) gets each piece through
+        a page-aligned scratch buffer and one copy, which still beats buffered reads: the page
+        cache's copy is as large, and a buffered read waits for readahead. A filesystem that refuses O_DIRECT (tmpfs, some network
         filesystems) gets buffered reads, from then on for this storage.
         """
         views = [b.cast("B") if b.format != "B" else b for b in bufs]
         runs = _direct_runs([v for v in views if len(v)], offset) if self.direct_read else []
-        if not any(direct for direct, _at, _vs in runs):
+        if all(how == _BUFFERED for how, _at, _vs in runs):
             self._read_scattered_sync(key, offset, views)
             return
         p = self._resolve_inside(key)
@@ -400,10 +435,10 @@ class LocalStorage:
                 if isinstance(exc, StorageNotFoundError) or exc.errno not in _NO_DIRECT:
                     raise
                 self.direct_read = False
-            for direct, at, vs in runs:
-                if direct and dfd is not None:
+            for how, at, vs in runs:
+                if how != _BUFFERED and dfd is not None:
                     try:
-                        _read_direct_pieces(dfd, p, vs[0], at)
+                        _read_direct_pieces(dfd, p, vs[0], at, bounce=how == _BOUNCE)
                         continue
                     except OSError as exc:
                         if exc.errno not in _NO_DIRECT:
