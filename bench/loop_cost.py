@@ -11,7 +11,9 @@ load average printed with them):
    wait in ``optimizer.step``, the finalize calls). Also the distribution of the ``maybe_save`` call
    itself on save steps (median, p99). Next to it: ``torch.save`` and ``dcp.async_save`` of the same
    state (the time the loop is blocked per save), local disk.
-2. **step-time inflation** of that loop with a save every 50 steps (target: <= 5 %).
+2. **step-time inflation** of that loop with a save every 50 steps (target: <= 5 %): per repetition
+   a fresh manager warmed up before the loop (as examples/train.py does), segments with and without
+   saves interleaved.
 3. **save() of N small tensors** (1,000 .. 100,000 tensors of 64 bytes): the time ``save`` blocks
    (median of 3 saves of the same structure after a first one), and per tensor (O(N) check).
 4. **first save vs later saves** of the same state right after construction: a bare
@@ -160,18 +162,34 @@ def others_per_save(root: str, n: int) -> dict[str, float]:
     return out
 
 
-def inflation(root: str, steps: int, every: int, repeats: int) -> dict[str, Any]:
-    ratios = []
-    for _ in range(repeats):
-        model, opt, sched = _model()
-        _steps(model, opt, sched, 20)
-        base = _steps(model, opt, sched, steps)
-        with asyncckpt.CheckpointManager(root, every_steps=every, keep_last=2, signals=()) as mgr:
-            state = {"model": model, "optim": opt, "sched": sched}
-            mgr.maybe_save(every, state)
+def _inflation_once(root: str, steps: int, every: int, pairs: int) -> float:
+    model, opt, sched = _model()
+    _steps(model, opt, sched, 20)
+    base_s = timed_s = 0.0
+    with asyncckpt.CheckpointManager(root, every_steps=every, keep_last=2, signals=()) as mgr:
+        state = {"model": model, "optim": opt, "sched": sched}
+        mgr.warm_up(state)
+        step = [0]
+
+        def hook(_: int) -> None:
+            step[0] += 1
+            mgr.maybe_save(step[0], state)
+
+        for _ in range(pairs):
+            base_s += sum(_steps(model, opt, sched, steps))
+            step[0] += -(step[0] + 1) % every  # the segment's first step saves
+            timed_s += sum(_steps(model, opt, sched, steps, hook))
             mgr.wait()
-            timed = _steps(model, opt, sched, steps, lambda s, mgr=mgr, state=state: mgr.maybe_save(every + s, state))
-        ratios.append(sum(timed) / sum(base) - 1)
+    return timed_s / base_s - 1
+
+
+def inflation(root: str, steps: int, every: int, repeats: int, pairs: int = 3) -> dict[str, Any]:
+    """Step-time inflation of a run as examples/train.py makes it: a fresh model, root and manager,
+    ``warm_up(state)`` before the loop, then ``pairs`` segments of ``steps`` steps without saves
+    interleaved with segments of ``steps`` steps saving every ``every`` (drifting machine load hits
+    both alike; the wait for the last commit between segments is not timed). One ratio per repeat:
+    all timed steps over all plain steps, minus 1."""
+    ratios = [_inflation_once(os.path.join(root, f"run{r}"), steps, every, pairs) for r in range(repeats)]
     return {"inflation_median": statistics.median(ratios), "inflation_runs": ratios}
 
 

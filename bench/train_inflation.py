@@ -5,8 +5,8 @@
 For each model width, runs alternate between "none" (no checkpointing) and "manager"
 (CheckpointManager(every_steps=N), saves to a local temp dir, keep_last=2). Each run times
 every training step (forward, backward, optimizer step, scheduler step and — in "manager" —
-maybe_save) after a warm-up of one save interval (the first save moves the tensors into shared
-memory once). A save's cost lands on the step that asks for it, on the next optimizer step
+maybe_save) after ``mgr.warm_up(state)`` (as examples/train.py: the worker is up before the loop) and
+a warm-up of one save interval (the first save moves the tensors into shared memory once). A save's cost lands on the step that asks for it, on the next optimizer step
 (which waits for the snapshot) and on the step that commits it, so the figure that matters is
 the mean step time. Reported per configuration (medians over runs): mean, median and worst
 step; "excess" = time above the run's own median step (checkpoint work plus noise; the "none"
@@ -51,6 +51,8 @@ def run(width: int, steps: int, every: int, with_manager: bool) -> dict:
     in_mgr = 0.0
     with tempfile.TemporaryDirectory(prefix="asyncckpt-bench-") as root:
         mgr = asyncckpt.CheckpointManager(root, every_steps=every, keep_last=2, signals=()) if with_manager else None
+        if mgr is not None:
+            mgr.warm_up(state)  # as examples/train.py: the worker's start is not paid inside the loop
         try:
             step = 0
             warm = every  # not timed: the first save moves the state into shared memory once
