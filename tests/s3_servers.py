@@ -33,6 +33,7 @@ from tests.object_servers import azurite_container, azurite_server, gcs_bucket, 
 _EMULATOR_FIXTURES = (azurite_container, azurite_server, gcs_bucket, gcs_server)
 
 __all__ = [
+    "MotoProcessServer",
     "MotoServer",
     "S3Server",
     "SeaweedServer",
@@ -154,6 +155,45 @@ class MotoServer(S3Server):
 
     def stop(self) -> None:
         self._server.stop()
+
+
+class MotoProcessServer(S3Server):
+    """moto's server in a child process of its own (``python -m moto.server``), on a free port.
+
+    For benchmarks of the training loop: the threaded server would answer the worker's requests on
+    the benchmark's own interpreter, taking its GIL from the loop being timed. Stopped by PID.
+    """
+
+    access_key = "testing"
+    secret_key = "testing"
+
+    def __init__(self) -> None:
+        self.endpoint_url = ""
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        port = free_ports(1)[0]
+        self._proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.endpoint_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"moto.server exited with {self._proc.returncode} before it listened on {port}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"moto.server did not listen on 127.0.0.1:{port} within {timeout} s")
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
 
 
 def find_weed() -> Path:

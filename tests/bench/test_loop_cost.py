@@ -34,3 +34,37 @@ def test_inflation_saves_each_repeat_into_its_own_root_after_warm_up(tmp_path: P
     assert runs == ["run0", "run1"] and sorted(Path(w).name for w in warmed) == runs
     for r in runs:  # two timed segments of 20 steps, a save every 10 (steps 10, 20, 30, 40), keep_last=2
         assert sorted(i.step for i in asyncckpt.list_checkpoints(tmp_path / r) if i.complete) == [30, 40]
+
+
+def test_loop_per_save_times_every_call_and_the_snapshot_wait_of_each_save_interval(tmp_path: Path) -> None:
+    """Inside asyncckpt per save = the saving call + the other maybe_save calls until the next save +
+    the snapshot waits in optimizer.step, one interval per save of the timed segments."""
+    res = loop_cost.loop_per_save(str(tmp_path), {}, 20, 5, 2)
+    assert res["saves_timed"] == res["maybe_save_calls"] == 8  # 2 segments of 20 steps, a save every 5
+    parts = res["inside_parts_s_median"]
+    assert set(parts) == {"save", "other_calls", "hooks"} and all(v >= 0 for v in parts.values())
+    assert parts["save"] == res["maybe_save_call_median_s"] > 0 and parts["other_calls"] > 0
+    assert res["inside_s_per_save_p99"] >= res["inside_s_per_save_median"] >= parts["save"]
+
+
+def test_the_loop_bench_talks_to_moto_in_a_process_of_its_own() -> None:
+    """The moto the loop bench uses answers from another process (not a thread taking the bench's GIL)
+    and is gone after stop()."""
+    import os
+
+    from tests.s3_servers import MotoProcessServer
+
+    srv = MotoProcessServer()
+    srv.start()
+    try:
+        assert srv._proc is not None and srv._proc.pid != os.getpid()
+        bucket = srv.create_bucket()
+        res = loop_cost.loop_per_save(f"s3://{bucket}/run", srv.options(), 10, 5, 1)
+        assert res["saves_timed"] == 2
+        keys = [o["Key"] for o in srv.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+        # the untimed first save at step 5, then 10 and 15 in the timed segment; keep_last=2
+        assert "run/latest" in keys
+        assert {k.split("/")[1] for k in keys if k.startswith("run/step-")} == {"step-00000010", "step-00000015"}
+    finally:
+        srv.stop()
+    assert srv._proc.poll() is not None
