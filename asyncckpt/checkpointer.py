@@ -621,6 +621,12 @@ class AsyncCheckpointer:
         """Block until every save's snapshot is taken; after it the state may be mutated."""
         self.queue.wait_snapshot(timeout)
 
+    def nothing_to_finalize(self) -> bool:
+        """True when a non-blocking :meth:`finalize` on this rank alone would find nothing to do now
+        (no save finished, failed or awaiting its snapshot's verdict). A hint for per-step polling;
+        with several ranks ``finalize`` is collective: call it anyway."""
+        return not self._deferred and self.queue.nothing_to_finalize()
+
     def finalize(self, blocking: bool = False) -> list[SaveHandle]:
         """Finish the saves every rank has finished (all of them with ``blocking=True``).
 

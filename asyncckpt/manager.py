@@ -253,7 +253,7 @@ class CheckpointManager:
             raise CheckpointError("this CheckpointManager is closed; create a new one")
 
     def _check_step(self, step: int) -> None:
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        if type(step) is not int and (isinstance(step, bool) or not isinstance(step, (int, np.integer))):
             raise BadInputError(f"step must be an integer, got {type(step).__name__} {step!r}")
         if step < 0:
             raise BadInputError(f"step must be >= 0, got {step}")
@@ -264,14 +264,17 @@ class CheckpointManager:
             )
 
     # -- what gets saved ------------------------------------------------------------------------
-    def _check_state(self, state: Any) -> None:
-        if not isinstance(state, Mapping):
-            raise BadInputError(f"the state must be a mapping of names to objects, got {type(state).__name__}")
-        # Called every step: the same objects under the same keys were checked already (two C-level
-        # passes that stop at the first difference; the checked objects are held, so `is` is exact).
+    def _same_state(self, state: Mapping[str, Any]) -> bool:
+        """The same objects under the same keys as the state checked last (called every step: two
+        C-level passes that stop at the first difference; the checked objects are held, so `is` is exact)."""
         keys, vals = self._checked
-        if (len(state) == len(keys) and all(map(operator.is_, state.values(), vals))
-                and all(map(operator.eq, state, keys))):
+        return (len(state) == len(keys) and all(map(operator.is_, state.values(), vals))
+                and all(map(operator.eq, state, keys)))
+
+    def _check_state(self, state: Any) -> None:
+        if type(state) is not dict and not isinstance(state, Mapping):
+            raise BadInputError(f"the state must be a mapping of names to objects, got {type(state).__name__}")
+        if self._same_state(state):
             return
         converted = []
         for k, v in state.items():
@@ -450,7 +453,40 @@ class CheckpointManager:
         return by_steps, by_time
 
     def _stop_request(self) -> tuple[int, int]:
-        return int(self._signals.triggered), int(any(p.requested() for p in self._pauses))
+        paused = 0
+        for p in self._pauses:
+            if p.requested():
+                paused = 1
+                break
+        return int(self._signals.received is not None), paused
+
+    def _quiet_step(self, step: Any, state: Any) -> bool:
+        """True when this ``maybe_save`` has nothing to do: one process, warm, nothing to finalize (saves
+        in flight still writing), no save due, no signal or pause, and the same ``step`` type and
+        ``state`` objects as checked before.
+
+        Most steps are such steps; this one frame of plain attribute reads is all they cost (the full
+        path below decides the same, in a dozen calls each cold after a training step).
+        """
+        last = self.last_step
+        if (type(step) is not int or last is None or step <= last or self._multi is not False or not self._warm
+                or self._closed or self.preempted or self._retry_torn or self._signals.received is not None
+                or not self.ckpt.nothing_to_finalize()):
+            return False
+        if self._pending:  # saves in flight: quiet unless one was finalized outside _collect
+            q = self.ckpt.queue
+            if any(p.handle.committed and not q.is_pending(i) for i, p in self._pending.items()):
+                return False
+        every = self.every_steps
+        if (every is not None and step % every == 0) or (
+                self.every_seconds is not None and self.clock() - self._ref_time >= self.every_seconds):
+            return False
+        if not (isinstance(state, dict) and self._same_state(state)):
+            return False
+        for p in self._pauses:
+            if p.requested():
+                return False
+        return True
 
     def maybe_save(self, step: int, state: Mapping[str, Any]) -> SaveHandle | None:
         """Save ``state`` as of ``step`` if the policy says so; returns at once.
@@ -460,6 +496,9 @@ class CheckpointManager:
         pause request it saves whatever the policy, waits until that checkpoint is committed
         and sets :attr:`preempted`. Returns the save's handle, or None when nothing was saved.
         """
+        if self._quiet_step(step, state):
+            self.last_step = step
+            return None
         self._check_open()
         self._check_step(step)
         self._check_state(state)  # every call: bad state fails at step 1, not at the first save hours later

@@ -619,6 +619,21 @@ class AsyncCallsQueue:
             return call is None or call.finished
         return self._wait(finished, timeout)
 
+    def nothing_to_finalize(self) -> bool:
+        """True when :meth:`maybe_finalize_async_calls` on this rank alone would do nothing now: the
+        oldest request has neither finished nor failed, and no taken snapshot awaits its verdict.
+
+        A hint for a caller that polls every step; with several ranks finalize is collective, so
+        call it anyway. Read without the lock: a flag that changes meanwhile is seen next time.
+        """
+        calls = self._calls
+        if not calls:
+            return True
+        head = calls[0]
+        if head.done or head.error is not None or self._owner_pid != os.getpid():
+            return False
+        return all(c.guard is None or not c.acked for c in calls)
+
     def get_num_unfinalized_calls(self) -> int:
         return len(self._calls)
 
@@ -633,6 +648,10 @@ class AsyncCallsQueue:
 
         Never raises for a failed request: its error surfaces at finalize.
         """
+        # The common case in an optimizer hook: every snapshot taken and judged (or none pending).
+        # Flags read without the lock: one seen stale only sends this call down the full path.
+        if all(c.guard is None and (c.acked or not c.job.shares_state) for c in self._calls):
+            return
         ok = self._wait(lambda: all(c.acked or not c.job.shares_state for c in self._calls), timeout)
         self.verify_snapshots()
         if not ok:
