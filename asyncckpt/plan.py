@@ -493,12 +493,17 @@ def _flatten(obj: Any, sig: list[Any], tensors: list[Any], scalars: list[Any], a
     return True
 
 
-def _same_values(a: list[Any], b: list[Any]) -> bool:
-    """Equal and indistinguishable once stored (``0.0 == -0.0``, but their bits differ)."""
-    if a != b:
-        return False
-    return all(math.copysign(1.0, x) == math.copysign(1.0, y)
-               for x, y in zip(a, b) if isinstance(x, (float, np.floating)) and x == 0)
+def _changed(new: list[Any], old: list[Any]) -> list[int]:
+    """Positions where ``new`` holds a value stored differently from ``old``'s (``0.0 == -0.0``, but
+    their bits differ; NaN is never equal, so it counts as changed and is stored anew)."""
+    out = []
+    for k, (a, b) in enumerate(zip(new, old)):
+        if a is b:
+            continue
+        if type(a) is not type(b) or a != b or (
+                a == 0 and isinstance(a, (float, np.floating)) and math.copysign(1.0, a) != math.copysign(1.0, b)):
+            out.append(k)
+    return out
 
 
 _NO_SCALARS: tuple[()] = ()
@@ -506,26 +511,36 @@ _NO_SCALARS: tuple[()] = ()
 
 def _skeleton(node: Node) -> Any:
     """Where ``node``'s scalar leaves are: None for a scalar leaf, ``_NO_SCALARS`` for a subtree without
-    one, else the list of ``(child index, child skeleton)`` of the children that hold one, in order."""
+    one, else the list of ``(child index, scalars under it, child skeleton)`` of the children that hold
+    one, in order."""
     if isinstance(node, RefNode):
         return _NO_SCALARS
     if not isinstance(node, (DictNode, ListNode)):
         return None
-    out = [(i, sub) for i, c in enumerate(_children(node)) if (sub := _skeleton(c)) is not _NO_SCALARS]
+    out = []
+    for i, c in enumerate(_children(node)):
+        sub = _skeleton(c)
+        if sub is not _NO_SCALARS:
+            out.append((i, 1 if sub is None else sum(n for _, n, _ in sub), sub))
     return out or _NO_SCALARS
 
 
-def _retree_at(node: Node, skeleton: Any, values: Iterator[Any]) -> Node:
-    """``node`` with its scalar leaves replaced, in walk order, by ``values``; only the subtrees that hold
-    scalars (``skeleton``) are rebuilt, the others are shared with ``node``."""
-    if skeleton is None:
-        return _scalar_node(next(values))
-    if skeleton is _NO_SCALARS:
-        return node
+def _retree_at(node: Node, skeleton: list[tuple[int, int, Any]], values: list[Any], changed: list[int],
+               cur: list[int], pos: int) -> Node:
+    """``node`` (its first scalar leaf at walk position ``pos``) with the scalar leaves at the positions
+    ``changed[cur[0]:]`` (sorted) replaced by ``values`` at those positions; only the subtrees that hold
+    one are rebuilt, the others are shared with ``node``. Advances ``cur[0]`` past what it replaced."""
     assert isinstance(node, (DictNode, ListNode))
     children = list(_children(node))
-    for i, sub in skeleton:
-        children[i] = _retree_at(children[i], sub, values)
+    for i, n, sub in skeleton:
+        k = cur[0]
+        if k < len(changed) and changed[k] < pos + n:
+            if sub is None:
+                children[i] = _scalar_node(values[pos])
+                cur[0] = k + 1
+            else:
+                children[i] = _retree_at(children[i], sub, values, changed, cur, pos)
+        pos += n
     return _with_children(node, children)
 
 
@@ -638,12 +653,13 @@ class PlanCache:
         return moved
 
     def _reuse(self, cached: Plan, tensors: list[torch.Tensor], scalars: list[Any], arrays: list[np.ndarray]) -> Plan:
-        if _same_values(scalars, self._scalars):
+        changed = _changed(scalars, self._scalars)  # against the layout's first tree: usually a few
+        if not changed:
             tree = cached.tree
         else:
             if self._skeleton is None:
                 self._skeleton = _skeleton(cached.tree)
-            tree = _retree_at(cached.tree, self._skeleton, iter(scalars))
+            tree = _retree_at(cached.tree, self._skeleton, scalars, changed, [0], 0)
         plan = Plan(tree=tree, entries=cached.entries, data_nbytes=cached.data_nbytes, inline_max=0,
                     features=cached.features, leaves=tensors, own=cached.own, member_pos=cached.member_pos,
                     layout_id=cached.layout_id, storage_entries=cached.storage_entries)
