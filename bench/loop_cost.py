@@ -6,11 +6,13 @@ Four figures, each a ratio or a time measured in this one run (the machine is no
 load average printed with them):
 
 1. **loop time per save** for the examples/train.py model (MLP + AdamW + cosine schedule, ~1 MiB
-   state): the same loop runs with a save every ``--every`` steps and without, interleaved; the
-   extra loop time divided by the saves is what one save costs the loop (the call, the snapshot
-   wait in ``optimizer.step``, the finalize calls). Also the distribution of the ``maybe_save`` call
-   itself on save steps (median, p99). Next to it: ``torch.save`` and ``dcp.async_save`` of the same
-   state (the time the loop is blocked per save), local disk.
+   state), local and ``s3://`` (moto in its own process, SeaweedFS): the time the training thread
+   spends inside asyncckpt from one save to the next (the saving call, the other ``maybe_save``
+   calls with their finalize work, the snapshot wait in ``optimizer.step``), median and p99 over
+   saves (target <= 1 ms, <= 5 ms). Also the ``maybe_save`` call on save steps alone, and the extra
+   loop time of a saving segment over a plain one (noisy here: +-10 % of a step between segments).
+   Next to it: ``torch.save`` and ``dcp.async_save`` of the same state (the time the loop is
+   blocked per save), local disk.
 2. **step-time inflation** of that loop with a save every 50 steps (target: <= 5 %): per repetition
    a fresh manager warmed up before the loop (as examples/train.py does), segments with and without
    saves interleaved.
