@@ -241,21 +241,3 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
-
-
-@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
-@pytest.mark.parametrize("batch", [True, False])
-def test_the_worker_runs_as_sched_batch_so_waking_it_never_preempts_the_trainer(tmp_path, batch):
-    """Every worker thread (the ones started later too) is SCHED_BATCH; ``sched_batch=False`` opts
-    out; the trainer keeps its own policy."""
-    mine = os.sched_getscheduler(0)
-    with asyncckpt.AsyncCheckpointer(worker_options={} if batch else {"sched_batch": False}) as ck:
-        ck.save({"w": torch.ones(1000)}, tmp_path / "a")
-        ck.finalize(blocking=True)
-        pid = ck.queue.worker_pid
-        assert pid is not None
-        tids = os.listdir(f"/proc/{pid}/task")
-        policies = {os.sched_getscheduler(int(t)) for t in tids}
-    assert len(tids) > 3  # the receiver, the sender, the event loop's executor threads...
-    assert policies == {os.SCHED_BATCH if batch else mine}
-    assert os.sched_getscheduler(0) == mine

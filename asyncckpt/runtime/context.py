@@ -41,8 +41,6 @@ class WorkerConfig:
     log_level: int | str | None = None
     cpu_priority: int | None = None  # nice value the worker lowers itself to (NVRx's cpu_priority)
     io_priority: int | None = None  # ionice class (NVRx's io_priority); None leaves it unchanged
-    # the worker's threads run as SCHED_BATCH (Linux): waking them never preempts the training thread
-    sched_batch: bool = True
     device: int | None = None  # CUDA device index of the trainer when it uses CUDA
     preload: list[str] = field(default_factory=list)  # modules the worker imports at start (plug-ins)
     options: dict[str, Any] = field(default_factory=dict)

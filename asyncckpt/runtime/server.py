@@ -321,15 +321,6 @@ class _Server:
 
 
 def _lower_priority(cfg: WorkerConfig) -> None:
-    if cfg.sched_batch:
-        # Waking a SCHED_BATCH thread never preempts the running one: a save's frame arriving here no
-        # longer takes the trainer's CPU from it in the middle of its save() call (2-core VM: the call
-        # -16 % median, its socket send 175 -> 62 us mean; docs/benchmarks.md, "Turns 11 and 12").
-        try:
-            for tid in os.listdir("/proc/self/task"):  # every thread there is now; later ones inherit it
-                os.sched_setscheduler(int(tid), os.SCHED_BATCH, os.sched_param(0))
-        except (OSError, AttributeError) as exc:  # not Linux, or a sandbox that refuses it
-            log.debug("asyncckpt worker: cannot switch to SCHED_BATCH: %s", exc)
     if cfg.cpu_priority is not None:
         try:
             current = os.nice(0)
