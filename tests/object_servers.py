@@ -36,6 +36,8 @@ __all__ = [
     "FakeGcsServer",
     "find_azurite",
     "find_fake_gcs",
+    "kill_process",
+    "wait_port",
 ]
 
 AZURITE_ACCOUNT = "devstoreaccount1"
@@ -51,7 +53,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], deadline: float, what: str, log: Path) -> None:
+def wait_port(port: int, proc: subprocess.Popen[bytes], deadline: float, what: str, log: Path) -> None:
+    """Wait until ``proc`` listens on 127.0.0.1:``port`` (raises with the tail of ``log`` if it exits or times out)."""
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with status {proc.returncode} while starting:\n{_tail(log)}")
@@ -68,7 +71,8 @@ def _tail(log: Path, n: int = 30) -> str:
         return "(no log)"
 
 
-def _kill(proc: subprocess.Popen[bytes] | None) -> None:
+def kill_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGKILL a server this test process started (by its PID) and reap it."""
     if proc is None:
         return
     if proc.poll() is None:
@@ -153,7 +157,7 @@ class AzuriteServer:
                 self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.base, env=env
             )
         deadline = time.monotonic() + self.ready_timeout
-        _wait_port(self.port, self.proc, deadline, "Azurite", self._log)
+        wait_port(self.port, self.proc, deadline, "Azurite", self._log)
         while True:  # listening is not answering: wait for a signed call to succeed
             try:
                 list(self.service().list_containers())
@@ -166,7 +170,7 @@ class AzuriteServer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        _kill(proc)
+        kill_process(proc)
 
     def service(self) -> Any:
         """A plain synchronous azure-storage-blob client (test setup and independent checks)."""
@@ -253,7 +257,7 @@ class FakeGcsServer:
                 self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.base
             )
         deadline = time.monotonic() + self.ready_timeout
-        _wait_port(self.port, self.proc, deadline, "fake-gcs-server", self._log)
+        wait_port(self.port, self.proc, deadline, "fake-gcs-server", self._log)
         while True:
             try:
                 self._json("GET", "/storage/v1/b?project=test")
@@ -266,7 +270,7 @@ class FakeGcsServer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        _kill(proc)
+        kill_process(proc)
 
     def options(self, endpoint_url: str | None = None, **extra: Any) -> dict[str, Any]:
         """Keyword arguments for `GCSStorage` (the emulator's endpoint), plus ``extra``."""

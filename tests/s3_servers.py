@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from typing import Any
 import pytest
 
 from tests.faultproxy import FaultProxy
-from tests.object_servers import azurite_container, azurite_server, gcs_bucket, gcs_server
+from tests.object_servers import azurite_container, azurite_server, gcs_bucket, gcs_server, kill_process, wait_port
 
 # Fixtures of the other emulators, served by this plugin too.
 _EMULATOR_FIXTURES = (azurite_container, azurite_server, gcs_bucket, gcs_server)
@@ -170,30 +171,24 @@ class MotoProcessServer(S3Server):
     def __init__(self) -> None:
         self.endpoint_url = ""
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log = Path(tempfile.mkdtemp(prefix="moto-")) / "moto.log"
 
     def start(self, timeout: float = 60.0) -> None:
         port = free_ports(1)[0]
-        self._proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(self._log, "wb") as log:
+            self._proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                          stdout=log, stderr=subprocess.STDOUT)
         self.endpoint_url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"moto.server exited with {self._proc.returncode} before it listened on {port}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"moto.server did not listen on 127.0.0.1:{port} within {timeout} s")
+        try:
+            wait_port(port, self._proc, time.monotonic() + timeout, "moto.server", self._log)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        proc, self._proc = self._proc, None
+        kill_process(proc)
+        shutil.rmtree(self._log.parent, ignore_errors=True)
 
 
 def find_weed() -> Path:

@@ -57,7 +57,8 @@ def test_the_loop_bench_talks_to_moto_in_a_process_of_its_own() -> None:
     srv = MotoProcessServer()
     srv.start()
     try:
-        assert srv._proc is not None and srv._proc.pid != os.getpid()
+        proc = srv._proc
+        assert proc is not None and proc.pid != os.getpid()
         bucket = srv.create_bucket()
         res = loop_cost.loop_per_save(f"s3://{bucket}/run", srv.options(), 10, 5, 1)
         assert res["saves_timed"] == 2
@@ -67,4 +68,4 @@ def test_the_loop_bench_talks_to_moto_in_a_process_of_its_own() -> None:
         assert {k.split("/")[1] for k in keys if k.startswith("run/step-")} == {"step-00000010", "step-00000015"}
     finally:
         srv.stop()
-    assert srv._proc.poll() is not None
+    assert proc.poll() is not None
