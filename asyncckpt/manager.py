@@ -253,7 +253,7 @@ class CheckpointManager:
             raise CheckpointError("this CheckpointManager is closed; create a new one")
 
     def _check_step(self, step: int) -> None:
-        if type(step) is not int and (isinstance(step, bool) or not isinstance(step, (int, np.integer))):
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
             raise BadInputError(f"step must be an integer, got {type(step).__name__} {step!r}")
         if step < 0:
             raise BadInputError(f"step must be >= 0, got {step}")
@@ -272,7 +272,7 @@ class CheckpointManager:
                 and all(map(operator.eq, state, keys)))
 
     def _check_state(self, state: Any) -> None:
-        if type(state) is not dict and not isinstance(state, Mapping):
+        if not isinstance(state, Mapping):
             raise BadInputError(f"the state must be a mapping of names to objects, got {type(state).__name__}")
         if self._same_state(state):
             return
@@ -452,13 +452,11 @@ class CheckpointManager:
         by_time = self.every_seconds is not None and self.clock() - self._ref_time >= self.every_seconds
         return by_steps, by_time
 
+    def _pause_requested(self) -> bool:
+        return any(p.requested() for p in self._pauses)
+
     def _stop_request(self) -> tuple[int, int]:
-        paused = 0
-        for p in self._pauses:
-            if p.requested():
-                paused = 1
-                break
-        return int(self._signals.received is not None), paused
+        return int(self._signals.triggered), int(self._pause_requested())
 
     def _quiet_step(self, step: Any, state: Any) -> bool:
         """True when this ``maybe_save`` has nothing to do: one process, warm, nothing to finalize (saves
@@ -470,23 +468,16 @@ class CheckpointManager:
         """
         last = self.last_step
         if (type(step) is not int or last is None or step <= last or self._multi is not False or not self._warm
-                or self._closed or self.preempted or self._retry_torn or self._signals.received is not None
+                or self._closed or self.preempted or self._retry_torn or self._signals.triggered
                 or not self.ckpt.nothing_to_finalize()):
             return False
         if self._pending:  # saves in flight: quiet unless one was finalized outside _collect
             q = self.ckpt.queue
             if any(p.handle.committed and not q.is_pending(i) for i, p in self._pending.items()):
                 return False
-        every = self.every_steps
-        if (every is not None and step % every == 0) or (
-                self.every_seconds is not None and self.clock() - self._ref_time >= self.every_seconds):
+        if any(self._due(step)):
             return False
-        if not (isinstance(state, dict) and self._same_state(state)):
-            return False
-        for p in self._pauses:
-            if p.requested():
-                return False
-        return True
+        return isinstance(state, dict) and self._same_state(state) and not self._pause_requested()
 
     def maybe_save(self, step: int, state: Mapping[str, Any]) -> SaveHandle | None:
         """Save ``state`` as of ``step`` if the policy says so; returns at once.
