@@ -435,7 +435,7 @@ _TENSORS = frozenset(_PLAIN)
 _SCALARS = frozenset({type(None), bool, int, float, str, bytes})
 _MAX_DEPTH = 100  # deeper (or cyclic) states are planned in full, which reports a cycle by name
 _layout_ids = itertools.count(1)
-_Meta = tuple[list[int], list[Any], list[Any], list[Any], list[Any]]
+_Meta = tuple[list[int], list[Any], list[Any], list[Any]]
 
 
 def _scalar_node(v: Any) -> Node:
@@ -564,7 +564,7 @@ class PlanCache:
         self._arrays: list[tuple[np.dtype[Any], tuple[int, ...]]] = []
         self._array_entries: list[int] = []
         self._storages: set[int] = set()  # storage addresses of the cached plan's tensors
-        self._members: set[int] = set()  # leaf positions of tensors that share a storage
+        self._members: dict[int, tuple[int, ...]] = {}  # leaf position -> strides, of the views of a shared storage
         self._skeleton: Any = None  # where the cached tree's scalars are (computed at its first change)
         self.hits = 0
         self.misses = 0
@@ -607,26 +607,30 @@ class PlanCache:
                 plan.layout_id = next(_layout_ids)
                 self._plan, self._sig, self._meta, self._scalars = plan, sig, meta, scalars
                 self._skeleton = None
-                self._storages = set(meta[0])
-                self._members = {p for ms in plan.member_pos.values() for _, p in ms}
+                self._storages = set(map(torch.UntypedStorage.data_ptr, map(torch.Tensor.untyped_storage, tensors)))
+                self._members = {p: tensors[p].stride() for ms in plan.member_pos.values() for _, p in ms}
                 self._arrays = [(a.dtype, a.shape) for a in arrays]
                 self._array_entries = [i for i, e in enumerate(plan.entries) if e.kind == "ndarray"]
         return plan
 
     @staticmethod
     def _metadata(tensors: list[torch.Tensor]) -> _Meta | None:
-        """(storage addresses, storage offsets, shapes, strides, dtypes) of ``tensors``: a few C-level
-        passes (a storage's address and the offset cost less than ``Tensor.data_ptr``, and with the
-        same dtype they tell the same: an equal pair is an equal data pointer)."""
+        """(data pointers, shapes, contiguity, dtypes) of ``tensors``: four C-level passes.
+
+        A data pointer inside a storage the cache still references belongs to that storage, so
+        with the same dtype an equal pointer is the same storage at the same offset. Contiguity
+        stands for the strides: a contiguous tensor's bytes are read through the layout's view,
+        one that is not is copied afresh each save; the strides that are recorded (views of a
+        shared storage) are compared by :meth:`_moved`.
+        """
         try:
-            return (list(map(torch.UntypedStorage.data_ptr, map(torch.Tensor.untyped_storage, tensors))),
-                    list(map(torch.Tensor.storage_offset, tensors)), list(map(_shape, tensors)),
-                    list(map(torch.Tensor.stride, tensors)), list(map(_dtype, tensors)))
+            return (list(map(torch.Tensor.data_ptr, tensors)), list(map(_shape, tensors)),
+                    list(map(torch.Tensor.is_contiguous, tensors)), list(map(_dtype, tensors)))
         except (RuntimeError, NotImplementedError):  # sparse and other tensors without a plain layout
             return None
 
     def _moved(self, meta: _Meta, tensors: list[torch.Tensor]) -> list[int] | None:
-        """Leaf positions whose tensor lives elsewhere now (same storage offset, shape, strides, dtype),
+        """Leaf positions whose tensor lives elsewhere now (same shape, contiguity, dtype),
         or None when the layout cannot be reused: another shape, or a moved tensor that shares a storage.
 
         A tensor made afresh each save (``torch.get_rng_state()``) keeps the layout when its new
@@ -635,7 +639,7 @@ class PlanCache:
         """
         old = self._meta
         assert old is not None
-        if meta[1:] != old[1:]:
+        if meta[1:] != old[1:] or any(tensors[p].stride() != st for p, st in self._members.items()):
             return None
         if meta[0] == old[0]:
             return []

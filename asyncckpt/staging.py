@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -239,7 +240,16 @@ class CopyProgram:
     of the tensors (which keep their addresses while the layout holds) with zero padding between
     them, so the slab holds the data file's runs byte for byte, gaps zeroed. Tensors that are not
     contiguous are copied afresh each save (``patches``: input index -> leaf position).
+
+    Many small inputs (``JOIN_MIN`` or more, ``JOIN_MAX_AVG`` bytes each on average) are held as
+    NumPy views and gathered by ``bytes.join``: ~40 ns an input against ~220 ns in ``torch.cat``
+    (50,000 tensors of 64 bytes: 2.6 ms with the copy into the slab, against 10.8 ms). Making the
+    views costs ~1 µs an input, once per layout.
     """
+
+    JOIN_MIN = 64
+    JOIN_MAX_AVG = 1024
+    JOIN_MAX_BYTES = 256 << 20  # above this, np.concatenate writes into the slab without a temporary
 
     def __init__(self, items: list[tuple[int, int, torch.Tensor, int]]) -> None:
         """``items``: (data-file offset, nbytes, tensor, its position among the state's leaves or -1), by offset."""
@@ -285,6 +295,9 @@ class CopyProgram:
             slab_pos += n
             run_end = off + n
         self._pad(self.nbytes - slab_pos)
+        self.joined = len(inputs) >= self.JOIN_MIN and self.nbytes <= self.JOIN_MAX_AVG * len(inputs)
+        if self.joined:
+            self.inputs = list(map(torch.Tensor.numpy, inputs))  # type: ignore[arg-type]
 
     def _pad(self, n: int) -> None:
         while n > 0:
@@ -293,27 +306,40 @@ class CopyProgram:
 
     def run(self, out: torch.Tensor, leaves: list[torch.Tensor], moved: Sequence[int] = ()) -> None:
         """Copy the state (``leaves``; those at positions ``moved`` live elsewhere now) into ``out``."""
-        inputs = self.inputs
+        inputs: list[Any] = self.inputs
         if self.patches or moved:
             inputs = list(inputs)
+            fresh = _fresh_array if self.joined else flat_bytes
             for k, leaf in self.patches:
-                inputs[k] = flat_bytes(leaves[leaf])
+                inputs[k] = fresh(leaves[leaf])
             for leaf in moved:
                 slot = self.by_leaf.get(leaf)
                 if slot is not None:
-                    inputs[slot] = flat_bytes(leaves[leaf])
-        if inputs:
-            # One thread: cat then takes its serial memcpy loop instead of one parallel copy per
-            # input, and never waits for an OpenMP thread that the trainer's own work (or a loaded
-            # machine) keeps off a core (a 0.03 ms copy had a 115 ms p99 that way).
-            threads = torch.get_num_threads()
+                    inputs[slot] = fresh(leaves[leaf])
+        if not inputs:
+            return
+        if self.joined:
+            dst = out.numpy()
+            if self.nbytes <= self.JOIN_MAX_BYTES:
+                dst[:] = np.frombuffer(b"".join(inputs), dtype=np.uint8)
+            else:
+                np.concatenate(inputs, out=dst)
+            return
+        # One thread: cat then takes its serial memcpy loop instead of one parallel copy per
+        # input, and never waits for an OpenMP thread that the trainer's own work (or a loaded
+        # machine) keeps off a core (a 0.03 ms copy had a 115 ms p99 that way).
+        threads = torch.get_num_threads()
+        if threads > 1:
+            torch.set_num_threads(1)
+        try:
+            torch.cat(inputs, out=out)
+        finally:
             if threads > 1:
-                torch.set_num_threads(1)
-            try:
-                torch.cat(inputs, out=out)
-            finally:
-                if threads > 1:
-                    torch.set_num_threads(threads)
+                torch.set_num_threads(threads)
+
+
+def _fresh_array(t: torch.Tensor) -> np.ndarray:
+    return flat_bytes(t).numpy()
 
 
 _fd_sharing_started = False

@@ -15,6 +15,15 @@ import torch
 import asyncckpt
 from asyncckpt.errors import BadInputError
 from asyncckpt.plan import PlanCache, plan_state
+from asyncckpt.staging import CopyProgram
+
+
+@pytest.fixture(params=["join", "cat"])
+def copy_path(request, monkeypatch):  # type: ignore[no-untyped-def]
+    """Both ways a save copies many small tensors: gathered by bytes.join, or by torch.cat."""
+    if request.param == "cat":
+        monkeypatch.setattr(CopyProgram, "JOIN_MIN", 1 << 60)
+    return request.param
 
 
 def _mixed_state(n: int) -> dict:
@@ -75,7 +84,7 @@ def _assert_same(out, state) -> None:
             assert got[key] == want, key
 
 
-def test_many_small_tensors_round_trip_bit_exact_from_the_first_save(tmp_path):
+def test_many_small_tensors_round_trip_bit_exact_from_the_first_save(tmp_path, copy_path):
     state = _mixed_state(2000)
     with asyncckpt.AsyncCheckpointer() as ck:  # no warm_up: the first save plans everything
         ck.save(state, tmp_path / "s0")
@@ -151,7 +160,7 @@ def test_a_tensor_moved_within_its_storage_is_planned_again(tmp_path):
     assert (cache.hits, cache.misses) == (1, 2)
 
 
-def test_a_tensor_given_new_data_between_saves_is_copied_from_there(tmp_path):
+def test_a_tensor_given_new_data_between_saves_is_copied_from_there(tmp_path, copy_path):
     state = {f"w{i}": torch.full((4,), float(i)) for i in range(200)}
     with asyncckpt.AsyncCheckpointer() as ck:
         ck.save(state, tmp_path / "s0")

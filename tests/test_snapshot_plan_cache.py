@@ -137,6 +137,12 @@ def test_a_replaced_tensor_or_new_shape_is_planned_again(tmp_path):
         assert torch.equal(out["a"], a.view(torch.int32))
         out = _saved(ck, {"a": a, "c": torch.ones(3)}, tmp_path / "s4")  # other keys
         assert set(out) == {"a", "c"}
+        sq = torch.arange(16.0).reshape(4, 4)
+        _saved(ck, {"a": a[:4], "b": sq}, tmp_path / "s5")
+        out = _saved(ck, {"a": a[:4], "b": sq.t()}, tmp_path / "s6")  # same address and shape, other strides
+        assert torch.equal(out["b"], sq.t())
+        out = _saved(ck, {"a": a[2:6], "b": sq}, tmp_path / "s7")  # the same shape, further into its storage
+        assert torch.equal(out["a"], a[2:6])
 
 
 def test_tied_tensors_stay_tied_on_a_reused_layout(tmp_path):
@@ -148,6 +154,24 @@ def test_tied_tensors_stay_tied_on_a_reused_layout(tmp_path):
             assert torch.equal(out["x"], base[:16]) and torch.equal(out["y"], base[8:])
             out["x"][8] = -1
             assert out["y"][0] == -1  # still views of one storage
+
+
+def test_a_tensor_moved_into_another_tensors_storage_is_saved_tied(tmp_path):
+    base = torch.arange(8.0)
+    with asyncckpt.AsyncCheckpointer() as ck:
+        _saved(ck, {"x": base[:4], "y": torch.zeros(4)}, tmp_path / "s0")
+        out = _saved(ck, {"x": base[:4], "y": base[4:]}, tmp_path / "s1")  # y now lives in x's storage
+        assert torch.equal(out["y"], base[4:])
+        assert out["x"].untyped_storage().data_ptr() == out["y"].untyped_storage().data_ptr()
+
+
+def test_a_tied_view_with_other_strides_at_the_same_address_is_saved_as_it_is(tmp_path):
+    base = torch.arange(16.0)
+    with asyncckpt.AsyncCheckpointer() as ck:
+        _saved(ck, {"x": base.view(4, 4).t(), "all": base}, tmp_path / "s0")
+        x = base.as_strided((4, 4), (2, 1))  # the same address, shape and dtype; neither is contiguous
+        out = _saved(ck, {"x": x, "all": base}, tmp_path / "s1")
+        assert torch.equal(out["x"], x)
 
 
 def test_bad_input_after_a_good_save_still_fails(tmp_path):
