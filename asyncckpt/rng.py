@@ -8,6 +8,7 @@ batches the interrupted one would have seen.
 
 from __future__ import annotations
 
+import array
 import logging
 import random
 from collections.abc import Iterator, Sized
@@ -26,11 +27,14 @@ log = logging.getLogger("asyncckpt")
 def get_rng_state(*, cuda: bool = True) -> dict[str, Any]:
     """The state of Python's ``random``, NumPy's global generator, torch CPU and every CUDA device."""
     version, internal, gauss_next = random.getstate()
+    # NumPy's get_state copies its key one item at a time (~32 µs). Reading the generator's memory
+    # instead cannot see np.random.set_state() put back a cached Gaussian at the same key and
+    # position, so it is not done.
     np_state = np.random.get_state(legacy=False)
     if not isinstance(np_state, dict):  # pragma: no cover - NumPy's global is MT19937 unless replaced
         raise BadInputError("NumPy's global generator is not MT19937; its state cannot be saved")
     state: dict[str, Any] = {
-        "python": {"version": int(version), "state": np.asarray(internal, dtype=np.uint64), "gauss_next": gauss_next},
+        "python": {"version": int(version), "state": _python_words(internal), "gauss_next": gauss_next},
         "numpy": {
             "bit_generator": str(np_state["bit_generator"]),
             "key": np.asarray(np_state["state"]["key"], dtype=np.uint32),
@@ -43,6 +47,21 @@ def get_rng_state(*, cuda: bool = True) -> dict[str, Any]:
     if cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
     return state
+
+
+_last_python: tuple[tuple[int, ...], np.ndarray] | None = None
+
+
+def _python_words(internal: tuple[int, ...]) -> np.ndarray:
+    """``random``'s 625 state words as a uint64 array; the last one again when they are the same."""
+    global _last_python
+    last = _last_python
+    if last is not None and last[0] == internal:
+        return last[1]
+    words = np.frombuffer(array.array("Q", internal), dtype=np.uint64)
+    words.flags.writeable = False  # the same array may be handed out again
+    _last_python = (internal, words)
+    return words
 
 
 def set_rng_state(state: dict[str, Any], *, cuda: bool = True) -> None:
