@@ -36,6 +36,7 @@ from .format import (
     ManifestRef,
     RankManifest,
     RefTarget,
+    check_metadata,
     checksum,
     data_file,
     data_file_rank,
@@ -566,6 +567,7 @@ async def commit_checkpoint(
     The replaced generation's files (and leftovers of torn earlier overwrites) go afterwards.
     """
     t0 = time.perf_counter()
+    metadata = check_metadata(metadata)
     generation, old, fresh = await _generation_for_commit(storage, name, overwrite)
     refs: list[ManifestRef] = []
     data_keys: list[str] = []
@@ -612,7 +614,7 @@ async def commit_checkpoint(
         checksum_algo=CHECKSUM_ALGO,
         manifests=refs,
         layout=layout,
-        metadata=dict(metadata or {}),
+        metadata=metadata,
         generation=generation,
         logical_nbytes=total + referenced if uses_refs else msgspec.UNSET,
     )

@@ -18,7 +18,7 @@ from .control import CleanupOp, CommitOp, DrainOp, ReserveStagingOp, RetentionOp
 from .deletion import on_delete
 from .engine import NativeSink, SaveJob, SaveResult
 from .errors import BadInputError, CheckpointError, CheckpointExistsError, WorkerDiedError
-from .format import Entry, Node, check_compression
+from .format import Entry, Node, check_compression, check_metadata
 from .plan import INLINE_MAX, Packed, PackedTree, Plan, PlanCache, paused_gc, plan_state
 from .queue import AsyncCallsQueue, Job, Stage
 from .retention import RetentionPolicy
@@ -383,6 +383,7 @@ class AsyncCheckpointer:
         if self._closed:
             raise CheckpointError("this AsyncCheckpointer is closed")
         t0 = time.perf_counter()
+        metadata = check_metadata(metadata)
         root, name, storage_options, tiers = self._resolve(path)
         plan = self._plans.plan(state_dict, allow_pickle=self.allow_pickle,
                                 full=lambda *a, **k: plan_state(*a, **k))

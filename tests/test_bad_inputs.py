@@ -100,3 +100,31 @@ def test_bad_paths(shared_ckpt, tmp_path):
         shared_ckpt.save({"w": 1}, "ftp://host/x/c")
     with pytest.raises(asyncckpt.CheckpointNotFoundError):
         asyncckpt.load(tmp_path / "nothing-here")
+
+
+@pytest.mark.parametrize(("metadata", "match"), [
+    ({"epoch": 3}, r"metadata\['epoch'\]: keys and values must be str, got str -> int"),
+    ({1: "x"}, r"metadata\[1\]: keys and values must be str, got int -> str"),
+    ([("a", "b")], "metadata must be a dict of str to str, got list"),
+])
+def test_metadata_that_a_commit_record_cannot_hold_is_refused_at_save(shared_ckpt, tmp_path, metadata, match):
+    # Stored, such a value made a commit record that no reader accepts: the checkpoint was lost.
+    with pytest.raises(asyncckpt.BadInputError, match=match):
+        shared_ckpt.save({"w": torch.ones(2)}, tmp_path / "c", metadata=metadata)
+    assert _nothing_written(tmp_path / "c")
+    shared_ckpt.save({"w": torch.ones(2)}, tmp_path / "c", metadata={"epoch": "3"})
+    shared_ckpt.finalize(blocking=True)
+    assert asyncckpt.list_checkpoints(tmp_path)[0].name == "c"
+
+
+def test_commit_checkpoint_refuses_metadata_it_could_not_read_back(tmp_path):
+    from asyncckpt._loop import run_sync
+    from asyncckpt.catalog import commit_checkpoint
+    from asyncckpt.storage import open_storage
+
+    with asyncckpt.AsyncCheckpointer() as ck:
+        ck.save({"w": torch.ones(2)}, tmp_path / "c")
+    storage = open_storage(str(tmp_path))
+    with pytest.raises(asyncckpt.BadInputError, match="must be str"):
+        run_sync(commit_checkpoint(storage, "c", world_size=1, step=None, overwrite=True, metadata={"a": 1}))  # type: ignore[dict-item]
+    assert asyncckpt.list_checkpoints(tmp_path)[0].name == "c"  # the committed checkpoint is intact

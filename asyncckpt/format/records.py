@@ -19,7 +19,7 @@ from typing import Annotated, Literal, Union
 
 import msgspec
 
-from ..errors import FormatError, IntegrityError
+from ..errors import BadInputError, FormatError, IntegrityError
 from ..storage.keys import check_key
 from .crc import CHECKSUM_ALGO, checksum
 from .memo import DecodedCache
@@ -54,6 +54,7 @@ __all__ = [
     "RefNode",
     "RefTarget",
     "ValueNode",
+    "check_metadata",
     "check_ref_target",
     "data_file",
     "data_file_rank",
@@ -229,6 +230,22 @@ class CommitRecord(msgspec.Struct, frozen=True):
     generation: int = 0  # which file names hold this checkpoint's ranks (see manifest_file); bumped by overwrites
     # feature "refs" in a manifest: stored plus referenced bytes (absent when it equals total_nbytes)
     logical_nbytes: Union[int, msgspec.UnsetType] = msgspec.UNSET
+
+
+def check_metadata(metadata: object) -> dict[str, str]:
+    """A commit's user ``metadata`` as stored: a mapping of str to str (BadInputError otherwise: a
+    record that held anything else could not be read back, so the checkpoint would be lost)."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise BadInputError(f"metadata must be a dict of str to str, got {type(metadata).__name__}")
+    for k, v in metadata.items():
+        if type(k) is not str or type(v) is not str:
+            raise BadInputError(
+                f"metadata[{k!r}]: keys and values must be str, got {type(k).__name__} -> {type(v).__name__} "
+                "(convert them with str())"
+            )
+    return dict(metadata)
 
 
 class LatestRecord(msgspec.Struct, frozen=True):
