@@ -18,9 +18,12 @@ from asyncckpt.plan import PlanCache, plan_state
 from asyncckpt.staging import CopyProgram
 
 
-@pytest.fixture(params=["join", "cat"])
+@pytest.fixture(params=["join", "concatenate", "cat"])
 def copy_path(request, monkeypatch):  # type: ignore[no-untyped-def]
-    """Both ways a save copies many small tensors: gathered by bytes.join, or by torch.cat."""
+    """Every way a save copies many small tensors: gathered by bytes.join, by np.concatenate
+    straight into the slab (a state above JOIN_MAX_BYTES), or by torch.cat."""
+    if request.param == "concatenate":
+        monkeypatch.setattr(CopyProgram, "JOIN_MAX_BYTES", 0)
     if request.param == "cat":
         monkeypatch.setattr(CopyProgram, "JOIN_MIN", 1 << 60)
     return request.param
