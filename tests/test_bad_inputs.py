@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import types
 
 import pytest
 import torch
@@ -112,9 +113,9 @@ def test_metadata_that_a_commit_record_cannot_hold_is_refused_at_save(shared_ckp
     with pytest.raises(asyncckpt.BadInputError, match=match):
         shared_ckpt.save({"w": torch.ones(2)}, tmp_path / "c", metadata=metadata)
     assert _nothing_written(tmp_path / "c")
-    shared_ckpt.save({"w": torch.ones(2)}, tmp_path / "c", metadata={"epoch": "3"})
+    shared_ckpt.save({"w": torch.ones(2)}, tmp_path / "c", metadata=types.MappingProxyType({"epoch": "3"}))
     shared_ckpt.finalize(blocking=True)
-    assert asyncckpt.list_checkpoints(tmp_path)[0].name == "c"
+    assert asyncckpt.list_checkpoints(tmp_path)[0].name == "c"  # any mapping of str to str is taken
 
 
 def test_commit_checkpoint_refuses_metadata_it_could_not_read_back(tmp_path):

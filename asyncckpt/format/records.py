@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Mapping
 from typing import Annotated, Literal, Union
 
 import msgspec
@@ -237,7 +238,7 @@ def check_metadata(metadata: object) -> dict[str, str]:
     record that held anything else could not be read back, so the checkpoint would be lost)."""
     if metadata is None:
         return {}
-    if not isinstance(metadata, dict):
+    if not isinstance(metadata, Mapping):
         raise BadInputError(f"metadata must be a dict of str to str, got {type(metadata).__name__}")
     for k, v in metadata.items():
         if type(k) is not str or type(v) is not str:
