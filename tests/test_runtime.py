@@ -141,6 +141,29 @@ def test_a_forked_child_gets_its_own_worker(tmp_path):
     assert torch.equal(asyncckpt.load(tmp_path / "parent2")["w"], torch.zeros(1 << 18))
 
 
+def _child_finalizes_inherited(ck, conn) -> None:  # type: ignore[no-untyped-def]
+    try:
+        done = ck.finalize(blocking=True)  # the parent's save is not this process's to finish
+        conn.send(("ok", len(done), ck.queue.get_num_unfinalized_calls()))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        conn.send((f"{type(exc).__name__}: {exc}", -1, -1))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_leaves_the_parents_pending_saves_alone(tmp_path):
+    with asyncckpt.AsyncCheckpointer() as ck:
+        ck.save({"w": torch.ones(1 << 10)}, tmp_path / "pending")  # not finalized yet
+        ctx = multiprocessing.get_context("fork")
+        a, b = ctx.Pipe()
+        p = ctx.Process(target=_child_finalizes_inherited, args=(ck, b))
+        p.start()
+        assert a.poll(60), "the forked child hung"
+        assert a.recv() == ("ok", 0, 0)
+        p.join(30)
+        assert [h.name for h in ck.finalize(blocking=True)] == ["pending"]
+    assert torch.equal(asyncckpt.load(tmp_path / "pending")["w"], torch.ones(1 << 10))
+
+
 def test_a_daemonic_process_can_save(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     a, b = ctx.Pipe()
