@@ -129,3 +129,16 @@ def test_commit_checkpoint_refuses_metadata_it_could_not_read_back(tmp_path):
     with pytest.raises(asyncckpt.BadInputError, match="must be str"):
         run_sync(commit_checkpoint(storage, "c", world_size=1, step=None, overwrite=True, metadata={"a": 1}))  # type: ignore[dict-item]
     assert asyncckpt.list_checkpoints(tmp_path)[0].name == "c"  # the committed checkpoint is intact
+
+
+@pytest.mark.parametrize("step", [-1, 2.0, True, "3", 1 << 63])
+def test_a_step_the_records_cannot_hold_is_refused_at_save(shared_ckpt, tmp_path, step):
+    with pytest.raises(asyncckpt.BadInputError, match="step must be a non-negative int below 2\\*\\*63"):
+        shared_ckpt.save({"w": torch.ones(2)}, tmp_path / "c", step=step)
+    assert _nothing_written(tmp_path / "c")
+
+
+def test_the_largest_step_the_records_hold_round_trips(shared_ckpt, tmp_path):
+    shared_ckpt.save({"w": torch.ones(2)}, tmp_path / "c", step=(1 << 63) - 1)
+    shared_ckpt.finalize(blocking=True)
+    assert asyncckpt.list_checkpoints(tmp_path)[0].step == (1 << 63) - 1

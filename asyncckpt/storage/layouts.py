@@ -48,8 +48,9 @@ def data_prefix(layout: str, name: str, step: int | None = None, root_name_hash_
         raise BadInputError(f"root_name_hash_n must be an int, not {root_name_hash_n!r}")
     if not 1 <= root_name_hash_n <= _MAX_SPREAD:
         raise BadInputError(f"root_name_hash_n must be between 1 and {_MAX_SPREAD}, not {root_name_hash_n}")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-        raise BadInputError(f"step must be a non-negative int or None, not {step!r}")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 1 << 63):
+        # the records store it as a signed 64-bit integer
+        raise BadInputError(f"step must be a non-negative int below 2**63 or None, not {step!r}")
     n = root_name_hash_n
     if layout == "flat":
         return name
