@@ -16,7 +16,7 @@ from typing import Any
 from .catalog import read_commit, read_latest
 from .errors import BadInputError, CheckpointNotFoundError, NotACheckpointError, StorageError
 from .format import COMMIT_FILE, LATEST_FILE, CommitRecord
-from .storage import Storage, open_storage, split_uri
+from .storage import Storage, open_storage, path_text, split_uri
 
 __all__ = ["Located", "describe_local", "is_missing_bucket", "local_path", "locate", "torch_save_format"]
 
@@ -42,7 +42,7 @@ class Located:
 
 def local_path(path: str | os.PathLike[str]) -> Path | None:
     """The local path of a plain path or ``file://`` URI; None for other schemes."""
-    p = os.fspath(path)
+    p = path_text(path)
     if p.startswith("file://"):
         return Path(p[len("file://") :])
     return None if "://" in p else Path(p)

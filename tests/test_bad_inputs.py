@@ -142,3 +142,15 @@ def test_the_largest_step_the_records_hold_round_trips(shared_ckpt, tmp_path):
     shared_ckpt.save({"w": torch.ones(2)}, tmp_path / "c", step=(1 << 63) - 1)
     shared_ckpt.finalize(blocking=True)
     assert asyncckpt.list_checkpoints(tmp_path)[0].step == (1 << 63) - 1
+
+
+def test_a_path_that_is_not_text_or_a_retention_that_is_not_a_policy_is_named(shared_ckpt, tmp_path):
+    with pytest.raises(asyncckpt.BadInputError, match=r"a checkpoint path must be a str or an os\.PathLike of str, not bytes"):
+        shared_ckpt.save({"w": torch.ones(2)}, os.fsencode(tmp_path / "c"))
+    with pytest.raises(asyncckpt.BadInputError, match="not int"):
+        shared_ckpt.save({"w": torch.ones(2)}, 3)
+    with pytest.raises(asyncckpt.BadInputError, match="a checkpoint path must be a str"):
+        asyncckpt.load(os.fsencode(tmp_path / "c"))
+    with pytest.raises(asyncckpt.BadInputError, match="retention must be a RetentionPolicy or None, not int"):
+        shared_ckpt.save({"w": torch.ones(2)}, tmp_path / "c", retention=3)
+    assert _nothing_written(tmp_path / "c")

@@ -33,6 +33,7 @@ __all__ = [
     "check_scheme",
     "known_schemes",
     "open_storage",
+    "path_text",
     "register_backend",
     "scheme_of",
     "split_uri",
@@ -184,9 +185,20 @@ def open_storage(uri: str | os.PathLike[str] | Storage, **options: Any) -> Stora
     return factory(text, **options)
 
 
+def path_text(uri: str | os.PathLike[str]) -> str:
+    """``os.fspath(uri)``, refusing bytes and anything that is not a path with a BadInputError."""
+    try:
+        text = os.fspath(uri)
+    except TypeError:
+        text = None
+    if not isinstance(text, str):
+        raise BadInputError(f"a checkpoint path must be a str or an os.PathLike of str, not {type(uri).__name__}: {uri!r}")
+    return text
+
+
 def split_uri(uri: str | os.PathLike[str]) -> tuple[str, str]:
     """Split a checkpoint URI into (root URI, checkpoint name): ``s3://b/run/step-1`` -> (``s3://b/run``, ``step-1``)."""
-    text = os.fspath(uri)
+    text = path_text(uri)
     scheme = scheme_of(text)
     body = text.split("://", 1)[1] if scheme else text
     body = body.rstrip("/")
