@@ -104,6 +104,18 @@ _PARTIAL_HINT = (
 )
 
 
+def _device(map_location: str | torch.device) -> torch.device:
+    """``map_location`` as a device this process has (BadInputError before anything is read otherwise)."""
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError) as exc:
+        raise BadInputError(f"map_location={map_location!r} is not a device: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError(f"map_location={map_location!r}: CUDA is not available in this process; "
+                            "use map_location='cpu'")
+    return device
+
+
 def _is_stateful(obj: Any) -> bool:
     """An object restored through its own ``load_state_dict`` (module, optimizer, LR scheduler, ...)."""
     return (not isinstance(obj, (Mapping, list, tuple, torch.Tensor))
@@ -227,6 +239,11 @@ def _merge_into(dst: Any, src: Any, path: str, problems: list[str], apply: bool 
             v = _merge_into(dst[i], src[i], f"{path}/{i}", problems, apply, strict)
             if apply:
                 dst[i] = v
+        return dst
+    if not path:  # a value inside a container is replaced; `into` itself cannot be
+        problems.append(f"<root>: `into` is a {type(dst).__name__}, which cannot take the checkpoint's "
+                        f"{type(src).__name__} in place; pass the mapping, list, module or optimizer to "
+                        "restore, or load without into=")
         return dst
     return src
 
@@ -360,10 +377,11 @@ def load(
     error naming them; ``strict=False`` skips them. Shape and dtype mismatches are always errors.
     """
     t0 = time.perf_counter()
+    device = None if map_location is None else _device(map_location)
     state = run_sync(load_async(path, rank=rank, allow_pickle=allow_pickle, storage_options=storage_options,
                                 keys=keys))
-    if map_location is not None:
-        state = _to_device(state, torch.device(map_location))
+    if device is not None:
+        state = _to_device(state, device)
     if into is None:
         return state
     from .manager import RESERVED_KEY  # the manager's own record (RNG state): restored by the manager, not here

@@ -132,3 +132,26 @@ def test_keys_reads_only_what_it_selects(tmp_path: Path) -> None:
         asyncckpt.load(tmp_path / "c", keys=["obj"])
     with pytest.raises(asyncckpt.IntegrityError, match="checksum mismatch"):
         asyncckpt.load(tmp_path / "c", keys=["big"])
+
+
+@pytest.mark.parametrize("into", [5, "x", [1, 2], (torch.zeros(2),)])
+def test_an_into_that_cannot_be_restored_in_place_is_refused(tmp_path: Path, into: Any) -> None:
+    # Before, load returned such an `into` unchanged, as if it had been loaded.
+    with asyncckpt.AsyncCheckpointer() as ck:
+        ck.save({"w": torch.ones(2)}, tmp_path / "c")
+    with pytest.raises(asyncckpt.BadInputError, match=r"<root>: `into` is a \w+, which cannot take the checkpoint's dict"):
+        asyncckpt.load(tmp_path / "c", into=into)
+    target = {"w": torch.zeros(2)}
+    assert asyncckpt.load(tmp_path / "c", into=target) is target and torch.equal(target["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("where, match", [
+    ("gpu9", "map_location='gpu9' is not a device"),
+    pytest.param("cuda", "CUDA is not available", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
+])
+def test_a_map_location_this_process_cannot_use_is_named(tmp_path: Path, where: str, match: str) -> None:
+    with asyncckpt.AsyncCheckpointer() as ck:
+        ck.save({"w": torch.ones(2)}, tmp_path / "c")
+    with pytest.raises(asyncckpt.BadInputError, match=match):
+        asyncckpt.load(tmp_path / "c", map_location=where)
+    assert torch.equal(asyncckpt.load(tmp_path / "c", map_location="cpu")["w"], torch.ones(2))
