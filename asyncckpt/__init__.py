@@ -33,7 +33,7 @@ from .logs import enable_logging
 from .manager import CheckpointManager
 from .preemption import request_pause
 from .queue import AsyncCallsQueue, AsyncRequest
-from .retention import prune
+from .retention import RetentionPolicy, prune
 from .rng import ResumableSampler
 from .tiers import TieredPath, Tiers
 from .torch_save import TorchAsyncCheckpoint
@@ -58,6 +58,7 @@ __all__ = [
     "PermanentStorageError",
     "RemoteRankError",
     "ResumableSampler",
+    "RetentionPolicy",
     "SaveHandle",
     "StorageChecksumError",
     "StorageError",

@@ -385,7 +385,7 @@ class AsyncCheckpointer:
         t0 = time.perf_counter()
         metadata = check_metadata(metadata)
         if retention is not None and not isinstance(retention, RetentionPolicy):
-            raise BadInputError(f"retention must be a RetentionPolicy or None, not {type(retention).__name__}: {retention!r}")
+            raise BadInputError(f"retention must be an asyncckpt.RetentionPolicy or None, not {type(retention).__name__}: {retention!r}")
         root, name, storage_options, tiers = self._resolve(path)
         plan = self._plans.plan(state_dict, allow_pickle=self.allow_pickle,
                                 full=lambda *a, **k: plan_state(*a, **k))

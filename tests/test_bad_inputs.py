@@ -151,6 +151,14 @@ def test_a_path_that_is_not_text_or_a_retention_that_is_not_a_policy_is_named(sh
         shared_ckpt.save({"w": torch.ones(2)}, 3)
     with pytest.raises(asyncckpt.BadInputError, match="a checkpoint path must be a str"):
         asyncckpt.load(os.fsencode(tmp_path / "c"))
-    with pytest.raises(asyncckpt.BadInputError, match="retention must be a RetentionPolicy or None, not int"):
+    with pytest.raises(asyncckpt.BadInputError, match=r"retention must be an asyncckpt\.RetentionPolicy or None, not int"):
         shared_ckpt.save({"w": torch.ones(2)}, tmp_path / "c", retention=3)
     assert _nothing_written(tmp_path / "c")
+
+
+def test_a_retention_policy_from_the_top_level_applies_after_the_commit(shared_ckpt, tmp_path):
+    for step in range(3):
+        shared_ckpt.save({"w": torch.ones(2)}, tmp_path / f"s{step}", step=step,
+                         retention=asyncckpt.RetentionPolicy(keep_last=2))
+        shared_ckpt.finalize(blocking=True)
+    assert sorted(i.name for i in asyncckpt.list_checkpoints(tmp_path)) == ["s1", "s2"]
